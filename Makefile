@@ -1,0 +1,46 @@
+# Two commands do all the set-up on a fresh Linux machine with Python 3.11:
+#   make demo   -> creates .venv, installs LesionLab, runs the demo study (synthetic data)
+#   make test   -> creates .venv, installs LesionLab + test tools, runs the test suite
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: demo test realdata lint bench clean-venv browser-deps
+
+$(STAMP): pyproject.toml requirements.lock
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c requirements.lock -e '.[serve,test]'
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/lesionlab demo --out demo-study
+
+# Headless Chromium for the browser test (Debian's package; skipped quietly where apt is unavailable).
+browser-deps:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+	      || echo "warning: could not install chromium; the browser test will be skipped"; \
+	  else echo "warning: chromium not found; the browser test will be skipped"; fi; }
+
+test: $(STAMP) browser-deps
+	$(BIN)/ruff check lesionlab tests benchmarks
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# Real-data acceptance checks on ../shared/data/ham10000-200x150 (documented in the README).
+realdata: $(STAMP)
+	$(BIN)/python -m pytest -q -m realdata --run-realdata tests
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_loader.py
+	$(BIN)/python benchmarks/bench_train.py
+	$(BIN)/python benchmarks/bench_infer.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check lesionlab tests benchmarks
+
+clean-venv:
+	rm -rf $(VENV)

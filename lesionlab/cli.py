@@ -1,0 +1,176 @@
+"""Command line: argument parsing only; every command calls library functions."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from lesionlab import __version__
+from lesionlab.errors import UserError
+
+COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
+
+
+def command(name: str, help: str):
+    """Register `add_args(parser)` + `run(args)` for a sub-command (a registry, not if/elif)."""
+
+    def deco(fn):
+        COMMANDS[name] = (fn, help)
+        return fn
+
+    return deco
+
+
+def _data_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+    p.add_argument("--data", type=Path, required=required, help="dataset folder (images anywhere below it)")
+    p.add_argument("--metadata", type=Path, help="HAM10000 metadata CSV or ISIC ground-truth CSV (default: found in --data)")
+    p.add_argument("--groupings", type=Path, help="ISIC lesion groupings CSV (image, lesion_id)")
+    p.add_argument("--skip-invalid", action="store_true", help="leave out invalid rows/images (listed in a CSV) instead of stopping")
+
+
+def _config_args(p: argparse.ArgumentParser, default: str | None = "paper") -> None:
+    p.add_argument("--config", default=default, help="YAML config path or a shipped name: paper, demo")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value, e.g. --set train.epochs=5 (repeatable)")
+
+
+# ----------------------------------------------------------------------------- foundation
+
+
+@command("validate", "check a dataset (and optionally a split file) and report problems")
+def _validate(p: argparse.ArgumentParser):
+    _data_args(p)
+    p.add_argument("--split", type=Path, help="also check this split file for lesion leakage")
+    p.add_argument("--duplicates", type=Path, help="known duplicate pairs CSV (from_img,to_img) for the leakage check")
+    p.add_argument("--no-image-check", action="store_true", help="skip decoding every image")
+    p.add_argument("--report", type=Path, help="write every problem to this CSV")
+
+    def run(a: argparse.Namespace) -> int:
+        from lesionlab import dataset, split
+
+        table = dataset.read_table(a.data, a.metadata, groupings=a.groupings)
+        rep = dataset.validate(table, check_images=not a.no_image_check)
+        for note in rep.notes:
+            print(f"note: {note}")
+        if a.report:
+            rep.write_csv(a.report)
+        problems = [] if rep.ok else [rep.summary()]
+        if a.split:
+            sp = split.read_split(a.split)
+            dups = split.read_duplicates(a.duplicates) if a.duplicates else None
+            leaks = split.check_split(sp, dups)
+            unknown = sorted(set(sp["image_id"]) - set(table.df["image_id"]))
+            if leaks:
+                problems.append(f"{a.split}: {len(leaks)} leaks across splits (first: {'; '.join(leaks[:3])})")
+            if unknown:
+                problems.append(f"{a.split}: {len(unknown)} images not in the dataset (first: {', '.join(unknown[:3])})")
+            if not leaks and not unknown:
+                print(f"{a.split}: no lesion appears in two splits.")
+        print(f"{table.source}: {len(table.df)} rows, layout {table.layout}.")
+        if problems:
+            if a.skip_invalid:
+                out = a.report or Path("skipped.csv")
+                rep.write_csv(out)
+                print(f"warning: {' '.join(problems)} Skipped rows are listed in {out}.", file=sys.stderr)
+                return 0
+            raise UserError(" ".join(problems))
+        print("no problems found.")
+        return 0
+
+    return run
+
+
+@command("split", "make the lesion-grouped stratified train/val/test split CSV")
+def _split(p: argparse.ArgumentParser):
+    _data_args(p)
+    _config_args(p)
+    p.add_argument("--duplicates", type=Path, help="CSV of image pairs that show one lesion (from_img,to_img)")
+    p.add_argument("--seed", type=int, help="split seed (default: split.seed from the config)")
+    p.add_argument("--out", type=Path, required=True, help="split CSV to write")
+
+    def run(a: argparse.Namespace) -> int:
+        from lesionlab import config, dataset, split
+
+        cfg = config.load_config(a.config, a.overrides)
+        table, _ = dataset.load_valid_table(
+            a.data, a.metadata, skip_invalid=a.skip_invalid, skipped_csv=a.out.with_suffix(".skipped.csv"),
+            check_images=a.data is not None, groupings=a.groupings,
+        ) if a.data is not None else (dataset.read_table(None, a.metadata), None)
+        df = table.df[table.df["label"] != ""] if a.data is None else table.df
+        dups = split.read_duplicates(a.duplicates) if a.duplicates else None
+        seed = cfg.split.seed if a.seed is None else a.seed
+        sp = split.make_split(df, fractions=(cfg.split.train, cfg.split.val, cfg.split.test), seed=seed, duplicates=dups)
+        leaks = split.check_split(sp, dups)
+        if leaks:  # cannot happen by construction; a bug if it does
+            raise RuntimeError(f"split leaks: {leaks[:3]}")
+        split.write_split(sp, a.out)
+        print(split.summary_table(sp).to_string(index=False))
+        print(f"wrote {a.out} ({len(sp)} images, seed {seed}); no lesion is in two splits.")
+        return 0
+
+    return run
+
+
+@command("synth", "write a synthetic HAM10000-layout dataset (demo and tests)")
+def _synth(p: argparse.ArgumentParser):
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--images", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", default="600x450", help="WxH of each image")
+
+    def run(a: argparse.Namespace) -> int:
+        from lesionlab.synth import make_synthetic
+
+        try:
+            w, h = (int(v) for v in a.size.lower().split("x"))
+        except ValueError:
+            raise UserError(f"--size {a.size!r} must look like 600x450") from None
+        if a.images < 7:
+            raise UserError("--images must be at least 7 (one per class)")
+        meta = make_synthetic(a.out, n_images=a.images, seed=a.seed, size=(w, h))
+        print(f"wrote {len(meta)} images of {meta['lesion_id'].nunique()} lesions to {a.out}")
+        return 0
+
+    return run
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argparse.Namespace], int]]]:
+    parser = argparse.ArgumentParser(
+        prog="lesionlab",
+        description="LesionLab: dermoscopy lesion classification. Decision support for clinicians, not a diagnosis.",
+    )
+    parser.add_argument("--version", action="version", version=f"lesionlab {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show debug logging and tracebacks")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    runners = {}
+    for name, (add, help_) in COMMANDS.items():
+        sp = sub.add_parser(name, help=help_, description=help_)
+        runners[name] = add(sp)
+    return parser, runners
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser, runners = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    if not args.command:
+        parser.print_help()
+        return 2
+    try:
+        return int(runners[args.command](args) or 0)
+    except UserError as e:
+        print(f"lesionlab {args.command}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"lesionlab {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""Typed configuration: dataclasses loaded from YAML, overridden from the CLI, saved into every run folder."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lesionlab.errors import UserError
+from lesionlab.io import atomic_write_text
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+# Published HAM10000 protocol sizes (train/val/test images out of 10,015).
+PAPER_SPLIT = (8123, 886, 1006)
+
+
+@dataclass
+class DataConfig:
+    """How images are read and transformed."""
+
+    image_size: int = 224  # model input side; 0 = the model's pretrained default
+    crop_fraction: float = 2 / 3  # centre crop keeps this share of each side (600x450 -> 400x300)
+    rotation: float = 180.0  # random rotation uniform in [-rotation, rotation] degrees (train only)
+    hflip: bool = False  # extra augmentations, off in the paper protocol
+    vflip: bool = False
+    color_jitter: float = 0.0
+    batch_size: int = 32
+    num_workers: int = 2
+    cache: bool = True  # decode + resize each image once, reuse across epochs and models
+    cache_dir: str = ""  # default: <run or study dir>/cache
+    max_image_pixels: int = 100_000_000  # refuse larger images (decompression bombs)
+
+
+@dataclass
+class SplitConfig:
+    """Lesion-grouped stratified split."""
+
+    train: float = PAPER_SPLIT[0] / sum(PAPER_SPLIT)
+    val: float = PAPER_SPLIT[1] / sum(PAPER_SPLIT)
+    test: float = PAPER_SPLIT[2] / sum(PAPER_SPLIT)
+    seed: int = 42
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and early stopping (Lightning's EarlyStopping field names)."""
+
+    archs: list[str] = field(
+        default_factory=lambda: ["resnet101", "resnext101_32x4d", "seresnet101", "seresnext101_32x4d"]
+    )
+    pretrained: str = "imagenet"  # imagenet | none
+    weights: str = ""  # local .safetensors/.pth weights (offline machines)
+    epochs: int = 20
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    class_weighting: bool = True  # inverse class frequency in the training split
+    monitor: str = "val_loss"
+    patience: int = 3
+    min_delta: float = 0.0
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto | fp32 | bf16
+    channels_last: bool = True
+    compile: bool = False
+    deterministic: bool = False
+    max_steps_per_epoch: int = 0  # 0 = whole epoch (a smaller number is for quick checks)
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation: confidence intervals and the melanoma operating point."""
+
+    bootstrap: int = 1000
+    ci: float = 0.95
+    target_sensitivity: float = 0.90
+    fixed_specificities: list[float] = field(default_factory=lambda: [0.80, 0.90, 0.95])
+    fixed_sensitivities: list[float] = field(default_factory=lambda: [0.80, 0.90, 0.95])
+    tta: bool = False
+    error_class: str = "MEL"
+
+
+@dataclass
+class ExplainConfig:
+    """Grad-CAM gallery in the study report."""
+
+    gallery: bool = True
+    per_category: int = 2
+
+
+@dataclass
+class StudyConfig:
+    """The whole protocol; `configs/paper.yaml` and `configs/demo.yaml` fill it."""
+
+    name: str = "study"
+    data: DataConfig = field(default_factory=DataConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    explain: ExplainConfig = field(default_factory=ExplainConfig)
+    synth_images: int = 0  # > 0: the demo makes a synthetic dataset of this many images
+    synth_size: list[int] = field(default_factory=lambda: [600, 450])
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _coerce(value: Any, typ: Any, where: str) -> Any:
+    """Convert a YAML/CLI value to the dataclass field type, with a clear error."""
+    origin = typing.get_origin(typ)
+    if dataclasses.is_dataclass(typ):
+        if not isinstance(value, dict):
+            raise UserError(f"config: {where} must be a mapping, got {value!r}")
+        return _build(typ, value, where)
+    if origin is list:
+        (item_type,) = typing.get_args(typ)
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v != ""]
+        if not isinstance(value, list | tuple):
+            raise UserError(f"config: {where} must be a list, got {value!r}")
+        return [_coerce(v, item_type, where) for v in value]
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        return None if value is None else _coerce(value, args[0], where)
+    try:
+        if typ is bool:
+            if isinstance(value, str):
+                low = value.strip().lower()
+                if low in {"1", "true", "yes", "on"}:
+                    return True
+                if low in {"0", "false", "no", "off"}:
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if typ is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if typ is float:
+            return float(value)
+        if typ is str:
+            return "" if value is None else str(value)
+    except (TypeError, ValueError):
+        raise UserError(f"config: {where} expects {getattr(typ, '__name__', typ)}, got {value!r}") from None
+    return value
+
+
+def _build(cls: type, values: dict[str, Any], where: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise UserError(
+            f"config: unknown key {where + '.' if where else ''}{unknown[0]}; valid keys: {', '.join(sorted(known))}"
+        )
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    """A config file path, or the name of a shipped config (`paper`, `demo`)."""
+    p = Path(name_or_path)
+    if p.exists():
+        return p
+    shipped = CONFIG_DIR / f"{name_or_path}.yaml"
+    if shipped.exists():
+        return shipped
+    names = ", ".join(sorted(x.stem for x in CONFIG_DIR.glob("*.yaml")))
+    raise UserError(f"config file {name_or_path} not found; give a YAML path or one of: {names}")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> StudyConfig:
+    """Load a StudyConfig from YAML (or defaults) and apply `section.key=value` overrides."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        p = resolve_config_path(path)
+        try:
+            values = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(values, dict):
+            raise UserError(f"config file {p} must hold a mapping at top level")
+    for item in overrides or []:
+        if "=" not in item:
+            raise UserError(f"override {item!r} must look like section.key=value (e.g. train.epochs=5)")
+        key, raw = item.split("=", 1)
+        node = values
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserError(f"override {item!r}: {part} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    return _build(StudyConfig, values)
+
+
+def config_from_dict(values: dict[str, Any]) -> StudyConfig:
+    """Rebuild a StudyConfig from `to_dict()` output (e.g. a checkpoint sidecar)."""
+    return _build(StudyConfig, values)
+
+
+def save_config(cfg: StudyConfig, path: str | Path) -> None:
+    """Write the effective config as YAML (atomically)."""
+    atomic_write_text(Path(path), yaml.safe_dump(cfg.to_dict(), sort_keys=False))

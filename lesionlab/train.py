@@ -1,0 +1,339 @@
+"""Training: weighted cross-entropy, Adam, early stopping, atomic checkpoints, exact resume, DDP."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+from sklearn.utils.class_weight import compute_class_weight
+from tqdm.auto import tqdm
+
+from lesionlab import models, runtime
+from lesionlab.config import StudyConfig
+from lesionlab.dataset import make_dataset
+from lesionlab.errors import UserError
+from lesionlab.io import atomic_write, atomic_write_csv
+from lesionlab.labels import CLASS_INDEX, CLASSES, NUM_CLASSES
+from lesionlab.metrics import balanced_accuracy
+from lesionlab.transforms import build_eval_transform, build_train_transform, spec_from_timm
+
+log = logging.getLogger(__name__)
+RESUME_FILE = "last.pt"
+HISTORY_FILE = "history.csv"
+
+
+def class_weights(labels: np.ndarray, num_classes: int = NUM_CLASSES) -> np.ndarray:
+    """Inverse-frequency weights w_c = n / (K * n_c) over the K classes present (scikit-learn's "balanced").
+
+    A class absent from `labels` gets weight 0 (it never appears as a target).
+    """
+    labels = np.asarray(labels)
+    present = np.unique(labels)
+    w = np.zeros(num_classes)
+    w[present] = compute_class_weight("balanced", classes=present, y=labels)
+    return w
+
+
+@dataclass
+class EarlyStopping:
+    """Stop when `monitor` has not improved by more than `min_delta` for `patience` epochs (Lightning's fields)."""
+
+    monitor: str = "val_loss"
+    mode: str = "min"
+    patience: int = 3
+    min_delta: float = 0.0
+    best: float = math.inf
+    best_epoch: int = -1
+    wait: int = 0
+
+    def step(self, value: float, epoch: int) -> bool:
+        """Record an epoch's value; return True when it is a new best."""
+        sign = 1.0 if self.mode == "min" else -1.0
+        if sign * value < sign * self.best - self.min_delta or self.best_epoch < 0:
+            self.best, self.best_epoch, self.wait = value, epoch, 0
+            return True
+        self.wait += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.wait >= self.patience
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k, v in state.items():
+            setattr(self, k, v)
+
+
+# ----------------------------------------------------------------------------- loops
+
+
+def train_one_epoch(
+    model: torch.nn.Module,
+    criterion: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: torch.utils.data.DataLoader,
+    device: torch.device,
+    *,
+    amp_dtype: torch.dtype | None = None,
+    channels_last: bool = True,
+    max_steps: int = 0,
+    progress: bool = True,
+    desc: str = "train",
+) -> float:
+    """One pass over `loader`; returns the mean training loss (sample-weighted)."""
+    model.train()
+    total, n = 0.0, 0
+    steps = len(loader) if not max_steps else min(max_steps, len(loader))
+    bar = tqdm(loader, total=steps, desc=desc, disable=not progress, leave=False)
+    for step, (x, y) in enumerate(bar):
+        if max_steps and step >= max_steps:
+            break
+        x = runtime.to_device(x, device, channels_last=channels_last)
+        y = y.to(device, non_blocking=True)
+        with runtime.autocast(device, amp_dtype):
+            loss = criterion(model(x).float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += float(loss.detach()) * len(y)
+        n += len(y)
+        bar.set_postfix(loss=f"{total / n:.4f}")
+    return total / max(n, 1)
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    criterion: torch.nn.Module,
+    loader: torch.utils.data.DataLoader,
+    device: torch.device,
+    *,
+    amp_dtype: torch.dtype | None = None,
+    channels_last: bool = True,
+    progress: bool = False,
+) -> tuple[float, np.ndarray, np.ndarray]:
+    """Mean loss, softmax probabilities (N, K) and targets (N,) over `loader`."""
+    model.eval()
+    probs, targets, total = [], [], 0.0
+    for x, y in tqdm(loader, desc="validate", disable=not progress, leave=False):
+        x = runtime.to_device(x, device, channels_last=channels_last)
+        y = y.to(device)
+        with runtime.autocast(device, amp_dtype):
+            logits = model(x).float()
+        total += float(criterion(logits, y)) * len(y)
+        probs.append(torch.softmax(logits, 1).cpu().numpy())
+        targets.append(y.cpu().numpy())
+    p = np.concatenate(probs) if probs else np.zeros((0, NUM_CLASSES))
+    t = np.concatenate(targets) if targets else np.zeros(0, int)
+    return total / max(len(t), 1), p, t
+
+
+# ----------------------------------------------------------------------------- distributed
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1); returns (rank, world_size)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend)
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+# ----------------------------------------------------------------------------- fit
+
+
+def _make_loader(ds, *, batch_size: int, num_workers: int, shuffle: bool, generator=None, sampler=None, device=None):
+    return torch.utils.data.DataLoader(
+        ds,
+        batch_size=batch_size,
+        shuffle=shuffle and sampler is None,
+        sampler=sampler,
+        num_workers=num_workers,
+        generator=generator,
+        pin_memory=device is not None and device.type == "cuda",
+        persistent_workers=num_workers > 0,
+        drop_last=False,
+    )
+
+
+def fit(
+    arch: str,
+    train_df: pd.DataFrame,
+    val_df: pd.DataFrame,
+    cfg: StudyConfig,
+    out_dir: str | Path,
+    *,
+    cache_dir: str | Path | None = None,
+    resume: bool = False,
+    split_hash: str = "",
+    progress: bool = True,
+    stop_after_epochs: int | None = None,
+) -> dict[str, Any]:
+    """Train one architecture; the best epoch (lowest val loss) is kept as `out_dir/model.safetensors`.
+
+    Args:
+        stop_after_epochs: stop (as if killed) after this many epochs of this call; for resume tests.
+
+    Returns:
+        Summary: best epoch, best val loss, epochs run, seconds.
+    """
+    out = Path(out_dir)
+    rank, world = _rank_world()
+    tc, dc = cfg.train, cfg.data
+    device = runtime.pick_device(tc.device)
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    amp = None if tc.deterministic else runtime.pick_precision(tc.precision, device)
+    if tc.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=False)
+    torch.manual_seed(tc.seed)
+    model, spec = models.create_model(arch, pretrained=tc.pretrained, weights=tc.weights or None)
+    dspec = spec_from_timm(model, input_size=dc.image_size, crop_fraction=dc.crop_fraction)
+    model = runtime.prepare_model(model, device, channels_last=tc.channels_last)
+
+    train_tf = build_train_transform(spec=dspec, rotation=dc.rotation, hflip=dc.hflip, vflip=dc.vflip, color_jitter=dc.color_jitter)
+    eval_tf = build_eval_transform(spec=dspec)
+    cache = cache_dir if dc.cache else None
+    train_ds = make_dataset(train_df, train_tf, input_size=dspec.input_size, crop_fraction=dspec.crop_fraction,
+                            cache_dir=cache, max_pixels=dc.max_image_pixels, progress=progress and rank == 0)
+    val_ds = make_dataset(val_df, eval_tf, input_size=dspec.input_size, crop_fraction=dspec.crop_fraction,
+                          cache_dir=cache, max_pixels=dc.max_image_pixels, progress=progress and rank == 0)
+    if len(train_ds) == 0 or len(val_ds) == 0:
+        raise UserError(f"{arch}: the split has {len(train_ds)} training and {len(val_ds)} validation images; need both")
+    y_train = np.array([CLASS_INDEX[c] for c in train_df["label"]])
+    w = class_weights(y_train) if tc.class_weighting else np.ones(NUM_CLASSES)
+    criterion = torch.nn.CrossEntropyLoss(weight=torch.tensor(w, dtype=torch.float32, device=device))
+    val_criterion = criterion  # same weighting, so early stopping watches the loss being optimised
+    optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+
+    gen = torch.Generator()
+    sampler = None
+    if world > 1:
+        sampler = torch.utils.data.distributed.DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=tc.seed)
+    train_loader = _make_loader(train_ds, batch_size=dc.batch_size, num_workers=dc.num_workers, shuffle=True,
+                                generator=gen, sampler=sampler, device=device)
+    val_loader = _make_loader(val_ds, batch_size=dc.batch_size, num_workers=dc.num_workers, shuffle=False, device=device)
+    train_model = model
+    if world > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if tc.compile:
+        train_model = torch.compile(train_model)
+
+    stopper = EarlyStopping(monitor=tc.monitor, patience=tc.patience, min_delta=tc.min_delta)
+    history: list[dict[str, float]] = []
+    start_epoch = 0
+    resume_path = out / RESUME_FILE
+    if resume and resume_path.exists():
+        state = torch.load(resume_path, map_location="cpu", weights_only=True)
+        models.unwrap(model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        stopper.load_state_dict(state["early_stopping"])
+        history = state["history"]
+        start_epoch = int(state["epoch"]) + 1
+        torch.set_rng_state(state["rng"])
+        if rank == 0:
+            log.info("%s: resuming after epoch %d", arch, start_epoch)
+    elif resume_path.exists() and not resume:
+        raise UserError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+
+    writer = None
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(log_dir=str(out / "tensorboard"), purge_step=start_epoch)
+    meta_base = {
+        "arch": spec.name, "timm_id": spec.timm_id, "title": spec.title, "classes": list(CLASSES),
+        "input_size": dspec.input_size, "mean": list(dspec.mean), "std": list(dspec.std),
+        "crop_fraction": dspec.crop_fraction, "cam_layer": models.cam_layer_name(models.unwrap(model), spec),
+        "pretrained": "file:" + Path(tc.weights).name if tc.weights else tc.pretrained,
+        "split_sha256": split_hash, "config": cfg.to_dict(), "class_weights": [float(v) for v in w],
+    }
+    t0 = time.perf_counter()
+    epochs_run = 0
+    epoch = start_epoch - 1
+    for epoch in range(start_epoch, tc.epochs):
+        if stopper.should_stop:
+            break
+        if stop_after_epochs is not None and epochs_run >= stop_after_epochs:
+            return {"arch": arch, "interrupted_after_epoch": epoch - 1}
+        # Per-epoch seeding makes an epoch's shuffling and augmentation independent of earlier interruptions.
+        torch.manual_seed(tc.seed * 1000 + epoch)
+        gen.manual_seed(tc.seed * 1000 + epoch)
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        te = time.perf_counter()
+        train_loss = train_one_epoch(train_model, criterion, optimizer, train_loader, device, amp_dtype=amp,
+                                     channels_last=tc.channels_last, max_steps=tc.max_steps_per_epoch,
+                                     progress=progress and rank == 0, desc=f"{arch} epoch {epoch + 1}/{tc.epochs}")
+        val_loss, p, t = evaluate(model, val_criterion, val_loader, device, amp_dtype=amp, channels_last=tc.channels_last)
+        pred = p.argmax(1)
+        row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss,
+               "val_accuracy": float((pred == t).mean()), "val_balanced_accuracy": balanced_accuracy(t, pred),
+               "seconds": time.perf_counter() - te}
+        history.append(row)
+        improved = stopper.step(val_loss if tc.monitor == "val_loss" else -row.get(tc.monitor, val_loss), epoch)
+        epochs_run += 1
+        if rank == 0:
+            for k, v in row.items():
+                if k != "epoch":
+                    writer.add_scalar(k, v, epoch + 1)
+            if improved:
+                models.save_checkpoint(model, {**meta_base, "epoch": epoch + 1, "val": row}, out)
+            atomic_write_csv(out / HISTORY_FILE, pd.DataFrame(history))
+            state = {"model": models.unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                     "early_stopping": stopper.state_dict(), "history": history, "epoch": epoch,
+                     "rng": torch.get_rng_state()}
+            atomic_write(resume_path, lambda p, s=state: torch.save(s, p))
+            msg = f"{arch} epoch {epoch + 1}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, val bacc {row['val_balanced_accuracy']:.3f}"
+            log.info(msg + (" (best)" if improved else f" (no improvement {stopper.wait}/{stopper.patience})"))
+    if writer is not None:
+        writer.close()
+    if world > 1:
+        dist.barrier()
+    return {"arch": arch, "best_epoch": stopper.best_epoch + 1, "best_val_loss": stopper.best,
+            "epochs": len(history), "seconds": time.perf_counter() - t0, "dir": str(out)}
+
+
+def train_models(
+    archs: list[str],
+    train_df: pd.DataFrame,
+    val_df: pd.DataFrame,
+    cfg: StudyConfig,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    split_hash: str = "",
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Train each architecture in turn on the same split, into `out_dir/<arch>/`; images cached once for all."""
+    out = Path(out_dir)
+    cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else out / "cache"
+    results = []
+    for arch in archs:
+        results.append(fit(arch, train_df, val_df, cfg, out / arch.replace(":", "_"), cache_dir=cache,
+                           resume=resume, split_hash=split_hash, progress=progress))
+    return results

@@ -1,0 +1,100 @@
+"""Training and evaluation transforms (uint8 CHW tensors in, normalised float tensors out)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torchvision.transforms import InterpolationMode, v2
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What preprocessing a model expects: input size and normalisation (from its pretrained config)."""
+
+    input_size: int = 224
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    crop_fraction: float = 2 / 3
+
+
+class CenterCropFraction(torch.nn.Module):
+    """Centre crop keeping `fraction` of each side (600x450 -> 400x300 at 2/3), at any resolution."""
+
+    def __init__(self, fraction: float):
+        super().__init__()
+        if not 0 < fraction <= 1:
+            raise ValueError(f"crop fraction must be in (0, 1], got {fraction}")
+        self.fraction = fraction
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        h, w = img.shape[-2:]
+        return v2.functional.center_crop(img, [max(1, round(h * self.fraction)), max(1, round(w * self.fraction))])
+
+
+def build_train_transform(
+    *,
+    spec: DataSpec,
+    rotation: float = 180.0,
+    hflip: bool = False,
+    vflip: bool = False,
+    color_jitter: float = 0.0,
+) -> v2.Compose:
+    """Paper protocol: random rotation in [-rotation, rotation], centre crop, resize, normalise.
+
+    Flips and colour jitter are extra augmentations, off in the paper protocol.
+    """
+    steps: list[torch.nn.Module] = []
+    if rotation > 0:
+        steps.append(v2.RandomRotation(rotation, interpolation=InterpolationMode.BILINEAR))
+    steps += [CenterCropFraction(spec.crop_fraction), v2.Resize((spec.input_size, spec.input_size), antialias=True)]
+    if hflip:
+        steps.append(v2.RandomHorizontalFlip())
+    if vflip:
+        steps.append(v2.RandomVerticalFlip())
+    if color_jitter > 0:
+        steps.append(v2.ColorJitter(color_jitter, color_jitter, color_jitter, min(0.5, color_jitter / 2)))
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(spec.mean, spec.std)]
+    return v2.Compose(steps)
+
+
+def build_eval_transform(*, spec: DataSpec) -> v2.Compose:
+    """Evaluation: centre crop, resize, normalise (no randomness)."""
+    return build_train_transform(spec=spec, rotation=0.0)
+
+
+def display_image(img: torch.Tensor, *, spec: DataSpec) -> torch.Tensor:
+    """The uint8 image exactly as the model sees it (crop + resize, no normalisation): for overlays."""
+    img = CenterCropFraction(spec.crop_fraction)(img)
+    return v2.functional.resize(img, [spec.input_size, spec.input_size], antialias=True)
+
+
+def tta_views(x: torch.Tensor) -> list[torch.Tensor]:
+    """Test-time augmentation views of a normalised batch: identity, flips and 90-degree rotations."""
+    return [
+        x,
+        torch.flip(x, dims=[-1]),
+        torch.flip(x, dims=[-2]),
+        torch.rot90(x, 1, dims=[-2, -1]),
+        torch.rot90(x, 3, dims=[-2, -1]),
+    ]
+
+
+def spec_from_timm(model: torch.nn.Module, *, input_size: int = 0, crop_fraction: float = 2 / 3) -> DataSpec:
+    """Mean/std (and default size) from the model's pretrained config via timm's resolve_data_config."""
+    from timm.data import resolve_data_config
+
+    cfg = resolve_data_config({}, model=model)
+    size = input_size or int(cfg["input_size"][-1])
+    if size < 16 or math.isnan(size):
+        raise ValueError(f"input size {size} is too small")
+    return DataSpec(
+        input_size=size,
+        mean=tuple(float(m) for m in cfg["mean"]),
+        std=tuple(float(s) for s in cfg["std"]),
+        crop_fraction=crop_fraction,
+    )

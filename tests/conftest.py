@@ -1,0 +1,71 @@
+"""Shared fixtures: tiny synthetic datasets, the real HAM10000 copy when present, CPU-only settings."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "0")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_HAM = REPO.parent / "shared" / "data" / "ham10000-200x150"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-realdata", action="store_true", help="run the heavy checks on ../shared real images")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-realdata"):
+        return
+    skip = pytest.mark.skip(reason="heavy real-data check: run `make realdata`")
+    for item in items:
+        if "realdata" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def shared_ham() -> Path:
+    if not (SHARED_HAM / "HAM10000_metadata.csv").exists():
+        pytest.skip(f"real HAM10000 copy not found at {SHARED_HAM}")
+    return SHARED_HAM
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory) -> Path:
+    """A small synthetic HAM10000-layout dataset (160 images at 120x90), made once per session."""
+    from lesionlab.synth import make_synthetic
+
+    d = tmp_path_factory.mktemp("synth")
+    make_synthetic(d, n_images=160, seed=1, size=(120, 90), progress=False)
+    return d
+
+
+@pytest.fixture(scope="session")
+def synth_split(synth_dir, tmp_path_factory) -> Path:
+    from lesionlab import dataset, split
+
+    table = dataset.read_table(synth_dir)
+    sp = split.make_split(table.df, fractions=(0.7, 0.15, 0.15), seed=0)
+    out = tmp_path_factory.mktemp("split") / "splits.csv"
+    split.write_split(sp, out)
+    return out
+
+
+@pytest.fixture
+def tiny_cfg():
+    """A StudyConfig for seconds-long CPU runs."""
+    from lesionlab.config import load_config
+
+    return load_config(
+        "demo",
+        [
+            "data.image_size=32", "data.batch_size=16", "data.num_workers=0", "train.epochs=2",
+            "train.archs=[timm:resnet10t]", "train.pretrained=none", "train.device=cpu", "train.precision=fp32",
+            "eval.bootstrap=20",
+        ],
+    )
