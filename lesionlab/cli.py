@@ -137,6 +137,58 @@ def _synth(p: argparse.ArgumentParser):
     return run
 
 
+# ----------------------------------------------------------------------------- training
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pretrained", choices=["imagenet", "none"], help="ImageNet weights via timm (default) or random init")
+    p.add_argument("--weights", type=Path, help="local .safetensors/.pth weights file (offline machines)")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"])
+
+
+def _apply_model_args(a: argparse.Namespace) -> list[str]:
+    out = []
+    for key in ("pretrained", "weights", "device", "precision", "epochs", "seed"):
+        v = getattr(a, key, None)
+        if v is not None:
+            out.append(f"train.{key}={v}")
+    return out
+
+
+@command("train", "train one or all four architectures on a split")
+def _train(p: argparse.ArgumentParser):
+    _data_args(p, required=True)
+    _config_args(p)
+    _model_args(p)
+    p.add_argument("--split", type=Path, required=True, help="split CSV from `lesionlab split`")
+    p.add_argument("--arch", default=None, help="registry name, timm:<name>, a comma list, or all (default: config)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--out", type=Path, required=True, help="run folder; each architecture gets a sub-folder")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+
+    def run(a: argparse.Namespace) -> int:
+        from lesionlab import config, models, study, train
+
+        cfg = config.load_config(a.config, _apply_model_args(a) + a.overrides)
+        archs = models.expand_archs(a.arch or cfg.train.archs)
+        rank, _ = train.init_distributed()
+        table, split_df, split_hash = study.load_split_tables(a.data, a.metadata, a.split, skip_invalid=a.skip_invalid,
+                                                              groupings=a.groupings, out_dir=a.out)
+        if rank == 0:
+            config.save_config(cfg, a.out / "config.yaml")
+        tr, va = study.split_frames(table, split_df)
+        results = train.train_models(archs, tr, va, cfg, a.out, resume=a.resume, split_hash=split_hash)
+        if rank == 0:
+            for r in results:
+                print(f"{r['arch']}: best epoch {r['best_epoch']} (val loss {r['best_val_loss']:.4f}), "
+                      f"{r['epochs']} epochs in {r['seconds']:.0f}s -> {r['dir']}")
+        return 0
+
+    return run
+
+
 # ----------------------------------------------------------------------------- entry point
 
 
