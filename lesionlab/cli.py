@@ -189,6 +189,171 @@ def _train(p: argparse.ArgumentParser):
     return run
 
 
+# ----------------------------------------------------------------------------- evaluation and the study
+
+
+@command("infer", "per-image probabilities (ISIC 2018 Task 3 CSV) of trained models")
+def _infer(p: argparse.ArgumentParser):
+    _data_args(p, required=True)
+    p.add_argument("--run", type=Path, action="append", required=True, help="run or model folder (repeatable)")
+    p.add_argument("--split", type=Path, help="split CSV; with --subset, predict only that part")
+    p.add_argument("--subset", choices=["train", "val", "test"], default="test")
+    p.add_argument("--out", type=Path, required=True, help="pred.csv for one model; a folder for several")
+    p.add_argument("--tta", action="store_true", help="average flips and 90-degree rotations")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    p.add_argument("--batch-size", type=int, default=32)
+
+    def run(a: argparse.Namespace) -> int:
+        from lesionlab import dataset, predict, study
+
+        cks = predict.find_checkpoints(a.run)
+        if a.split:
+            table, sp, _ = study.load_split_tables(a.data, a.metadata, a.split, skip_invalid=a.skip_invalid, groupings=a.groupings)
+            df = study.subset_frame(table, sp, a.subset)
+        else:
+            table, _ = dataset.load_valid_table(a.data, a.metadata, skip_invalid=a.skip_invalid, groupings=a.groupings,
+                                                skipped_csv=a.out.parent / "skipped.csv")
+            df = table.df
+        probs = predict.infer_table(cks, df, device=a.device, precision=a.precision, tta=a.tta, batch_size=a.batch_size)
+        single = len(probs) == 1 and a.out.suffix == ".csv"
+        if len(probs) > 1 and a.out.suffix == ".csv":
+            raise UserError(f"--run holds {len(probs)} models; give a folder as --out (one CSV per model)")
+        for name, pr in probs.items():
+            dest = a.out if single else a.out / f"{name.replace(':', '_')}.csv"
+            predict.write_isic_csv(dest, predict.probs_frame(df["image_id"], pr))
+            print(f"wrote {dest} ({len(df)} images)")
+        if (df["label"] != "").all():
+            truth = a.out.with_name(a.out.stem + "_truth.csv") if single else a.out / "truth.csv"
+            predict.write_isic_csv(truth, predict.truth_frame(df))
+            print(f"wrote {truth}")
+        return 0
+
+    return run
+
+
+@command("evaluate", "metrics, CIs, operating points and figures for a truth/prediction CSV pair")
+def _evaluate(p: argparse.ArgumentParser):
+    _config_args(p)
+    p.add_argument("--truth", type=Path, required=True)
+    p.add_argument("--pred", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--lesions", type=Path, help="CSV with image_id and lesion_id (e.g. the split file): bootstrap over lesions")
+    p.add_argument("--val-truth", type=Path, help="validation truth, to choose the melanoma threshold")
+    p.add_argument("--val-pred", type=Path, help="validation predictions, to choose the melanoma threshold")
+    p.add_argument("--threshold", type=float, help="melanoma threshold to apply")
+    p.add_argument("--bootstrap", type=int, help="bootstrap resamples (0 = no CIs)")
+
+    def run(a: argparse.Namespace) -> int:
+        from lesionlab import config, evaluate
+
+        cfg = config.load_config(a.config, a.overrides + ([f"eval.bootstrap={a.bootstrap}"] if a.bootstrap is not None else []))
+        m = evaluate.evaluate_files(a.truth, a.pred, a.out, cfg=cfg.eval, lesions=a.lesions, val_truth=a.val_truth,
+                                    val_pred=a.val_pred, threshold=a.threshold)
+        from lesionlab.report import metric_table
+
+        print(metric_table(m).to_string(index=False))
+        print(f"accuracy {m['accuracy']:.4f}, balanced accuracy {m['balanced_accuracy']:.4f}; wrote {a.out}/metrics.json")
+        for n in m["notes"]:
+            print(f"note: {n}")
+        return 0
+
+    return run
+
+
+@command("ensemble", "average member probability CSVs into one ensemble CSV")
+def _ensemble(p: argparse.ArgumentParser):
+    p.add_argument("--pred", type=Path, nargs="+", required=True)
+    p.add_argument("--weights", type=float, nargs="+", help="one weight per member (default: equal)")
+    p.add_argument("--out", type=Path, required=True)
+
+    def run(a: argparse.Namespace) -> int:
+        from lesionlab.ensemble import ensemble_frames
+        from lesionlab.predict import read_isic_csv, write_isic_csv
+
+        frames = [read_isic_csv(f, kind="prediction") for f in a.pred]
+        write_isic_csv(a.out, ensemble_frames(frames, a.weights, names=[str(f) for f in a.pred]))
+        print(f"wrote {a.out}: mean of {len(frames)} members")
+        return 0
+
+    return run
+
+
+def _external_arg(text: str):
+    from lesionlab.config import ExternalSet
+
+    try:
+        name, rest = text.split("=", 1)
+        images, truth = rest.split(",", 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError("use NAME=IMAGES_DIR,TRUTH_CSV") from None
+    return ExternalSet(name=name, images=images, truth=truth)
+
+
+@command("study", "run (or resume) the whole protocol and write the report")
+def _study(p: argparse.ArgumentParser):
+    _data_args(p)
+    _config_args(p)
+    p.add_argument("--duplicates", type=Path, help="known duplicate pairs CSV (from_img,to_img)")
+    p.add_argument("--external", type=_external_arg, action="append", default=[], metavar="NAME=IMAGES_DIR,TRUTH_CSV",
+                   help="add an external test set in ISIC ground-truth format (repeatable)")
+    p.add_argument("--out", type=Path, required=True, help="study folder (re-running skips finished steps)")
+
+    def run(a: argparse.Namespace) -> int:
+        from lesionlab import config, study
+
+        cfg = config.load_config(a.config, a.overrides)
+        cfg.external.extend(a.external)
+        html = study.run_study(cfg, a.out, data=a.data, metadata=a.metadata, duplicates=a.duplicates, skip_invalid=a.skip_invalid)
+        print(f"report: {html} (and report.md beside it)")
+        return 0
+
+    return run
+
+
+@command("demo", "the whole study on a fresh synthetic dataset (configs/demo.yaml; CPU, a few minutes)")
+def _demo(p: argparse.ArgumentParser):
+    _config_args(p, default="demo")
+    p.add_argument("--out", type=Path, default=Path("demo-study"))
+
+    def run(a: argparse.Namespace) -> int:
+        import time
+
+        from lesionlab import config, study
+
+        t = time.perf_counter()
+        cfg = config.load_config(a.config, a.overrides)
+        html = study.run_study(cfg, a.out)
+        print(f"demo finished in {time.perf_counter() - t:.0f}s. Open {html} (synthetic data: the numbers say nothing about real lesions).")
+        return 0
+
+    return run
+
+
+@command("evaluate-external", "evaluate models and their ensemble on an external dataset (ISIC ground-truth CSV)")
+def _evaluate_external(p: argparse.ArgumentParser):
+    _config_args(p)
+    p.add_argument("--runs", type=Path, nargs="+", required=True)
+    p.add_argument("--images", type=Path, required=True)
+    p.add_argument("--truth", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--skip-invalid", action="store_true")
+
+    def run(a: argparse.Namespace) -> int:
+        from lesionlab import config, predict, study
+
+        cfg = config.load_config(a.config, a.overrides)
+        s = study.evaluate_external(predict.find_checkpoints(a.runs), a.images, a.truth, a.out, cfg, skip_invalid=a.skip_invalid)
+        print(f"{s['n']} images; classes absent from this set: {', '.join(s['classes_absent']) or 'none'}")
+        for n, v in s["models"].items():
+            print(f"{n}: accuracy {v['accuracy']:.3f}, balanced accuracy {v['balanced_accuracy']:.3f}, macro AUC "
+                  + (f"{v['macro']['auc']:.3f}" if v["macro"]["auc"] is not None else "n/a"))
+        print(f"wrote {a.out}")
+        return 0
+
+    return run
+
+
 # ----------------------------------------------------------------------------- entry point
 
 

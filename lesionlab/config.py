@@ -94,6 +94,15 @@ class ExplainConfig:
 
 
 @dataclass
+class ExternalSet:
+    """An external test set in ISIC ground-truth format (e.g. the ISIC 2018 test set, PH2 mapped to NV/MEL)."""
+
+    name: str = ""
+    images: str = ""
+    truth: str = ""
+
+
+@dataclass
 class StudyConfig:
     """The whole protocol; `configs/paper.yaml` and `configs/demo.yaml` fill it."""
 
@@ -105,6 +114,7 @@ class StudyConfig:
     explain: ExplainConfig = field(default_factory=ExplainConfig)
     synth_images: int = 0  # > 0: the demo makes a synthetic dataset of this many images
     synth_size: list[int] = field(default_factory=lambda: [600, 450])
+    external: list[ExternalSet] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -110,14 +110,14 @@ def _f(x: float) -> float | None:
     return None if np.isnan(x) else x
 
 
-def headline(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str] = CLASSES, focus: str = "MEL") -> dict[str, float]:
-    """Flat dict of the numbers that get confidence intervals: macro metrics, accuracies, focus-class metrics."""
+def flat_metrics(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str] = CLASSES) -> dict[str, float]:
+    """Every number that gets a confidence interval, flat: `<CLASS>_<metric>`, `macro_<metric>`, accuracies."""
     m = summarize(y_true, probs, classes)
     out = {f"macro_{k}": m["macro"][k] for k in PER_CLASS_KEYS}
     out["accuracy"] = m["accuracy"]
     out["balanced_accuracy"] = m["balanced_accuracy"]
-    if focus in m["per_class"]:
-        out.update({f"{focus}_{k}": m["per_class"][focus][k] for k in PER_CLASS_KEYS})
+    for c, vals in m["per_class"].items():
+        out.update({f"{c}_{k}": vals[k] for k in PER_CLASS_KEYS})
     return {k: (np.nan if v is None else v) for k, v in out.items()}
 
 
@@ -129,7 +129,7 @@ def bootstrap_ci(
     n_boot: int = 1000,
     ci: float = 0.95,
     seed: int = 0,
-    stat: Callable[[np.ndarray, np.ndarray], dict[str, float]] = headline,
+    stat: Callable[[np.ndarray, np.ndarray], dict[str, float]] = flat_metrics,
 ) -> dict[str, dict[str, float | None]]:
     """Percentile bootstrap CIs of `stat`; resamples whole groups (lesions) when `groups` is given.
 

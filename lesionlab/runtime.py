@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from pathlib import Path
 
 import torch
@@ -64,3 +65,8 @@ def prepare_model(model: torch.nn.Module, device: torch.device, *, channels_last
 def to_device(x: torch.Tensor, device: torch.device, *, channels_last: bool = True) -> torch.Tensor:
     x = x.to(device, non_blocking=True)
     return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
+
+
+def worker_count(requested: int) -> int:
+    """DataLoader workers: as asked, but never more than this machine's cores."""
+    return max(0, min(int(requested), os.cpu_count() or 1))

@@ -166,6 +166,7 @@ def _rank_world() -> tuple[int, int]:
 
 
 def _make_loader(ds, *, batch_size: int, num_workers: int, shuffle: bool, generator=None, sampler=None, device=None):
+    num_workers = runtime.worker_count(num_workers)
     return torch.utils.data.DataLoader(
         ds,
         batch_size=batch_size,

@@ -1,0 +1,176 @@
+"""Probabilities for images: checkpoint loading, batching, TTA, device/precision choice, ISIC CSV I/O."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from lesionlab import models, runtime
+from lesionlab.dataset import LesionDataset, pil_to_uint8_tensor
+from lesionlab.errors import UserError
+from lesionlab.io import atomic_write_csv
+from lesionlab.labels import CLASS_INDEX, CLASSES
+from lesionlab.transforms import DataSpec, build_eval_transform, tta_views
+
+log = logging.getLogger(__name__)
+
+
+def find_checkpoints(paths: Iterable[str | Path]) -> list[Path]:
+    """Checkpoint folders (holding model.json) given run folders, architecture folders or model files."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_file() and p.suffix == ".safetensors":
+            out.append(p.parent)
+        elif (p / models.META_FILE).exists():
+            out.append(p)
+        elif p.is_dir():
+            found = sorted(d.parent for d in p.glob(f"*/{models.META_FILE}"))
+            if not found:
+                raise UserError(f"{p}: no trained model found (expected {models.META_FILE} in it or its sub-folders)")
+            out.extend(found)
+        else:
+            raise UserError(f"run {p} does not exist")
+    return out
+
+
+class Predictor:
+    """One trained model kept warm for inference, with its own preprocessing (from the checkpoint sidecar)."""
+
+    def __init__(self, checkpoint: str | Path, *, device: str = "auto", precision: str = "auto", channels_last: bool = True):
+        self.device = runtime.pick_device(device)
+        model, self.meta = models.load_checkpoint(checkpoint)
+        self.channels_last = channels_last
+        self.model = runtime.prepare_model(model, self.device, channels_last=channels_last).eval()
+        self.amp = runtime.pick_precision(precision, self.device)
+        self.spec = DataSpec(
+            input_size=int(self.meta["input_size"]), mean=tuple(self.meta["mean"]), std=tuple(self.meta["std"]),
+            crop_fraction=float(self.meta["crop_fraction"]),
+        )
+        self.transform = build_eval_transform(spec=self.spec)
+        self.name = self.meta.get("arch", Path(checkpoint).name)
+        if list(self.meta["classes"]) != list(CLASSES):
+            raise UserError(f"{checkpoint}: class order {self.meta['classes']} differs from {list(CLASSES)}")
+
+    @torch.no_grad()
+    def predict_batch(self, x: torch.Tensor, *, tta: bool = False) -> np.ndarray:
+        """Softmax probabilities (N, 7) of a normalised batch; TTA averages flips and 90-degree rotations."""
+        x = runtime.to_device(x, self.device, channels_last=self.channels_last)
+        views = tta_views(x) if tta else [x]
+        acc = None
+        for v in views:
+            with runtime.autocast(self.device, self.amp):
+                p = torch.softmax(self.model(v).float(), dim=1)
+            acc = p if acc is None else acc + p
+        return (acc / len(views)).cpu().numpy()
+
+    def predict_frame(self, df: pd.DataFrame, *, batch_size: int = 32, num_workers: int = 0, tta: bool = False,
+                      progress: bool = True) -> np.ndarray:
+        """Probabilities for every row (needs a `path` column)."""
+        ds = LesionDataset(df, self.transform)
+        loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=runtime.worker_count(num_workers))
+        out = [self.predict_batch(x, tta=tta) for x, _ in tqdm(loader, desc=f"predict {self.name}", disable=not progress, leave=False)]
+        return np.concatenate(out) if out else np.zeros((0, len(CLASSES)))
+
+    def prepare(self, images: list[Image.Image]) -> torch.Tensor:
+        return torch.stack([self.transform(pil_to_uint8_tensor(im)) for im in images])
+
+    def predict_images(self, images: list[Image.Image], *, tta: bool = False) -> np.ndarray:
+        return self.predict_batch(self.prepare(images), tta=tta) if images else np.zeros((0, len(CLASSES)))
+
+
+# ----------------------------------------------------------------------------- ISIC CSV format
+
+
+def probs_frame(image_ids: Iterable[str], probs: np.ndarray) -> pd.DataFrame:
+    df = pd.DataFrame(np.asarray(probs, float), columns=list(CLASSES))
+    df.insert(0, "image", list(image_ids))
+    return df
+
+
+def truth_frame(df: pd.DataFrame) -> pd.DataFrame:
+    """One-hot ground truth in ISIC 2018 Task 3 format from a table with image_id and label."""
+    onehot = np.zeros((len(df), len(CLASSES)))
+    onehot[np.arange(len(df)), [CLASS_INDEX[c] for c in df["label"]]] = 1.0
+    return probs_frame(df["image_id"], onehot)
+
+
+def write_isic_csv(path: str | Path, frame: pd.DataFrame) -> None:
+    atomic_write_csv(Path(path), frame, float_format="%.6f", lineterminator="\n")
+
+
+def read_isic_csv(path: str | Path, *, kind: str) -> pd.DataFrame:
+    """Read an ISIC-format CSV (image + 7 class columns), checking values; `kind` is 'truth' or 'prediction'."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{kind} file {path} does not exist")
+    try:
+        df = pd.read_csv(path, dtype={"image": str})
+    except Exception as e:
+        raise UserError(f"{path}: cannot be read as CSV ({str(e).splitlines()[0]})") from None
+    missing = [c for c in ("image", *CLASSES) if c not in df.columns]
+    if missing:
+        raise UserError(f"{path}: missing columns {', '.join(missing)}; expected image,{','.join(CLASSES)}")
+    dup = df["image"][df["image"].duplicated()]
+    if len(dup):
+        raise UserError(f"{path}: image {dup.iloc[0]} appears twice (row {dup.index[0] + 2})")
+    vals = df[list(CLASSES)].apply(pd.to_numeric, errors="coerce")
+    bad = vals.isna().any(axis=1) | ~np.isfinite(vals.to_numpy(dtype=float, na_value=np.nan)).all(axis=1)
+    if bad.any():
+        i = int(np.flatnonzero(bad.to_numpy())[0])
+        raise UserError(f"{path}: row {i + 2} ({df['image'].iloc[i]}) has a non-numeric or missing value")
+    arr = vals.to_numpy(float)
+    if kind == "truth":
+        ok = np.isclose(arr.sum(1), 1) & np.isclose(arr.max(1), 1) & np.isin(arr, [0.0, 1.0]).all(1)
+        if not ok.all():
+            i = int(np.flatnonzero(~ok)[0])
+            raise UserError(f"{path}: row {i + 2} ({df['image'].iloc[i]}) must have exactly one label set to 1")
+    elif (arr < 0).any():
+        i = int(np.flatnonzero((arr < 0).any(1))[0])
+        raise UserError(f"{path}: row {i + 2} ({df['image'].iloc[i]}) has a negative probability")
+    out = pd.DataFrame(arr, columns=list(CLASSES))
+    out.insert(0, "image", df["image"].str.strip().to_numpy())
+    return out
+
+
+def align(truth: pd.DataFrame, pred: pd.DataFrame, *, truth_name: str = "truth", pred_name: str = "prediction") -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(y_true, probs, image ids) in truth order; the two files must cover the same images."""
+    t_ids, p_ids = set(truth["image"]), set(pred["image"])
+    if t_ids != p_ids:
+        miss = sorted(t_ids - p_ids)
+        extra = sorted(p_ids - t_ids)
+        parts = []
+        if miss:
+            parts.append(f"{len(miss)} images of {truth_name} have no prediction (first: {', '.join(miss[:3])})")
+        if extra:
+            parts.append(f"{len(extra)} predicted images are not in {truth_name} (first: {', '.join(extra[:3])})")
+        raise UserError(f"{pred_name} and {truth_name} cover different images: " + "; ".join(parts))
+    p = pred.set_index("image").loc[truth["image"], list(CLASSES)].to_numpy(float)
+    y = truth[list(CLASSES)].to_numpy(float).argmax(1)
+    return y, p, truth["image"].tolist()
+
+
+def infer_table(
+    checkpoints: list[Path],
+    df: pd.DataFrame,
+    *,
+    device: str = "auto",
+    precision: str = "auto",
+    tta: bool = False,
+    batch_size: int = 32,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> dict[str, np.ndarray]:
+    """Probabilities of every checkpoint for the rows of `df`: {arch name: (N, 7)}."""
+    out: dict[str, Any] = {}
+    for ck in checkpoints:
+        pr = Predictor(ck, device=device, precision=precision)
+        out[pr.name] = pr.predict_frame(df, batch_size=batch_size, num_workers=num_workers, tta=tta, progress=progress)
+    return out
