@@ -354,6 +354,53 @@ def _evaluate_external(p: argparse.ArgumentParser):
     return run
 
 
+# ----------------------------------------------------------------------------- explanations
+
+
+def expand_images(items: list[Path]) -> list[Path]:
+    """Image files, with folders expanded to the JPEG/PNG files below them (sorted)."""
+    from lesionlab.dataset import find_images
+
+    out: list[Path] = []
+    for p in items:
+        out.extend(sorted(find_images(p).values(), key=str) if p.is_dir() else [p])
+    return out
+
+
+@command("explain", "Grad-CAM / guided backprop / Guided Grad-CAM overlays for images")
+def _explain(p: argparse.ArgumentParser):
+    p.add_argument("images", type=Path, nargs="+", help="image files or folders")
+    p.add_argument("--run", type=Path, action="append", required=True, help="run or model folder (repeatable)")
+    p.add_argument("--class", dest="cls", help="class to explain (default: the predicted one)")
+    p.add_argument("--method", default="gradcam", choices=["gradcam", "guided", "guided-gradcam"])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--save-raw", action="store_true", help="also save each map as .npy (H x W, values in [0, 1])")
+    p.add_argument("--device", default="auto")
+
+    def run(a: argparse.Namespace) -> int:
+        from lesionlab import dataset, explain, predict
+
+        if a.cls is not None and a.cls.upper() not in explain.CLASSES:
+            raise UserError(f"--class {a.cls!r} must be one of {', '.join(explain.CLASSES)}")
+        predictors = predict.load_predictors(predict.find_checkpoints(a.run), device=a.device, precision="fp32")
+        failed = 0
+        for path in expand_images(a.images):
+            try:
+                image = dataset.load_image(path)
+            except UserError as e:
+                print(f"lesionlab explain: skipped {e}", file=sys.stderr)
+                failed += 1
+                continue
+            ex = explain.explain_image(predictors, image, image_id=path.stem, method=a.method, cls=a.cls and a.cls.upper())
+            files = explain.write_explanation(ex, a.out, save_raw=a.save_raw)
+            print(f"{path}: {ex.cls} ({ex.probs.max():.2f}) -> {len(files)} files in {a.out}")
+        if failed:
+            print(f"lesionlab explain: {failed} image(s) failed", file=sys.stderr)
+        return 1 if failed else 0
+
+    return run
+
+
 # ----------------------------------------------------------------------------- entry point
 
 

@@ -115,6 +115,9 @@ class Table:
     source: Path
     layout: str  # "ham10000" | "isic2018"
     notes: list[str] = field(default_factory=list)
+    # every image file found below the data folder (also those without a row); kept off df.attrs,
+    # which pandas deep-copies on every operation
+    image_index: dict[str, Path] = field(default_factory=dict, repr=False)
 
 
 def _find_metadata(data_dir: Path) -> Path:
@@ -204,8 +207,7 @@ def read_table(
     if images is None:
         images = find_images(data_dir) if data_dir is not None else find_images(meta_path.parent)
     df["path"] = [str(images[i]) if i in images else "" for i in df["image_id"]]
-    df.attrs["image_index"] = images
-    return Table(df=df.reset_index(drop=True), source=meta_path, layout=layout, notes=notes)
+    return Table(df=df.reset_index(drop=True), source=meta_path, layout=layout, notes=notes, image_index=images)
 
 
 def _isic_to_table(raw: pd.DataFrame, path: Path) -> pd.DataFrame:
@@ -323,7 +325,7 @@ def validate(
     missing = df[(df["path"] == "") & (df["image_id"] != "")]
     for r, iid in zip(missing["row"], missing["image_id"], strict=True):
         rep.problems.append(Problem("missing image file", int(r), iid, ""))
-    index: dict[str, Path] = df.attrs.get("image_index", {})
+    index = table.image_index
     listed = set(df["image_id"])
     for iid in sorted(set(index) - listed):
         rep.problems.append(Problem("image without a row", None, iid, str(index[iid])))
@@ -343,8 +345,7 @@ def drop_invalid(table: Table, report: ValidationReport) -> Table:
     bad = report.bad_image_ids()
     keep = ~table.df["image_id"].isin(bad) & (table.df["path"] != "") & (table.df["label"] != "")
     df = table.df[keep].drop_duplicates("image_id").reset_index(drop=True)
-    df.attrs = table.df.attrs
-    return Table(df=df, source=table.source, layout=table.layout, notes=table.notes)
+    return Table(df=df, source=table.source, layout=table.layout, notes=table.notes, image_index=table.image_index)
 
 
 def load_valid_table(

@@ -170,7 +170,19 @@ def infer_table(
 ) -> dict[str, np.ndarray]:
     """Probabilities of every checkpoint for the rows of `df`: {arch name: (N, 7)}."""
     out: dict[str, Any] = {}
-    for ck in checkpoints:
-        pr = Predictor(ck, device=device, precision=precision)
+    for pr in load_predictors(checkpoints, device=device, precision=precision):
         out[pr.name] = pr.predict_frame(df, batch_size=batch_size, num_workers=num_workers, tta=tta, progress=progress)
     return out
+
+
+def load_predictors(checkpoints: Iterable[str | Path], *, device: str = "auto", precision: str = "auto") -> list[Predictor]:
+    """A Predictor per checkpoint; names made unique (two runs of one architecture: `arch`, `arch-2`)."""
+    preds: list[Predictor] = []
+    seen: dict[str, int] = {}
+    for ck in checkpoints:
+        pr = Predictor(ck, device=device, precision=precision)
+        seen[pr.name] = seen.get(pr.name, 0) + 1
+        if seen[pr.name] > 1:
+            pr.name = f"{pr.name}-{seen[pr.name]}"
+        preds.append(pr)
+    return preds

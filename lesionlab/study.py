@@ -289,7 +289,7 @@ def make_gallery(checkpoints: list[Path], test_df: pd.DataFrame, y: np.ndarray, 
                  out_dir: Path, cfg: StudyConfig, ids: list[str]) -> None:
     """Grad-CAM panels (members side by side + ensemble) for the categories the study shows."""
     from lesionlab.explain import explain_image, panel
-    from lesionlab.predict import Predictor
+    from lesionlab.predict import load_predictors
 
     ens = probs.get(ENSEMBLE, probs[best]).argmax(1)
     nv, mel = CLASS_INDEX["NV"], CLASS_INDEX["MEL"]
@@ -299,7 +299,7 @@ def make_gallery(checkpoints: list[Path], test_df: pd.DataFrame, y: np.ndarray, 
     pairs = pd.Series([(int(a), int(b)) for a, b in zip(y[off], ens[off], strict=True)], dtype=object).value_counts()
     for (a, b), _ in list(pairs.items())[:2]:
         cats.append((f"{CLASSES[a]} misclassified as {CLASSES[b]}", (y == a) & (ens == b)))
-    predictors = [Predictor(c, device=cfg.train.device, precision="fp32") for c in checkpoints]
+    predictors = load_predictors(checkpoints, device=cfg.train.device, precision="fp32")
     path_of = dict(zip(test_df["image_id"], test_df["path"], strict=True))
     entries = []
     for title, mask in cats:
