@@ -401,6 +401,121 @@ def _explain(p: argparse.ArgumentParser):
     return run
 
 
+# ----------------------------------------------------------------------------- clinic-facing inference
+
+
+@command("bundle", "pack trained models, the melanoma threshold and a hashed manifest for deployment")
+def _bundle(p: argparse.ArgumentParser):
+    p.add_argument("--runs", type=Path, nargs="+", required=True, help="run/model folders (e.g. STUDY/runs)")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--study", type=Path, help="study folder whose validation predictions choose the threshold (default: found)")
+    p.add_argument("--target-sensitivity", type=float, default=0.90, help="melanoma sensitivity the threshold must reach on validation")
+    p.add_argument("--threshold", type=float, help="use this melanoma threshold instead of choosing one")
+
+    def run(a: argparse.Namespace) -> int:
+        from lesionlab.bundle import make_bundle
+
+        m = make_bundle(a.runs, a.out, threshold=a.threshold, target_sensitivity=a.target_sensitivity, study=a.study)
+        t = m["melanoma_threshold"]
+        print(f"wrote {a.out}: {len(m['members'])} members, melanoma threshold {t['value']:.4f} ({t['source']})")
+        return 0
+
+    return run
+
+
+def _format_results(rows: list[dict], fmt: str) -> str:
+    import json
+
+    import pandas as pd
+
+    from lesionlab.labels import CLASSES
+
+    if fmt == "json":
+        return json.dumps(rows, indent=2)
+    flat = []
+    for r in rows:
+        if "error" in r:
+            flat.append({"image": r["image"], "error": r["error"]})
+            continue
+        row = {"image": r["image"], "top": r["top"], "top_probability": round(r["top_probability"], 4),
+               "melanoma_probability": round(r["melanoma_probability"], 4),
+               "melanoma_flag": "ABOVE threshold" if r["melanoma_flag"] else "below", "agreement": r["agreement"]}
+        row.update({c: round(r["probabilities"][c], 4) for c in CLASSES})
+        row.update({f"member_{n}": m["top"] for n, m in r["members"].items()})
+        flat.append(row)
+    df = pd.DataFrame(flat)
+    return df.to_csv(index=False).rstrip("\n") if fmt == "csv" else df.to_string(index=False)
+
+
+@command("predict", "ensemble diagnosis for images with a bundle (decision support, not a diagnosis)")
+def _predict(p: argparse.ArgumentParser):
+    p.add_argument("images", type=Path, nargs="+", help="image files or folders")
+    p.add_argument("--bundle", type=Path, required=True)
+    p.add_argument("--tta", action="store_true")
+    p.add_argument("--explain", type=Path, metavar="OUT_DIR", help="write a Grad-CAM overlay per image here")
+    p.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    p.add_argument("--batch-size", type=int, default=16)
+
+    def run(a: argparse.Namespace) -> int:
+        from lesionlab import dataset
+        from lesionlab.bundle import EnsemblePredictor
+        from lesionlab.explain import overlay, save_png
+
+        ens = EnsemblePredictor(a.bundle, device=a.device, precision=a.precision)
+        paths = expand_images(a.images)
+        if not paths:
+            raise UserError("no images found in the given paths")
+        rows: list[dict] = []
+        failed = 0
+        for start in range(0, len(paths), a.batch_size):
+            batch, ok_paths = [], []
+            for path in paths[start : start + a.batch_size]:
+                try:
+                    batch.append(dataset.load_image(path))
+                    ok_paths.append(path)
+                except UserError as e:
+                    print(f"lesionlab predict: skipped {e}", file=sys.stderr)
+                    rows.append({"image": str(path), "error": str(e)})
+                    failed += 1
+            for path, im, res in zip(ok_paths, batch, ens.predict(batch, tta=a.tta), strict=True):
+                rows.append({"image": str(path), **res})
+                if a.explain:
+                    ex = ens.explain(im)
+                    save_png(overlay(ex.display, ex.ensemble), a.explain / f"{path.stem}_gradcam_{ex.cls}.png")
+        rows.sort(key=lambda r: paths.index(Path(r["image"])))
+        print(_format_results(rows, a.format))
+        print("Decision support, not a diagnosis: a clinician must examine every lesion.", file=sys.stderr)
+        if failed:
+            print(f"lesionlab predict: {failed} of {len(paths)} image(s) failed", file=sys.stderr)
+        return 1 if failed else 0
+
+    return run
+
+
+@command("serve", "web service + clinician page for a bundle (FastAPI on uvicorn)")
+def _serve(p: argparse.ArgumentParser):
+    p.add_argument("--bundle", type=Path, required=True)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-upload-mb", type=float, default=20.0)
+    p.add_argument("--audit-log", type=Path, help="append one JSON line per request (time, image hash, outputs; never the image)")
+    p.add_argument("--device", default="auto")
+
+    def run(a: argparse.Namespace) -> int:
+        import uvicorn
+
+        from lesionlab.serve.app import create_app
+
+        app = create_app(a.bundle, max_upload_mb=a.max_upload_mb, audit_log=a.audit_log, device=a.device)
+        print(f"LesionLab serving {a.bundle} on http://{a.host}:{a.port}/ (API docs at /docs)")
+        uvicorn.run(app, host=a.host, port=a.port, log_level="info")
+        return 0
+
+    return run
+
+
 # ----------------------------------------------------------------------------- entry point
 
 

@@ -31,7 +31,11 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
 class ImageError(UserError):
-    """An image file that cannot be used (unreadable, truncated, too large)."""
+    """An image file that cannot be used; `kind` is unreadable, truncated or too_large."""
+
+    def __init__(self, message: str, kind: str = "unreadable"):
+        super().__init__(message)
+        self.kind = kind
 
 
 # ----------------------------------------------------------------------------- images
@@ -59,19 +63,20 @@ def decode_image(fileobj, *, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) ->
         try:
             im = Image.open(fileobj)
         except Image.DecompressionBombError:
-            raise ImageError(f"{name}: image dimensions are absurdly large; refusing to decode it") from None
+            raise ImageError(f"{name}: image dimensions are absurdly large; refusing to decode it", "too_large") from None
         except Exception:
             raise ImageError(f"{name}: not a readable image (JPEG or PNG expected)") from None
         w, h = im.size
         if w * h > max_pixels:
             raise ImageError(
                 f"{name}: {w}x{h} pixels exceeds the limit of {max_pixels:,}; "
-                "downsample it or raise data.max_image_pixels"
+                "downsample it or raise data.max_image_pixels",
+                "too_large",
             )
         try:
             im.load()
         except Exception as e:
-            raise ImageError(f"{name}: image data is truncated or corrupt ({e})") from None
+            raise ImageError(f"{name}: image data is truncated or corrupt ({e})", "truncated") from None
         im = ImageOps.exif_transpose(im)
         return to_rgb(im)
 

@@ -171,7 +171,7 @@ def sensitivity_at_specificity(y_bin: np.ndarray, score: np.ndarray, specificity
     """Highest sensitivity among thresholds whose specificity is >= `specificity`."""
     if y_bin.all() or not y_bin.any():
         return {"target_specificity": specificity, "sensitivity": None, "specificity": None, "threshold": None}
-    fpr, tpr, thr = roc_curve(y_bin, score)
+    fpr, tpr, thr = roc_curve(y_bin, score, drop_intermediate=False)  # keep every threshold: collinear ones can be optimal
     ok = (1 - fpr) >= specificity - 1e-12
     i = int(np.flatnonzero(ok)[np.argmax(tpr[ok])])
     return {"target_specificity": specificity, "sensitivity": float(tpr[i]), "specificity": float(1 - fpr[i]), "threshold": _thr(thr[i])}
@@ -181,7 +181,7 @@ def specificity_at_sensitivity(y_bin: np.ndarray, score: np.ndarray, sensitivity
     """Highest specificity among thresholds whose sensitivity is >= `sensitivity`."""
     if y_bin.all() or not y_bin.any():
         return {"target_sensitivity": sensitivity, "sensitivity": None, "specificity": None, "threshold": None}
-    fpr, tpr, thr = roc_curve(y_bin, score)
+    fpr, tpr, thr = roc_curve(y_bin, score, drop_intermediate=False)  # keep every threshold: collinear ones can be optimal
     ok = tpr >= sensitivity - 1e-12
     i = int(np.flatnonzero(ok)[np.argmin(fpr[ok])])
     return {"target_sensitivity": sensitivity, "sensitivity": float(tpr[i]), "specificity": float(1 - fpr[i]), "threshold": _thr(thr[i])}

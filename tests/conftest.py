@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import make_tiny_checkpoint
 
 os.environ.setdefault("HF_HUB_OFFLINE", "0")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -69,3 +70,13 @@ def tiny_cfg():
             "eval.bootstrap=20",
         ],
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory) -> Path:
+    from lesionlab.bundle import make_bundle
+
+    d = tmp_path_factory.mktemp("bundle")
+    runs = [make_tiny_checkpoint(d / "runs" / f"m{i}", seed=i) for i in range(2)]
+    make_bundle(runs, d / "bundle", threshold=0.15)
+    return d / "bundle"

@@ -101,3 +101,12 @@ def test_bootstrap_ci_contains_point_and_resamples_lesions():
 def test_agreement():
     a = metrics.agreement(np.array([0, 1, 2, 2]), np.array([0, 1, 2, 1]))
     assert a["agreement"] == 0.75
+
+
+def test_threshold_search_keeps_collinear_roc_points():
+    # ROC points (0, .5), (1/6, .75), (2/6, 1) are collinear; sklearn's default drops the middle one,
+    # which is exactly the threshold that reaches sensitivity 0.75 with the best specificity.
+    y = np.array([1, 1, 1, 1, 0, 0, 0, 0, 0, 0], bool)
+    s = np.array([0.8, 0.6, 0.4, 0.2, 0.4, 0.2, 0.1, 0.075, 0.05, 0.0])
+    assert metrics.threshold_for_sensitivity(y, s, 0.75) == pytest.approx(0.4)
+    assert metrics.specificity_at_sensitivity(y, s, 0.75)["specificity"] == pytest.approx(5 / 6)

@@ -1,0 +1,76 @@
+"""The clinician page in headless Chromium: upload an image, see probabilities and the heatmap."""
+
+import shutil
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytestmark = pytest.mark.browser
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_bundle):
+    import uvicorn
+
+    from lesionlab.serve.app import create_app
+
+    port = _free_port()
+    srv = uvicorn.Server(uvicorn.Config(create_app(tiny_bundle, device="cpu"), host="127.0.0.1", port=port, log_level="warning"))
+    t = threading.Thread(target=srv.run, daemon=True)
+    t.start()
+    for _ in range(100):
+        if srv.started:
+            break
+        time.sleep(0.1)
+    yield f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    t.join(timeout=10)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (make test installs it)")
+def test_upload_shows_probabilities_and_heatmap(server, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    img = tmp_path / "lesion.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(60, 200, (150, 200, 3), dtype=np.uint8)).save(img)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            page.goto(server + "/")
+            assert "Decision support, not a diagnosis" in page.inner_text("#disclaimer")
+            page.wait_for_function("document.getElementById('bundle').textContent.includes('2 models')")
+            page.set_input_files("#file", str(img))
+            page.wait_for_selector("#bars .bar", timeout=60_000)
+            bars = page.query_selector_all("#bars .bar")
+            assert len(bars) == 7
+            pcts = [float(b.inner_text().split()[-1].rstrip("%")) for b in bars]
+            assert abs(sum(pcts) - 100) < 1 and pcts == sorted(pcts, reverse=True)
+            assert page.inner_text("#mel-flag") in ("ABOVE the threshold", "below the threshold")
+            assert len(page.query_selector_all("#members tbody tr")) == 2
+            page.wait_for_function("(document.getElementById('heatmap').getAttribute('src') || '').startsWith('data:image/png')")
+            assert "on" not in (page.get_attribute("#heatmap", "class") or "")
+            page.check("#toggle-heatmap")
+            assert "on" in page.get_attribute("#heatmap", "class")
+            page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+            # a bad file shows an error message, and the page keeps working
+            bad = tmp_path / "notes.jpg"
+            bad.write_bytes(b"not an image at all")
+            page.set_input_files("#file", str(bad))
+            page.wait_for_function("document.getElementById('error').textContent.length > 0")
+            assert "not a readable image" in page.inner_text("#error")
+        finally:
+            browser.close()

@@ -1,0 +1,92 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from helpers import make_tiny_checkpoint
+from PIL import Image
+
+from lesionlab.bundle import EnsemblePredictor, make_bundle, verify_bundle
+from lesionlab.errors import UserError
+from lesionlab.labels import CLASSES
+
+
+def test_bundle_manifest_and_hash_check(tiny_bundle, tmp_path):
+    m = verify_bundle(tiny_bundle)
+    assert m["classes"] == list(CLASSES) and len(m["members"]) == 2
+    assert m["melanoma_threshold"]["value"] == 0.15 and "lesionlab_version" in m
+    assert all(len(h) == 64 for mem in m["members"] for h in mem["files"].values())
+    # tamper with one weight byte in a copy
+    import shutil
+
+    copy = tmp_path / "b"
+    shutil.copytree(tiny_bundle, copy)
+    w = copy / m["members"][0]["dir"] / "model.safetensors"
+    data = bytearray(w.read_bytes())
+    data[-10] ^= 0xFF
+    w.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="does not match its manifest hash"):
+        verify_bundle(copy)
+    with pytest.raises(UserError, match="not a LesionLab bundle"):
+        verify_bundle(tmp_path)
+
+
+def test_threshold_is_chosen_on_the_study_validation_split(tmp_path):
+    study = tmp_path / "study"
+    (study / "predictions").mkdir(parents=True)
+    (study / "steps.json").write_text("{}")
+    runs = [make_tiny_checkpoint(study / "runs" / n, seed=i) for i, n in enumerate(["a", "b"])]
+    y = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 1])
+    mel_a = np.array([0.9, 0.7, 0.5, 0.3, 0.6, 0.2, 0.1, 0.1, 0.05, 0.0])
+    mel_b = np.array([0.7, 0.5, 0.3, 0.1, 0.2, 0.2, 0.1, 0.05, 0.05, 0.0])
+
+    def frame(mel):
+        p = np.zeros((10, 7))
+        p[:, 0], p[:, 1] = mel, 1 - mel
+        return pd.DataFrame({"image": [f"i{k}" for k in range(10)], **{c: p[:, j] for j, c in enumerate(CLASSES)}})
+
+    truth = np.zeros((10, 7))
+    truth[np.arange(10), y] = 1
+    pd.DataFrame({"image": [f"i{k}" for k in range(10)], **{c: truth[:, j] for j, c in enumerate(CLASSES)}}).to_csv(
+        study / "predictions" / "truth_val.csv", index=False)
+    # members are named after their arch; both are timm:resnet10t -> timm_resnet10t, timm_resnet10t-2
+    frame(mel_a).to_csv(study / "predictions" / "timm_resnet10t_val.csv", index=False)
+    frame(mel_b).to_csv(study / "predictions" / "timm_resnet10t-2_val.csv", index=False)
+    m = make_bundle(runs, tmp_path / "bundle", target_sensitivity=0.75)
+    # ensemble melanoma scores of the 4 melanomas: 0.8, 0.6, 0.4, 0.2 -> 3 of 4 reached at threshold 0.4
+    assert m["melanoma_threshold"]["value"] == pytest.approx(0.4)
+    assert m["melanoma_threshold"]["validation_sensitivity"] == 0.75
+    with pytest.raises(UserError, match="already holds a bundle"):
+        make_bundle(runs, tmp_path / "bundle", threshold=0.5)
+    with pytest.raises(UserError, match="--threshold"):
+        make_bundle([make_tiny_checkpoint(tmp_path / "lone", 0)], tmp_path / "b2")
+
+
+def test_ensemble_predictor_result(tiny_bundle):
+    ens = EnsemblePredictor(tiny_bundle, device="cpu")
+    im = Image.new("RGB", (120, 90), (150, 90, 70))
+    r = ens.predict([im, im])
+    assert len(r) == 2 and r[0]["top"] in CLASSES
+    assert sum(r[0]["probabilities"].values()) == pytest.approx(1, abs=1e-4)
+    assert r[0]["melanoma_flag"] == (r[0]["melanoma_probability"] >= 0.15)
+    assert set(r[0]["members"]) == {"timm_resnet10t", "timm_resnet10t-2"} and r[0]["agreement"].endswith("/2")
+
+
+def test_predict_cli_keeps_going_past_bad_files(tiny_bundle, tmp_path):
+    d = tmp_path / "imgs"
+    d.mkdir()
+    Image.new("RGB", (120, 90), (150, 90, 70)).save(d / "a.jpg")
+    Image.new("L", (90, 90), 120).save(d / "b.png")
+    (d / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    r = subprocess.run([sys.executable, "-m", "lesionlab.cli", "predict", str(d), "--bundle", str(tiny_bundle),
+                        "--format", "json", "--device", "cpu", "--explain", str(tmp_path / "ex")], capture_output=True, text=True)
+    assert r.returncode == 1, r.stderr
+    rows = json.loads(r.stdout)
+    assert [("error" in x) for x in rows] == [False, False, True]
+    assert "broken.jpg" in r.stderr and "Traceback" not in r.stderr
+    assert len(list((tmp_path / "ex").glob("*.png"))) == 2
+    r = subprocess.run([sys.executable, "-m", "lesionlab.cli", "predict", str(d / "a.jpg"), "--bundle", str(tiny_bundle),
+                        "--format", "csv", "--device", "cpu"], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.startswith("image,top,")
