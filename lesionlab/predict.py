@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import logging
+import threading
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -58,16 +61,44 @@ class Predictor:
         self.name = self.meta.get("arch", Path(checkpoint).name)
         if list(self.meta["classes"]) != list(CLASSES):
             raise UserError(f"{checkpoint}: class order {self.meta['classes']} differs from {list(CLASSES)}")
+        # CPU bf16: a frozen TorchScript copy with bf16 weights (see `_cpu_bf16_model`); `self.model` stays fp32
+        # for fp32 inference and for explanations, which need gradients and the original module tree.
+        self.cpu_bf16 = self.device.type == "cpu" and self.amp is torch.bfloat16
+        self._fast: torch.nn.Module | None = None
+        self._fast_lock = threading.Lock()
 
-    @torch.no_grad()
+    def _cpu_bf16_model(self) -> torch.nn.Module:
+        """bf16 weights (no per-call weight casts, which autocast would redo on every forward) traced and frozen
+        with TorchScript (optimize_for_inference), which folds BatchNorm into the convolutions and fuses ReLUs: up to 5x fp32 eager
+        throughput for ResNeXt-101 at batch 16 on 2 AMX cores, against 3.8x for autocast (docs/benchmarks.md)."""
+        with self._fast_lock:
+            if self._fast is None:
+                m = copy.deepcopy(self.model).to(torch.bfloat16).eval()
+                example = torch.zeros(2, 3, self.spec.input_size, self.spec.input_size, dtype=torch.bfloat16)
+                try:
+                    with torch.inference_mode(), warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        frozen = torch.jit.freeze(torch.jit.trace(m, example.contiguous(memory_format=torch.channels_last)))
+                        self._fast = torch.jit.optimize_for_inference(frozen)
+                except Exception:  # any model TorchScript cannot trace still runs, in eager bf16
+                    log.info("%s: TorchScript tracing failed; using eager bf16", self.name, exc_info=True)
+                    self._fast = m
+            return self._fast
+
+    @torch.inference_mode()
     def predict_batch(self, x: torch.Tensor, *, tta: bool = False) -> np.ndarray:
         """Softmax probabilities (N, 7) of a normalised batch; TTA averages flips and 90-degree rotations."""
         x = runtime.to_device(x, self.device, channels_last=self.channels_last)
+        if self.cpu_bf16:
+            model, x = self._cpu_bf16_model(), x.to(torch.bfloat16)
+        else:
+            model = self.model
         views = tta_views(x) if tta else [x]
         acc = None
         for v in views:
-            with runtime.autocast(self.device, self.amp):
-                p = torch.softmax(self.model(v).float(), dim=1)
+            v = v.contiguous(memory_format=torch.channels_last) if self.channels_last else v
+            with runtime.autocast(self.device, None if self.cpu_bf16 else self.amp):
+                p = torch.softmax(model(v).float(), dim=1)
             acc = p if acc is None else acc + p
         return (acc / len(views)).cpu().numpy()
 

@@ -21,12 +21,13 @@ def pytest_addoption(parser):
 
 
 def pytest_collection_modifyitems(config, items):
+    """Heavy real-data checks run only with --run-realdata (`make realdata`); otherwise they are deselected."""
     if config.getoption("--run-realdata"):
         return
-    skip = pytest.mark.skip(reason="heavy real-data check: run `make realdata`")
-    for item in items:
-        if "realdata" in item.keywords:
-            item.add_marker(skip)
+    heavy = [i for i in items if "realdata" in i.keywords]
+    if heavy:
+        config.hook.pytest_deselected(items=heavy)
+        items[:] = [i for i in items if "realdata" not in i.keywords]
 
 
 @pytest.fixture(scope="session")

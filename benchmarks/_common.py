@@ -1,0 +1,53 @@
+"""Shared by the benchmark scripts: machine description and writing a section of docs/benchmarks.md."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import platform
+import re
+import time
+from pathlib import Path
+
+import torch
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+SHARED_HAM = Path(__file__).resolve().parents[2] / "shared" / "data" / "ham10000-200x150"
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    from lesionlab.runtime import cpu_has_bf16
+
+    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
+    return (f"{cpu}, {os.cpu_count()} cores (torch threads {torch.get_num_threads()}, bf16 units: {cpu_has_bf16()}){gpu}; "
+            f"torch {torch.__version__}, Python {platform.python_version()}; {dt.date.today().isoformat()}")
+
+
+def timed(fn, *, repeat: int, warmup: int = 1) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def write_section(name: str, body: str) -> None:
+    """Replace (or append) the section between `<!-- name -->` markers in docs/benchmarks.md."""
+    DOC.parent.mkdir(exist_ok=True)
+    text = DOC.read_text() if DOC.exists() else "# LesionLab benchmarks\n\nWritten by the scripts in `benchmarks/` (`make bench`).\n"
+    block = f"<!-- {name} -->\n{body.strip()}\n<!-- /{name} -->"
+    pat = re.compile(rf"<!-- {re.escape(name)} -->.*?<!-- /{re.escape(name)} -->", re.S)
+    text = pat.sub(lambda _: block, text) if pat.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    DOC.write_text(text)
+    print(body)

@@ -1,0 +1,50 @@
+"""Heavy checks on the real HAM10000 copy in ../shared (run with `make realdata`; skipped in `make test`).
+
+LESIONLAB_REALDATA_RUNS may name trained run folders (e.g. a study's runs/); otherwise a ResNet-101 is
+trained here for one epoch on 2,000 real images at 64x64 so the bf16 check runs on a model that has learned
+something (random weights give near-uniform probabilities, where top-1 is meaningless).
+"""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lesionlab import dataset, split
+from lesionlab.config import load_config
+from lesionlab.predict import find_checkpoints, load_predictors
+
+pytestmark = pytest.mark.realdata
+
+
+def test_real_dataset_validates_clean(shared_ham):
+    rep = dataset.validate(dataset.read_table(shared_ham), progress=False)
+    assert rep.ok, rep.summary()
+
+
+@pytest.fixture(scope="module")
+def real_runs(shared_ham, tmp_path_factory):
+    if os.environ.get("LESIONLAB_REALDATA_RUNS"):
+        return find_checkpoints([Path(p) for p in os.environ["LESIONLAB_REALDATA_RUNS"].split(os.pathsep)])
+    from lesionlab.train import fit
+
+    table = dataset.read_table(shared_ham)
+    sp = split.make_split(table.df, fractions=(0.8, 0.1, 0.1), seed=0)
+    df = table.df.merge(sp[["image_id", "split"]], on="image_id")
+    tr = df[df["split"] == "train"].sample(n=2000, random_state=0)
+    va = df[df["split"] == "val"].sample(n=300, random_state=0)
+    cfg = load_config("ham10000-cpu", ["train.epochs=1", "data.num_workers=0"])
+    out = tmp_path_factory.mktemp("real")
+    fit("resnet101", tr, va, cfg, out / "resnet101", cache_dir=out / "cache", progress=False)
+    return find_checkpoints([out / "resnet101"])
+
+
+def test_bf16_matches_fp32_on_real_images(shared_ham, real_runs):
+    df = dataset.read_table(shared_ham).df.sample(n=1000, random_state=1)
+    p32 = [p.predict_frame(df, progress=False) for p in load_predictors(real_runs, device="cpu", precision="fp32")]
+    p16 = [p.predict_frame(df, progress=False) for p in load_predictors(real_runs, device="cpu", precision="bf16")]
+    for a, b in zip(p32 + [np.mean(p32, 0)], p16 + [np.mean(p16, 0)], strict=True):
+        agree = np.mean(a.argmax(1) == b.argmax(1))
+        print(f"top-1 agreement {agree:.4f}, largest probability difference {np.abs(a - b).max():.4f}")
+        assert agree >= 0.99
