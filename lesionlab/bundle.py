@@ -160,6 +160,11 @@ class EnsemblePredictor:
             pr.name = m["name"]
         self.version = sha256_file(self.root / MANIFEST)[:12]
 
+    def warm_up(self) -> None:
+        """One dummy prediction per member, so one-off work (TorchScript tracing) happens before the first patient."""
+        size = self.members[0].spec.input_size
+        self.predict([Image.new("RGB", (size * 3 // 2, size), (128, 128, 128))])
+
     @property
     def device(self) -> str:
         return str(self.members[0].device)

@@ -104,6 +104,7 @@ def create_app(
 ) -> FastAPI:
     """Build the app; the bundle is verified and its models loaded once, here, and kept warm."""
     ens = bundle if isinstance(bundle, EnsemblePredictor) else EnsemblePredictor(bundle, device=device)
+    ens.warm_up()
     max_bytes = int(max_upload_mb * 2**20)
     # Starlette spools multipart files above 1 MB to a temporary file on disk; uploads must stay in memory
     # (privacy), so the spool threshold sits above the largest upload we accept.
