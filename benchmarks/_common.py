@@ -51,3 +51,17 @@ def write_section(name: str, body: str) -> None:
     text = pat.sub(lambda _: block, text) if pat.search(text) else text.rstrip() + "\n\n" + block + "\n"
     DOC.write_text(text)
     print(body)
+
+
+def untrained_checkpoints(folder: Path, size: int) -> list[Path]:
+    """The four paper architectures as LesionLab checkpoints with random weights (speed does not depend on them)."""
+    from lesionlab import models
+
+    out = []
+    for arch in models.PAPER_ARCHS:
+        torch.manual_seed(0)
+        m, spec = models.create_model(arch, pretrained="none")
+        models.save_checkpoint(m, {"arch": arch, "timm_id": spec.timm_id, "input_size": size, "mean": [0.485, 0.456, 0.406],
+                                   "std": [0.229, 0.224, 0.225], "crop_fraction": 2 / 3, "cam_layer": spec.cam_layer}, folder / arch)
+        out.append(folder / arch)
+    return out

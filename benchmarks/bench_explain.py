@@ -10,11 +10,9 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import torch
-from _common import machine, timed, write_section
+from _common import machine, timed, untrained_checkpoints, write_section
 from PIL import Image
 
-from lesionlab import models
 from lesionlab.explain import explain_image
 from lesionlab.predict import load_predictors
 
@@ -24,13 +22,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--repeat", type=int, default=3)
     a = ap.parse_args()
-    tmp = Path(tempfile.mkdtemp())
-    for arch in models.PAPER_ARCHS:
-        torch.manual_seed(0)
-        m, spec = models.create_model(arch, pretrained="none")
-        models.save_checkpoint(m, {"arch": arch, "timm_id": spec.timm_id, "input_size": a.size, "mean": [0.485, 0.456, 0.406],
-                                   "std": [0.229, 0.224, 0.225], "crop_fraction": 2 / 3, "cam_layer": spec.cam_layer}, tmp / arch)
-    preds = load_predictors([tmp / arch for arch in models.PAPER_ARCHS], device="cpu", precision="auto")
+    preds = load_predictors(untrained_checkpoints(Path(tempfile.mkdtemp()), a.size), device="cpu", precision="auto")
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (450, 600, 3), dtype=np.uint8))
     rows = []
     for method in ("gradcam", "guided-gradcam"):

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import timm
 import torch
-from _common import machine, timed, write_section
+from _common import machine, timed, untrained_checkpoints, write_section
 
 from lesionlab import models
 
@@ -23,16 +23,11 @@ def speed(batch: int, repeat: int, size: int) -> list[str]:
 
     from lesionlab.predict import Predictor
 
-    tmp = Path(tempfile.mkdtemp())
     plain, fast = {}, {}
-    for arch in models.PAPER_ARCHS:
-        torch.manual_seed(0)
-        m, spec = models.create_model(arch, pretrained="none")
-        models.save_checkpoint(m, {"arch": arch, "timm_id": spec.timm_id, "input_size": size, "mean": [0.485, 0.456, 0.406],
-                                   "std": [0.229, 0.224, 0.225], "crop_fraction": 2 / 3, "cam_layer": spec.cam_layer}, tmp / arch)
-        plain[arch] = timm.create_model(spec.timm_id, pretrained=False, num_classes=7).eval()
-        plain[arch].load_state_dict(m.state_dict())
-        fast[arch] = Predictor(tmp / arch, device="cpu", precision="auto")  # the path predict/serve use
+    for arch, ck in zip(models.PAPER_ARCHS, untrained_checkpoints(Path(tempfile.mkdtemp()), size), strict=True):
+        fast[arch] = Predictor(ck, device="cpu", precision="auto")  # the path predict/serve use
+        plain[arch] = timm.create_model(fast[arch].meta["timm_id"], pretrained=False, num_classes=7).eval()
+        plain[arch].load_state_dict(fast[arch].model.state_dict())
 
     def run_plain(names, x):
         with torch.no_grad():

@@ -19,8 +19,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import torch
-from _common import machine, write_section
+from _common import machine, untrained_checkpoints, write_section
 from PIL import Image
 
 from lesionlab import models
@@ -28,14 +27,7 @@ from lesionlab.bundle import make_bundle
 
 
 def build_bundle(tmp: Path, size: int) -> Path:
-    runs = []
-    for arch in models.PAPER_ARCHS:
-        torch.manual_seed(0)
-        m, spec = models.create_model(arch, pretrained="none")
-        models.save_checkpoint(m, {"arch": arch, "timm_id": spec.timm_id, "input_size": size, "mean": [0.485, 0.456, 0.406],
-                                   "std": [0.229, 0.224, 0.225], "crop_fraction": 2 / 3, "cam_layer": spec.cam_layer}, tmp / "runs" / arch)
-        runs.append(tmp / "runs" / arch)
-    make_bundle(runs, tmp / "bundle", threshold=0.3)
+    make_bundle(untrained_checkpoints(tmp / "runs", size), tmp / "bundle", threshold=0.3)
     return tmp / "bundle"
 
 

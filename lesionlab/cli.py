@@ -367,6 +367,18 @@ def expand_images(items: list[Path]) -> list[Path]:
     return out
 
 
+def readable_images(paths: list[Path], command: str, failures: list[tuple[Path, str]]):
+    """Yield (path, RGB image) for each file that decodes; report each bad one on stderr and record it."""
+    from lesionlab import dataset
+
+    for path in paths:
+        try:
+            yield path, dataset.load_image(path)
+        except UserError as e:
+            print(f"lesionlab {command}: skipped {e}", file=sys.stderr)
+            failures.append((path, str(e)))
+
+
 @command("explain", "Grad-CAM / guided backprop / Guided Grad-CAM overlays for images")
 def _explain(p: argparse.ArgumentParser):
     p.add_argument("images", type=Path, nargs="+", help="image files or folders")
@@ -378,24 +390,18 @@ def _explain(p: argparse.ArgumentParser):
     p.add_argument("--device", default="auto")
 
     def run(a: argparse.Namespace) -> int:
-        from lesionlab import dataset, explain, predict
+        from lesionlab import explain, predict
 
         if a.cls is not None and a.cls.upper() not in explain.CLASSES:
             raise UserError(f"--class {a.cls!r} must be one of {', '.join(explain.CLASSES)}")
         predictors = predict.load_predictors(predict.find_checkpoints(a.run), device=a.device, precision="fp32")
-        failed = 0
-        for path in expand_images(a.images):
-            try:
-                image = dataset.load_image(path)
-            except UserError as e:
-                print(f"lesionlab explain: skipped {e}", file=sys.stderr)
-                failed += 1
-                continue
+        failed: list[tuple[Path, str]] = []
+        for path, image in readable_images(expand_images(a.images), "explain", failed):
             ex = explain.explain_image(predictors, image, image_id=path.stem, method=a.method, cls=a.cls and a.cls.upper())
             files = explain.write_explanation(ex, a.out, save_raw=a.save_raw)
             print(f"{path}: {ex.cls} ({ex.probs.max():.2f}) -> {len(files)} files in {a.out}")
         if failed:
-            print(f"lesionlab explain: {failed} image(s) failed", file=sys.stderr)
+            print(f"lesionlab explain: {len(failed)} image(s) failed", file=sys.stderr)
         return 1 if failed else 0
 
     return run
@@ -459,7 +465,6 @@ def _predict(p: argparse.ArgumentParser):
     p.add_argument("--batch-size", type=int, default=16)
 
     def run(a: argparse.Namespace) -> int:
-        from lesionlab import dataset
         from lesionlab.bundle import EnsemblePredictor
         from lesionlab.explain import overlay, save_png
 
@@ -468,27 +473,21 @@ def _predict(p: argparse.ArgumentParser):
         if not paths:
             raise UserError("no images found in the given paths")
         rows: list[dict] = []
-        failed = 0
+        failed: list[tuple[Path, str]] = []
         for start in range(0, len(paths), a.batch_size):
-            batch, ok_paths = [], []
-            for path in paths[start : start + a.batch_size]:
-                try:
-                    batch.append(dataset.load_image(path))
-                    ok_paths.append(path)
-                except UserError as e:
-                    print(f"lesionlab predict: skipped {e}", file=sys.stderr)
-                    rows.append({"image": str(path), "error": str(e)})
-                    failed += 1
+            loaded = list(readable_images(paths[start : start + a.batch_size], "predict", failed))
+            ok_paths, batch = [p for p, _ in loaded], [im for _, im in loaded]
             for path, im, res in zip(ok_paths, batch, ens.predict(batch, tta=a.tta), strict=True):
                 rows.append({"image": str(path), **res})
                 if a.explain:
                     ex = ens.explain(im)
                     save_png(overlay(ex.display, ex.ensemble), a.explain / f"{path.stem}_gradcam_{ex.cls}.png")
+        rows += [{"image": str(p), "error": err} for p, err in failed]
         rows.sort(key=lambda r: paths.index(Path(r["image"])))
         print(_format_results(rows, a.format))
         print("Decision support, not a diagnosis: a clinician must examine every lesion.", file=sys.stderr)
         if failed:
-            print(f"lesionlab predict: {failed} of {len(paths)} image(s) failed", file=sys.stderr)
+            print(f"lesionlab predict: {len(failed)} of {len(paths)} image(s) failed", file=sys.stderr)
         return 1 if failed else 0
 
     return run
