@@ -32,12 +32,14 @@ test: $(STAMP) browser-deps
 
 # Real-data acceptance checks on ../shared/data/ham10000-200x150 (documented in the README).
 realdata: $(STAMP)
-	$(BIN)/python -m pytest -q -m realdata --run-realdata tests
+	$(BIN)/python -m pytest -q -s -m realdata --run-realdata tests
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_loader.py
 	$(BIN)/python benchmarks/bench_train.py
 	$(BIN)/python benchmarks/bench_infer.py
+	$(BIN)/python benchmarks/bench_explain.py
+	$(BIN)/python benchmarks/bench_service.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check lesionlab tests benchmarks
