@@ -108,3 +108,20 @@ def test_external_validation_reports_absent_classes(small_study, tmp_path, capsy
     s = json.loads((tmp_path / "ext" / "summary.json").read_text())
     assert s["classes_absent"] == ["BCC", "AKIEC", "BKL", "DF", "VASC"] and "ensemble" in s["models"]
     assert "classes absent from this set: BCC" in capsys.readouterr().out
+
+
+def test_study_report_puts_external_sets_beside_the_internal_test(small_study, tmp_path):
+    from lesionlab.config import ExternalSet
+
+    out, _ = small_study
+    sp = pd.read_csv(out / "splits.csv")
+    ext = pd.concat([sp[sp["label"] == c].head(5) for c in ("MEL", "NV")])
+    gt = pd.DataFrame({"image": ext["image_id"], **{c: (ext["label"] == c).astype(float) for c in CLASSES}})
+    gt.to_csv(tmp_path / "ph2_like.csv", index=False)
+    cfg = load_config(out / "config.yaml")
+    cfg.external.append(ExternalSet(name="ph2-like", images=str(out / "data"), truth=str(tmp_path / "ph2_like.csv")))
+    study.run_study(cfg, out, data=out / "data", progress=False)
+    md = (out / "report.md").read_text()
+    assert "External validation" in md and "ph2-like" in md and "internal test" in md
+    summary = json.loads((out / "external" / "ph2-like" / "summary.json").read_text())
+    assert summary["classes_absent"] == ["BCC", "AKIEC", "BKL", "DF", "VASC"] and summary["n"] == 10
