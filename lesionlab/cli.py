@@ -95,11 +95,13 @@ def _split(p: argparse.ArgumentParser):
         from lesionlab import config, dataset, split
 
         cfg = config.load_config(a.config, a.overrides)
-        table, _ = dataset.load_valid_table(
-            a.data, a.metadata, skip_invalid=a.skip_invalid, skipped_csv=a.out.with_suffix(".skipped.csv"),
-            check_images=a.data is not None, groupings=a.groupings,
-        ) if a.data is not None else (dataset.read_table(None, a.metadata), None)
-        df = table.df[table.df["label"] != ""] if a.data is None else table.df
+        if a.data is not None:  # images at hand: validate them too
+            table, _ = dataset.load_valid_table(a.data, a.metadata, skip_invalid=a.skip_invalid, groupings=a.groupings,
+                                                skipped_csv=a.out.with_suffix(".skipped.csv"))
+            df = table.df
+        else:  # metadata only: split the labelled rows
+            table = dataset.read_table(None, a.metadata)
+            df = table.df[table.df["label"] != ""]
         dups = split.read_duplicates(a.duplicates) if a.duplicates else None
         seed = cfg.split.seed if a.seed is None else a.seed
         sp = split.make_split(df, fractions=(cfg.split.train, cfg.split.val, cfg.split.test), seed=seed, duplicates=dups)

@@ -28,6 +28,7 @@ from lesionlab.transforms import build_eval_transform, build_train_transform, sp
 
 log = logging.getLogger(__name__)
 RESUME_FILE = "last.pt"
+MONITORS = ("val_loss", "val_accuracy", "val_balanced_accuracy")
 HISTORY_FILE = "history.csv"
 
 
@@ -204,6 +205,8 @@ def fit(
     out = Path(out_dir)
     rank, world = _rank_world()
     tc, dc = cfg.train, cfg.data
+    if tc.monitor not in MONITORS:
+        raise UserError(f"train.monitor {tc.monitor!r} must be one of {', '.join(MONITORS)}")
     device = runtime.pick_device(tc.device)
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -296,7 +299,7 @@ def fit(
                "val_accuracy": float((pred == t).mean()), "val_balanced_accuracy": balanced_accuracy(t, pred),
                "seconds": time.perf_counter() - te}
         history.append(row)
-        improved = stopper.step(val_loss if tc.monitor == "val_loss" else -row.get(tc.monitor, val_loss), epoch)
+        improved = stopper.step(val_loss if tc.monitor == "val_loss" else -row[tc.monitor], epoch)  # higher is better
         epochs_run += 1
         if rank == 0:
             for k, v in row.items():
