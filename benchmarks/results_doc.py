@@ -24,7 +24,7 @@ def ci(m: dict, key: str) -> str:
     return fmt(c.get("value"), c.get("lo"), c.get("hi"))
 
 
-def main(study: Path) -> None:
+def main(study: Path, note: str = "") -> None:
     cfg = yaml.safe_load((study / "config.yaml").read_text())
     steps = json.loads((study / "steps.json").read_text())
     names = [p.parent.name for p in sorted((study / "eval").glob("*/metrics.json"))]
@@ -97,6 +97,7 @@ def main(study: Path) -> None:
         "",
         "## Training",
         "",
+        *([note, ""] if note else []),
         pd.DataFrame(train_rows).to_markdown(index=False),
         "",
         "![loss curves](figures/ham10000-cpu-history.png)",
@@ -137,13 +138,15 @@ def main(study: Path) -> None:
         "",
         "## Why these numbers are below the paper's",
         "",
-        "- **No ImageNet pretraining.** The paper fine-tuned ImageNet weights; here ~40M-parameter networks start "
+        "- **No ImageNet pretraining.** The paper fine-tuned ImageNet weights; here 44-49M-parameter networks start "
         "from random weights on 8,123 images. This is the largest factor: transfer learning is what makes "
         "101-layer CNNs work on a dataset this small.",
         "- **64x64 inputs instead of 224x224** (from the 200x150 copy): fine dermoscopic structure (pigment network, "
         "dots, vessels) that separates melanoma from nevus is mostly gone at this size.",
         f"- **At most {t['epochs']} epochs instead of up to 20**, chosen so that four models train within a working "
         "session on 2 CPU cores.",
+        "- The inverse-frequency weights make a rare class cheap to over-predict for a weak model: the most frequent "
+        "error above is a nevus called melanoma, which is why melanoma sensitivity is higher than its precision.",
         "- The test split differs (our seeded lesion-grouped split with duplicates merged; the paper's own split), and "
         f"the CIs above show how wide the uncertainty is on {mets[order[0]]['n']:,} test images "
         f"({mets[order[0]]['per_class']['MEL']['support']} melanomas).",
@@ -156,4 +159,4 @@ def main(study: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), " ".join(sys.argv[2:]))
