@@ -77,6 +77,8 @@ def plot_history(histories: dict[str, pd.DataFrame], path: str | Path) -> None:
         ax.plot(h["epoch"], h["val_loss"], c=f"C{i}", lw=1.5, label=name)
     ax.set_xlabel("epoch")
     ax.set_ylabel("weighted CE loss (dashed: train)")
+    ax.set_yscale("log")  # one diverging epoch must not flatten every other curve
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.legend(fontsize=7)
     _save(fig, Path(path))
 
