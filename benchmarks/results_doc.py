@@ -136,6 +136,15 @@ def main(study: Path, note: str = "") -> None:
         "",
         pd.read_csv(study / "errors" / "agreement.csv").round(3).to_markdown(index=False),
         "",
+        "## Explanations",
+        "",
+        "The study's Grad-CAM gallery (`gallery/` in the study folder) is not copied here because it shows HAM10000 "
+        "images (CC BY-NC). Two observations from it: at 64x64 input the last stage (`layer4`, stride 32) is a 2x2 "
+        "grid, so these maps only say which quadrant mattered (at the paper's 224x224 it is 7x7); and for at least "
+        "one correctly classified melanoma (ISIC_0024545) all four models put their attention on a dark round "
+        "structure beside the lesion rather than on the lesion itself: a shortcut that the accuracy table cannot "
+        "show and that the heatmaps exist to expose.",
+        "",
         "## Why these numbers are below the paper's",
         "",
         "- **No ImageNet pretraining.** The paper fine-tuned ImageNet weights; here 44-49M-parameter networks start "
