@@ -20,8 +20,8 @@ from lesionlab import __version__, metrics
 from lesionlab.errors import UserError
 from lesionlab.io import atomic_write_json, sha256_file
 from lesionlab.labels import CLASS_INDEX, CLASSES, DISPLAY_NAMES
-from lesionlab.models import META_FILE, WEIGHTS_FILE, read_meta
-from lesionlab.predict import Predictor, find_checkpoints, load_predictors, read_isic_csv
+from lesionlab.models import META_FILE, WEIGHTS_FILE, file_stem, read_meta
+from lesionlab.predict import Predictor, find_checkpoints, load_predictors, read_isic_csv, unique_names
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -45,7 +45,7 @@ def validation_threshold(study: Path, names: list[str], target: float) -> dict[s
     probs = []
     y = None
     for n in names:
-        f = pred_dir / f"{n.replace(':', '_')}_val.csv"
+        f = pred_dir / f"{n}_val.csv"
         if not f.exists():
             raise UserError(f"{f} not found: cannot choose the threshold on validation; pass --threshold")
         y, p, _ = align(truth, read_isic_csv(f, kind="prediction"))
@@ -73,10 +73,7 @@ def make_bundle(
     out = Path(out_dir)
     if (out / MANIFEST).exists():
         raise UserError(f"{out} already holds a bundle; choose another --out")
-    names: list[str] = []
-    for ck in cks:
-        base = read_meta(ck).get("arch", ck.name).replace(":", "_")
-        names.append(base if base not in names else f"{base}-{len(names) + 1}")
+    names = [file_stem(n) for n in unique_names(read_meta(ck).get("arch", ck.name) for ck in cks)]
     study_dir = Path(study) if study else _find_study(cks[0])
     if threshold is None:
         if study_dir is None:

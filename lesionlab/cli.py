@@ -208,6 +208,7 @@ def _infer(p: argparse.ArgumentParser):
 
     def run(a: argparse.Namespace) -> int:
         from lesionlab import dataset, predict, study
+        from lesionlab.models import file_stem
 
         cks = predict.find_checkpoints(a.run)
         if a.split:
@@ -222,7 +223,7 @@ def _infer(p: argparse.ArgumentParser):
         if len(probs) > 1 and a.out.suffix == ".csv":
             raise UserError(f"--run holds {len(probs)} models; give a folder as --out (one CSV per model)")
         for name, pr in probs.items():
-            dest = a.out if single else a.out / f"{name.replace(':', '_')}.csv"
+            dest = a.out if single else a.out / f"{file_stem(name)}.csv"
             predict.write_isic_csv(dest, predict.probs_frame(df["image_id"], pr))
             print(f"wrote {dest} ({len(df)} images)")
         if (df["label"] != "").all():

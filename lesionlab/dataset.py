@@ -345,9 +345,9 @@ def validate(
     return rep
 
 
-def drop_invalid(table: Table, report: ValidationReport) -> Table:
-    """The table without the rows that `report` flags (images without a row are simply unused)."""
-    bad = report.bad_image_ids()
+def drop_invalid(table: Table, bad: set[str]) -> Table:
+    """The table without the rows of `bad` image ids (from `ValidationReport.bad_image_ids`), unlabelled rows
+    and rows without an image file."""
     keep = ~table.df["image_id"].isin(bad) & (table.df["path"] != "") & (table.df["label"] != "")
     df = table.df[keep].drop_duplicates("image_id").reset_index(drop=True)
     return Table(df=df, source=table.source, layout=table.layout, notes=table.notes, image_index=table.image_index)
@@ -371,7 +371,7 @@ def load_valid_table(
         raise UserError(rep.summary())
     if blocking and skipped_csv:
         rep.write_csv(skipped_csv)
-    return drop_invalid(table, rep), rep
+    return drop_invalid(table, rep.bad_image_ids()), rep
 
 
 # ----------------------------------------------------------------------------- torch side

@@ -27,6 +27,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from lesionlab.errors import UserError
 from lesionlab.io import atomic_write
 from lesionlab.labels import CLASS_INDEX, CLASSES
+from lesionlab.models import file_stem
 from lesionlab.predict import Predictor
 from lesionlab.transforms import CenterCropFraction
 
@@ -158,7 +159,7 @@ def write_explanation(ex: Explanation, out_dir: str | Path, *, save_raw: bool = 
     written = []
     items = [("ensemble", ex.ensemble)] + list(ex.members.items()) if len(ex.members) > 1 else list(ex.members.items())
     for name, m in items:
-        stem = f"{ex.image_id}_{ex.method}_{ex.cls}_{name.replace(':', '_')}"
+        stem = f"{ex.image_id}_{ex.method}_{ex.cls}_{file_stem(name)}"
         save_png(overlay(ex.display, m), out / f"{stem}.png")
         written.append(out / f"{stem}.png")
         if save_raw:

@@ -79,6 +79,11 @@ def expand_archs(names: list[str] | str) -> list[str]:
     return out
 
 
+def file_stem(name: str) -> str:
+    """A model (or set) name as a file/folder name: `timm:resnet10t` -> `timm_resnet10t`."""
+    return name.replace(":", "_").replace("/", "_")
+
+
 def cam_layer_name(model: torch.nn.Module, spec: ModelSpec) -> str:
     """The Grad-CAM target layer: the registry's, else the last feature stage timm reports."""
     if spec.cam_layer:

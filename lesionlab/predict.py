@@ -231,12 +231,20 @@ def infer_table(
 
 def load_predictors(checkpoints: Iterable[str | Path], *, device: str = "auto", precision: str = "auto") -> list[Predictor]:
     """A Predictor per checkpoint; names made unique (two runs of one architecture: `arch`, `arch-2`)."""
-    preds: list[Predictor] = []
-    seen: dict[str, int] = {}
-    for ck in checkpoints:
-        pr = Predictor(ck, device=device, precision=precision)
-        seen[pr.name] = seen.get(pr.name, 0) + 1
-        if seen[pr.name] > 1:
-            pr.name = f"{pr.name}-{seen[pr.name]}"
-        preds.append(pr)
+    preds = [Predictor(ck, device=device, precision=precision) for ck in checkpoints]
+    for pr, name in zip(preds, unique_names([p.name for p in preds]), strict=True):
+        pr.name = name
     return preds
+
+
+def unique_names(names: Iterable[str]) -> list[str]:
+    """Member names made unique in order: a second `arch` becomes `arch-2`, a third `arch-3`.
+
+    The study names its prediction files this way and the bundle looks them up the same way.
+    """
+    seen: dict[str, int] = {}
+    out = []
+    for n in names:
+        seen[n] = seen.get(n, 0) + 1
+        out.append(n if seen[n] == 1 else f"{n}-{seen[n]}")
+    return out

@@ -18,6 +18,8 @@ from lesionlab.config import StudyConfig, save_config
 from lesionlab.errors import UserError
 from lesionlab.io import atomic_write_csv, atomic_write_json, sha256_file
 from lesionlab.labels import CLASS_INDEX, CLASSES
+from lesionlab.metrics import summarize
+from lesionlab.models import file_stem
 
 
 def load_split_tables(
@@ -118,13 +120,9 @@ def predict_split_files(checkpoints: list[Path], df: pd.DataFrame, out_dir: Path
     probs = infer_table(checkpoints, df, device=cfg.train.device, precision=cfg.train.precision, tta=cfg.eval.tta,
                         batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers, progress=progress)
     for name, p in probs.items():
-        write_isic_csv(out_dir / f"{_safe(name)}_{tag}.csv", probs_frame(df["image_id"], p))
+        write_isic_csv(out_dir / f"{file_stem(name)}_{tag}.csv", probs_frame(df["image_id"], p))
     write_isic_csv(out_dir / f"truth_{tag}.csv", truth_frame(df))
     return probs
-
-
-def _safe(name: str) -> str:
-    return name.replace(":", "_").replace("/", "_")
 
 
 def load_probs(pred_dir: Path, names: list[str], tag: str) -> tuple[np.ndarray, dict[str, np.ndarray], list[str]]:
@@ -135,7 +133,7 @@ def load_probs(pred_dir: Path, names: list[str], tag: str) -> tuple[np.ndarray, 
     out = {}
     y, ids = None, None
     for n in names:
-        y, p, ids = align(truth, read_isic_csv(pred_dir / f"{_safe(n)}_{tag}.csv", kind="prediction"))
+        y, p, ids = align(truth, read_isic_csv(pred_dir / f"{file_stem(n)}_{tag}.csv", kind="prediction"))
         out[n] = p
     return y, out, ids
 
@@ -182,12 +180,10 @@ def run_study(
                                                  "rows": len(table.df), "problems": rep.counts(), "notes": rep.notes})
 
     steps.run("validate", do_validate, outputs=[out / "dataset.json"])
-    table, _ = dataset.load_valid_table(data, metadata, skip_invalid=True, check_images=False,
-                                        max_pixels=cfg.data.max_image_pixels)
+    # the validate step (now or in an earlier run) saved its problems: drop those rows without validating again
     bad = pd.read_csv(out / "validation_problems.csv", dtype=str, keep_default_na=False)
-    bad_ids = set(bad.loc[bad["problem"] != "image without a row", "image_id"])
-    if bad_ids:
-        table.df = table.df[~table.df["image_id"].isin(bad_ids)].reset_index(drop=True)
+    table = dataset.drop_invalid(dataset.read_table(data, metadata),
+                                 set(bad.loc[bad["problem"] != "image without a row", "image_id"]))
     split_path = out / "splits.csv"
 
     def do_split():
@@ -207,9 +203,9 @@ def run_study(
     runs = out / "runs"
     for arch in archs:
         steps.run(f"train {arch}", lambda a=arch: train.fit(
-            a, tr, va, cfg, runs / _safe(a), cache_dir=Path(cfg.data.cache_dir) if cfg.data.cache_dir else out / "cache",
-            resume=True, split_hash=split_hash, progress=progress), outputs=[runs / _safe(arch) / models.WEIGHTS_FILE])
-    checkpoints = find_checkpoints([runs / _safe(a) for a in archs])
+            a, tr, va, cfg, runs / file_stem(a), cache_dir=Path(cfg.data.cache_dir) if cfg.data.cache_dir else out / "cache",
+            resume=True, split_hash=split_hash, progress=progress), outputs=[runs / file_stem(arch) / models.WEIGHTS_FILE])
+    checkpoints = find_checkpoints([runs / file_stem(a) for a in archs])
     names = [json.loads((c / models.META_FILE).read_text())["arch"] for c in checkpoints]
     pred_dir = out / "predictions"
     for tag, frame in (("val", va), ("test", te)):
@@ -232,11 +228,11 @@ def run_study(
     def do_metrics():
         for n in all_names:
             m = evaluate.evaluate_arrays(yt, pt[n], cfg=cfg.eval, groups=groups, val=(yv, pv[n]))
-            m["val"] = {k: v for k, v in evaluate.metrics.summarize(yv, pv[n]).items() if k in ("macro", "accuracy", "balanced_accuracy")}
-            evaluate.write_evaluation(m, yt, pt[n], out / "eval" / _safe(n), title=n)
+            m["val"] = {k: v for k, v in summarize(yv, pv[n]).items() if k in ("macro", "accuracy", "balanced_accuracy")}
+            evaluate.write_evaluation(m, yt, pt[n], out / "eval" / file_stem(n), title=n)
 
-    steps.run("metrics", do_metrics, outputs=[out / "eval" / _safe(n) / "metrics.json" for n in all_names])
-    mets = {n: json.loads((out / "eval" / _safe(n) / "metrics.json").read_text()) for n in all_names}
+    steps.run("metrics", do_metrics, outputs=[out / "eval" / file_stem(n) / "metrics.json" for n in all_names])
+    mets = {n: json.loads((out / "eval" / file_stem(n) / "metrics.json").read_text()) for n in all_names}
     best = max(names, key=lambda n: (mets[n]["val"]["balanced_accuracy"] or 0, mets[n]["val"]["macro"]["auc"] or 0))
 
     def do_errors():
@@ -253,8 +249,8 @@ def run_study(
                   outputs=[out / "gallery" / "gallery.json"])
     for ext in cfg.external:
         steps.run(f"external {ext.name}", lambda e=ext: evaluate_external(
-            checkpoints, e.images, e.truth, out / "external" / _safe(e.name), cfg, skip_invalid=skip_invalid, progress=progress),
-            outputs=[out / "external" / _safe(ext.name) / "summary.json"])
+            checkpoints, e.images, e.truth, out / "external" / file_stem(e.name), cfg, skip_invalid=skip_invalid, progress=progress),
+            outputs=[out / "external" / file_stem(ext.name) / "summary.json"])
     t = time.perf_counter()
     html_path = report_study(out, cfg, names, all_names, best, mets)
     steps.state["report"] = {"done": True, "seconds": round(time.perf_counter() - t, 2)}
@@ -279,7 +275,7 @@ def evaluate_external(checkpoints: list[Path], images: str | Path, truth: str | 
                "classes_absent": [c for c in CLASSES if not (df["label"] == c).any()], "models": {}}
     for n, p in probs.items():
         m = evaluate.evaluate_arrays(y, p, cfg=cfg.eval)
-        evaluate.write_evaluation(m, y, p, out / _safe(n), title=f"{n} on {Path(truth).stem}")
+        evaluate.write_evaluation(m, y, p, out / file_stem(n), title=f"{n} on {Path(truth).stem}")
         summary["models"][n] = {"macro": m["macro"], "accuracy": m["accuracy"], "balanced_accuracy": m["balanced_accuracy"]}
     atomic_write_json(out / "summary.json", summary)
     return summary
@@ -306,7 +302,7 @@ def make_gallery(checkpoints: list[Path], test_df: pd.DataFrame, y: np.ndarray, 
         for i in np.flatnonzero(mask)[: cfg.explain.per_category]:
             iid = ids[i]
             ex = explain_image(predictors, dataset.load_image(path_of[iid]), image_id=iid, method="gradcam")
-            f = out_dir / f"{_safe(title).replace(' ', '_')}_{iid}.png"
+            f = out_dir / f"{file_stem(title).replace(' ', '_')}_{iid}.png"
             panel(ex, f, title=f"{title}: {iid} (true {CLASSES[y[i]]}, ensemble {CLASSES[ens[i]]}; Grad-CAM for {ex.cls})")
             entries.append({"category": title, "image": iid, "file": f.name})
     atomic_write_json(out_dir / "gallery.json", entries)
@@ -333,12 +329,12 @@ def report_study(out: Path, cfg: StudyConfig, names: list[str], all_names: list[
     rep.table(pd.read_csv(out / "split_summary.csv"))
 
     rep.heading("Training")
-    hists = {n: pd.read_csv(out / "runs" / _safe(n) / "history.csv") for n in names if (out / "runs" / _safe(n) / "history.csv").exists()}
+    hists = {n: pd.read_csv(out / "runs" / file_stem(n) / "history.csv") for n in names if (out / "runs" / file_stem(n) / "history.csv").exists()}
     R.plot_history(hists, out / "figures" / "history.png")
     rep.figure(out / "figures" / "history.png", "loss per epoch (solid: validation, dashed: training)", md_rel="figures/history.png")
     rows = []
     for n in names:
-        meta = json.loads((out / "runs" / _safe(n) / "model.json").read_text())
+        meta = json.loads((out / "runs" / file_stem(n) / "model.json").read_text())
         h = hists.get(n)
         rows.append({"model": n, "timm id": meta["timm_id"], "weights": meta["pretrained"], "epochs run": len(h) if h is not None else "",
                      "best epoch": meta["epoch"], "best val loss": fmt(meta["val"]["val_loss"]),
@@ -370,10 +366,10 @@ def report_study(out: Path, cfg: StudyConfig, names: list[str], all_names: list[
         rep.table(metric_table(mets[n]))
         for note in mets[n].get("notes", []):
             rep.note(note)
-        d = out / "eval" / _safe(n)
+        d = out / "eval" / file_stem(n)
         rep.figures_row([(d / "confusion_counts.png", "confusion (counts)"), (d / "confusion_normalized.png", "row-normalised"),
                          (d / "roc.png", "ROC one-vs-rest")])
-        rep.md.append(f"Figures: `eval/{_safe(n)}/confusion_counts.png`, `confusion_normalized.png`, `roc.png`\n")
+        rep.md.append(f"Figures: `eval/{file_stem(n)}/confusion_counts.png`, `confusion_normalized.png`, `roc.png`\n")
 
     rep.heading("Melanoma operating points (test)")
     ops_rows = []

@@ -230,7 +230,6 @@ def fit(
     y_train = np.array([CLASS_INDEX[c] for c in train_df["label"]])
     w = class_weights(y_train) if tc.class_weighting else np.ones(NUM_CLASSES)
     criterion = torch.nn.CrossEntropyLoss(weight=torch.tensor(w, dtype=torch.float32, device=device))
-    val_criterion = criterion  # same weighting, so early stopping watches the loss being optimised
     optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
 
     gen = torch.Generator()
@@ -293,7 +292,7 @@ def fit(
         train_loss = train_one_epoch(train_model, criterion, optimizer, train_loader, device, amp_dtype=amp,
                                      channels_last=tc.channels_last, max_steps=tc.max_steps_per_epoch,
                                      progress=progress and rank == 0, desc=f"{arch} epoch {epoch + 1}/{tc.epochs}")
-        val_loss, p, t = evaluate(model, val_criterion, val_loader, device, amp_dtype=amp, channels_last=tc.channels_last)
+        val_loss, p, t = evaluate(model, criterion, val_loader, device, amp_dtype=amp, channels_last=tc.channels_last)
         pred = p.argmax(1)
         row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss,
                "val_accuracy": float((pred == t).mean()), "val_balanced_accuracy": balanced_accuracy(t, pred),
@@ -338,6 +337,6 @@ def train_models(
     cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else out / "cache"
     results = []
     for arch in archs:
-        results.append(fit(arch, train_df, val_df, cfg, out / arch.replace(":", "_"), cache_dir=cache,
+        results.append(fit(arch, train_df, val_df, cfg, out / models.file_stem(arch), cache_dir=cache,
                            resume=resume, split_hash=split_hash, progress=progress))
     return results

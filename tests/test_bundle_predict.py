@@ -90,3 +90,21 @@ def test_predict_cli_keeps_going_past_bad_files(tiny_bundle, tmp_path):
     r = subprocess.run([sys.executable, "-m", "lesionlab.cli", "predict", str(d / "a.jpg"), "--bundle", str(tiny_bundle),
                         "--format", "csv", "--device", "cpu"], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.startswith("image,top,")
+
+
+def test_member_names_follow_one_rule_for_study_files_and_bundles(tmp_path):
+    from lesionlab.predict import unique_names
+
+    assert unique_names(["a", "b", "a", "a"]) == ["a", "b", "a-2", "a-3"]
+    # interleaved duplicates: the bundle must name members exactly as the study named their prediction files
+    from lesionlab import models
+
+    runs = []
+    for i, arch in enumerate(["timm:resnet10t", "other", "timm:resnet10t"]):
+        ck = make_tiny_checkpoint(tmp_path / f"r{i}", seed=i)
+        meta = json.loads((ck / models.META_FILE).read_text())
+        meta["arch"] = arch
+        (ck / models.META_FILE).write_text(json.dumps(meta))
+        runs.append(ck)
+    m = make_bundle(runs, tmp_path / "bundle", threshold=0.5)
+    assert [x["name"] for x in m["members"]] == ["timm_resnet10t", "other", "timm_resnet10t-2"]
