@@ -13,8 +13,8 @@ import numpy as np
 from _common import machine, timed, untrained_checkpoints, write_section
 from PIL import Image
 
-from lesionlab.explain import explain_image
-from lesionlab.predict import load_predictors
+from lesionlab.explain.gradcam import explain_image
+from lesionlab.inference.predictor import load_predictors
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ from lesionlab import models
 def speed(batch: int, repeat: int, size: int) -> list[str]:
     import tempfile
 
-    from lesionlab.predict import Predictor
+    from lesionlab.inference.predictor import Predictor
 
     plain, fast = {}, {}
     for arch, ck in zip(models.PAPER_ARCHS, untrained_checkpoints(Path(tempfile.mkdtemp()), size), strict=True):
@@ -59,8 +59,8 @@ def speed(batch: int, repeat: int, size: int) -> list[str]:
 
 
 def agreement(runs: list[Path], data: Path, n: int) -> list[str]:
-    from lesionlab.dataset import read_table
-    from lesionlab.predict import find_checkpoints, load_predictors
+    from lesionlab.data.tables import read_table
+    from lesionlab.inference.predictor import find_checkpoints, load_predictors
 
     df = read_table(data).df
     df = df[df["path"] != ""].sample(n=min(n, len(df)), random_state=0)

@@ -14,9 +14,10 @@ from pathlib import Path
 import torch
 from _common import SHARED_HAM, machine, write_section
 
-from lesionlab.dataset import make_dataset, read_table
-from lesionlab.synth import make_synthetic
-from lesionlab.transforms import DataSpec, build_train_transform
+from lesionlab.data.dataset import make_dataset
+from lesionlab.data.synth import make_synthetic
+from lesionlab.data.tables import read_table
+from lesionlab.data.transforms import DataSpec, build_train_transform
 
 
 def rate(ds, workers: int, batch: int = 32) -> float:

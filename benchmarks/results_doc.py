@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from lesionlab.report import PAPER_RESNEXT, fmt, metric_table
+from lesionlab.report.document import PAPER_RESNEXT, fmt, metric_table
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 

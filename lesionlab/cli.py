@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from lesionlab import __version__
-from lesionlab.errors import UserError
+from lesionlab.exceptions import UserError
 
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
 
@@ -49,19 +49,25 @@ def _validate(p: argparse.ArgumentParser):
     p.add_argument("--report", type=Path, help="write every problem to this CSV")
 
     def run(a: argparse.Namespace) -> int:
-        from lesionlab import dataset, split
+        from lesionlab.data.split import (
+            check_split,
+            read_duplicates,
+            read_split,
+        )
+        from lesionlab.data.tables import read_table
+        from lesionlab.data.validation import validate
 
-        table = dataset.read_table(a.data, a.metadata, groupings=a.groupings)
-        rep = dataset.validate(table, check_images=not a.no_image_check)
+        table = read_table(a.data, a.metadata, groupings=a.groupings)
+        rep = validate(table, check_images=not a.no_image_check)
         for note in rep.notes:
             print(f"note: {note}")
         if a.report:
             rep.write_csv(a.report)
         problems = [] if rep.ok else [rep.summary()]
         if a.split:
-            sp = split.read_split(a.split)
-            dups = split.read_duplicates(a.duplicates) if a.duplicates else None
-            leaks = split.check_split(sp, dups)
+            sp = read_split(a.split)
+            dups = read_duplicates(a.duplicates) if a.duplicates else None
+            leaks = check_split(sp, dups)
             unknown = sorted(set(sp["image_id"]) - set(table.df["image_id"]))
             if leaks:
                 problems.append(f"{a.split}: {len(leaks)} leaks across splits (first: {'; '.join(leaks[:3])})")
@@ -92,24 +98,33 @@ def _split(p: argparse.ArgumentParser):
     p.add_argument("--out", type=Path, required=True, help="split CSV to write")
 
     def run(a: argparse.Namespace) -> int:
-        from lesionlab import config, dataset, split
+        from lesionlab import config
+        from lesionlab.data.split import (
+            check_split,
+            make_split,
+            read_duplicates,
+            summary_table,
+            write_split,
+        )
+        from lesionlab.data.tables import read_table
+        from lesionlab.data.validation import load_valid_table
 
         cfg = config.load_config(a.config, a.overrides)
         if a.data is not None:  # images at hand: validate them too
-            table, _ = dataset.load_valid_table(a.data, a.metadata, skip_invalid=a.skip_invalid, groupings=a.groupings,
+            table, _ = load_valid_table(a.data, a.metadata, skip_invalid=a.skip_invalid, groupings=a.groupings,
                                                 skipped_csv=a.out.with_suffix(".skipped.csv"))
             df = table.df
         else:  # metadata only: split the labelled rows
-            table = dataset.read_table(None, a.metadata)
+            table = read_table(None, a.metadata)
             df = table.df[table.df["label"] != ""]
-        dups = split.read_duplicates(a.duplicates) if a.duplicates else None
+        dups = read_duplicates(a.duplicates) if a.duplicates else None
         seed = cfg.split.seed if a.seed is None else a.seed
-        sp = split.make_split(df, fractions=(cfg.split.train, cfg.split.val, cfg.split.test), seed=seed, duplicates=dups)
-        leaks = split.check_split(sp, dups)
+        sp = make_split(df, fractions=(cfg.split.train, cfg.split.val, cfg.split.test), seed=seed, duplicates=dups)
+        leaks = check_split(sp, dups)
         if leaks:  # cannot happen by construction; a bug if it does
             raise RuntimeError(f"split leaks: {leaks[:3]}")
-        split.write_split(sp, a.out)
-        print(split.summary_table(sp).to_string(index=False))
+        write_split(sp, a.out)
+        print(summary_table(sp).to_string(index=False))
         print(f"wrote {a.out} ({len(sp)} images, seed {seed}); no lesion is in two splits.")
         return 0
 
@@ -124,7 +139,7 @@ def _synth(p: argparse.ArgumentParser):
     p.add_argument("--size", default="600x450", help="WxH of each image")
 
     def run(a: argparse.Namespace) -> int:
-        from lesionlab.synth import make_synthetic
+        from lesionlab.data.synth import make_synthetic
 
         try:
             w, h = (int(v) for v in a.size.lower().split("x"))
@@ -171,17 +186,20 @@ def _train(p: argparse.ArgumentParser):
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
 
     def run(a: argparse.Namespace) -> int:
-        from lesionlab import config, models, study, train
+        from lesionlab import config, models
+        from lesionlab.data.subsets import load_split_tables, split_frames
+        from lesionlab.training.distributed import init_distributed
+        from lesionlab.training.fit import train_models
 
         cfg = config.load_config(a.config, _apply_model_args(a) + a.overrides)
         archs = models.expand_archs(a.arch or cfg.train.archs)
-        rank, _ = train.init_distributed()
-        table, split_df, split_hash = study.load_split_tables(a.data, a.metadata, a.split, skip_invalid=a.skip_invalid,
+        rank, _ = init_distributed()
+        table, split_df, split_hash = load_split_tables(a.data, a.metadata, a.split, skip_invalid=a.skip_invalid,
                                                               groupings=a.groupings, out_dir=a.out)
         if rank == 0:
             config.save_config(cfg, a.out / "config.yaml")
-        tr, va = study.split_frames(table, split_df)
-        results = train.train_models(archs, tr, va, cfg, a.out, resume=a.resume, split_hash=split_hash)
+        tr, va = split_frames(table, split_df)
+        results = train_models(archs, tr, va, cfg, a.out, resume=a.resume, split_hash=split_hash)
         if rank == 0:
             for r in results:
                 print(f"{r['arch']}: best epoch {r['best_epoch']} (val loss {r['best_val_loss']:.4f}), "
@@ -207,28 +225,31 @@ def _infer(p: argparse.ArgumentParser):
     p.add_argument("--batch-size", type=int, default=32)
 
     def run(a: argparse.Namespace) -> int:
-        from lesionlab import dataset, predict, study
+        from lesionlab.data.isic_csv import probs_frame, truth_frame, write_isic_csv
+        from lesionlab.data.subsets import load_split_tables, subset_frame
+        from lesionlab.data.validation import load_valid_table
+        from lesionlab.inference.predictor import find_checkpoints, infer_table
         from lesionlab.models import file_stem
 
-        cks = predict.find_checkpoints(a.run)
+        cks = find_checkpoints(a.run)
         if a.split:
-            table, sp, _ = study.load_split_tables(a.data, a.metadata, a.split, skip_invalid=a.skip_invalid, groupings=a.groupings)
-            df = study.subset_frame(table, sp, a.subset)
+            table, sp, _ = load_split_tables(a.data, a.metadata, a.split, skip_invalid=a.skip_invalid, groupings=a.groupings)
+            df = subset_frame(table, sp, a.subset)
         else:
-            table, _ = dataset.load_valid_table(a.data, a.metadata, skip_invalid=a.skip_invalid, groupings=a.groupings,
+            table, _ = load_valid_table(a.data, a.metadata, skip_invalid=a.skip_invalid, groupings=a.groupings,
                                                 skipped_csv=a.out.parent / "skipped.csv")
             df = table.df
-        probs = predict.infer_table(cks, df, device=a.device, precision=a.precision, tta=a.tta, batch_size=a.batch_size)
+        probs = infer_table(cks, df, device=a.device, precision=a.precision, tta=a.tta, batch_size=a.batch_size)
         single = len(probs) == 1 and a.out.suffix == ".csv"
         if len(probs) > 1 and a.out.suffix == ".csv":
             raise UserError(f"--run holds {len(probs)} models; give a folder as --out (one CSV per model)")
         for name, pr in probs.items():
             dest = a.out if single else a.out / f"{file_stem(name)}.csv"
-            predict.write_isic_csv(dest, predict.probs_frame(df["image_id"], pr))
+            write_isic_csv(dest, probs_frame(df["image_id"], pr))
             print(f"wrote {dest} ({len(df)} images)")
         if (df["label"] != "").all():
             truth = a.out.with_name(a.out.stem + "_truth.csv") if single else a.out / "truth.csv"
-            predict.write_isic_csv(truth, predict.truth_frame(df))
+            write_isic_csv(truth, truth_frame(df))
             print(f"wrote {truth}")
         return 0
 
@@ -248,12 +269,13 @@ def _evaluate(p: argparse.ArgumentParser):
     p.add_argument("--bootstrap", type=int, help="bootstrap resamples (0 = no CIs)")
 
     def run(a: argparse.Namespace) -> int:
-        from lesionlab import config, evaluate
+        from lesionlab import config
+        from lesionlab.evaluation.evaluate import evaluate_files
 
         cfg = config.load_config(a.config, a.overrides + ([f"eval.bootstrap={a.bootstrap}"] if a.bootstrap is not None else []))
-        m = evaluate.evaluate_files(a.truth, a.pred, a.out, cfg=cfg.eval, lesions=a.lesions, val_truth=a.val_truth,
+        m = evaluate_files(a.truth, a.pred, a.out, cfg=cfg.eval, lesions=a.lesions, val_truth=a.val_truth,
                                     val_pred=a.val_pred, threshold=a.threshold)
-        from lesionlab.report import metric_table
+        from lesionlab.report.document import metric_table
 
         print(metric_table(m).to_string(index=False))
         print(f"accuracy {m['accuracy']:.4f}, balanced accuracy {m['balanced_accuracy']:.4f}; wrote {a.out}/metrics.json")
@@ -271,8 +293,8 @@ def _ensemble(p: argparse.ArgumentParser):
     p.add_argument("--out", type=Path, required=True)
 
     def run(a: argparse.Namespace) -> int:
-        from lesionlab.ensemble import ensemble_frames
-        from lesionlab.predict import read_isic_csv, write_isic_csv
+        from lesionlab.data.isic_csv import read_isic_csv, write_isic_csv
+        from lesionlab.inference.ensemble import ensemble_frames
 
         frames = [read_isic_csv(f, kind="prediction") for f in a.pred]
         write_isic_csv(a.out, ensemble_frames(frames, a.weights, names=[str(f) for f in a.pred]))
@@ -343,10 +365,11 @@ def _evaluate_external(p: argparse.ArgumentParser):
     p.add_argument("--skip-invalid", action="store_true")
 
     def run(a: argparse.Namespace) -> int:
-        from lesionlab import config, predict, study
+        from lesionlab import config, study
+        from lesionlab.inference.predictor import find_checkpoints
 
         cfg = config.load_config(a.config, a.overrides)
-        s = study.evaluate_external(predict.find_checkpoints(a.runs), a.images, a.truth, a.out, cfg, skip_invalid=a.skip_invalid)
+        s = study.evaluate_external(find_checkpoints(a.runs), a.images, a.truth, a.out, cfg, skip_invalid=a.skip_invalid)
         print(f"{s['n']} images; classes absent from this set: {', '.join(s['classes_absent']) or 'none'}")
         for n, v in s["models"].items():
             print(f"{n}: accuracy {v['accuracy']:.3f}, balanced accuracy {v['balanced_accuracy']:.3f}, macro AUC "
@@ -362,7 +385,7 @@ def _evaluate_external(p: argparse.ArgumentParser):
 
 def expand_images(items: list[Path]) -> list[Path]:
     """Image files, with folders expanded to the JPEG/PNG files below them (sorted)."""
-    from lesionlab.dataset import find_images
+    from lesionlab.data.images import find_images
 
     out: list[Path] = []
     for p in items:
@@ -372,11 +395,11 @@ def expand_images(items: list[Path]) -> list[Path]:
 
 def readable_images(paths: list[Path], command: str, failures: list[tuple[Path, str]]):
     """Yield (path, RGB image) for each file that decodes; report each bad one on stderr and record it."""
-    from lesionlab import dataset
+    from lesionlab.data.images import load_image
 
     for path in paths:
         try:
-            yield path, dataset.load_image(path)
+            yield path, load_image(path)
         except UserError as e:
             print(f"lesionlab {command}: skipped {e}", file=sys.stderr)
             failures.append((path, str(e)))
@@ -393,15 +416,18 @@ def _explain(p: argparse.ArgumentParser):
     p.add_argument("--device", default="auto")
 
     def run(a: argparse.Namespace) -> int:
-        from lesionlab import explain, predict
+        from lesionlab.explain.gradcam import explain_image
+        from lesionlab.explain.overlay import write_explanation
+        from lesionlab.inference.predictor import find_checkpoints, load_predictors
+        from lesionlab.labels import CLASSES
 
-        if a.cls is not None and a.cls.upper() not in explain.CLASSES:
-            raise UserError(f"--class {a.cls!r} must be one of {', '.join(explain.CLASSES)}")
-        predictors = predict.load_predictors(predict.find_checkpoints(a.run), device=a.device, precision="fp32")
+        if a.cls is not None and a.cls.upper() not in CLASSES:
+            raise UserError(f"--class {a.cls!r} must be one of {', '.join(CLASSES)}")
+        predictors = load_predictors(find_checkpoints(a.run), device=a.device, precision="fp32")
         failed: list[tuple[Path, str]] = []
         for path, image in readable_images(expand_images(a.images), "explain", failed):
-            ex = explain.explain_image(predictors, image, image_id=path.stem, method=a.method, cls=a.cls and a.cls.upper())
-            files = explain.write_explanation(ex, a.out, save_raw=a.save_raw)
+            ex = explain_image(predictors, image, image_id=path.stem, method=a.method, cls=a.cls and a.cls.upper())
+            files = write_explanation(ex, a.out, save_raw=a.save_raw)
             print(f"{path}: {ex.cls} ({ex.probs.max():.2f}) -> {len(files)} files in {a.out}")
         if failed:
             print(f"lesionlab explain: {len(failed)} image(s) failed", file=sys.stderr)
@@ -422,7 +448,7 @@ def _bundle(p: argparse.ArgumentParser):
     p.add_argument("--threshold", type=float, help="use this melanoma threshold instead of choosing one")
 
     def run(a: argparse.Namespace) -> int:
-        from lesionlab.bundle import make_bundle
+        from lesionlab.inference.bundle import make_bundle
 
         m = make_bundle(a.runs, a.out, threshold=a.threshold, target_sensitivity=a.target_sensitivity, study=a.study)
         t = m["melanoma_threshold"]
@@ -468,8 +494,8 @@ def _predict(p: argparse.ArgumentParser):
     p.add_argument("--batch-size", type=int, default=16)
 
     def run(a: argparse.Namespace) -> int:
-        from lesionlab.bundle import EnsemblePredictor
-        from lesionlab.explain import overlay, save_png
+        from lesionlab.explain.overlay import overlay, save_png
+        from lesionlab.inference.bundle import EnsemblePredictor
 
         ens = EnsemblePredictor(a.bundle, device=a.device, precision=a.precision)
         paths = expand_images(a.images)

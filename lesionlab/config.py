@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from lesionlab.errors import UserError
+from lesionlab.exceptions import UserError
 from lesionlab.io import atomic_write_text
 
 CONFIG_DIR = Path(__file__).parent / "configs"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from lesionlab.errors import UserError
+from lesionlab.exceptions import UserError
 
 
 @functools.cache

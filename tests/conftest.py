@@ -40,7 +40,7 @@ def shared_ham() -> Path:
 @pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory) -> Path:
     """A small synthetic HAM10000-layout dataset (160 images at 120x90), made once per session."""
-    from lesionlab.synth import make_synthetic
+    from lesionlab.data.synth import make_synthetic
 
     d = tmp_path_factory.mktemp("synth")
     make_synthetic(d, n_images=160, seed=1, size=(120, 90), progress=False)
@@ -49,12 +49,13 @@ def synth_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def synth_split(synth_dir, tmp_path_factory) -> Path:
-    from lesionlab import dataset, split
+    from lesionlab.data.split import make_split, write_split
+    from lesionlab.data.tables import read_table
 
-    table = dataset.read_table(synth_dir)
-    sp = split.make_split(table.df, fractions=(0.7, 0.15, 0.15), seed=0)
+    table = read_table(synth_dir)
+    sp = make_split(table.df, fractions=(0.7, 0.15, 0.15), seed=0)
     out = tmp_path_factory.mktemp("split") / "splits.csv"
-    split.write_split(sp, out)
+    write_split(sp, out)
     return out
 
 
@@ -75,7 +76,7 @@ def tiny_cfg():
 
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory) -> Path:
-    from lesionlab.bundle import make_bundle
+    from lesionlab.inference.bundle import make_bundle
 
     d = tmp_path_factory.mktemp("bundle")
     runs = [make_tiny_checkpoint(d / "runs" / f"m{i}", seed=i) for i in range(2)]

@@ -8,8 +8,8 @@ import pytest
 from helpers import make_tiny_checkpoint
 from PIL import Image
 
-from lesionlab.bundle import EnsemblePredictor, make_bundle, verify_bundle
-from lesionlab.errors import UserError
+from lesionlab.exceptions import UserError
+from lesionlab.inference.bundle import EnsemblePredictor, make_bundle, verify_bundle
 from lesionlab.labels import CLASSES
 
 
@@ -93,7 +93,7 @@ def test_predict_cli_keeps_going_past_bad_files(tiny_bundle, tmp_path):
 
 
 def test_member_names_follow_one_rule_for_study_files_and_bundles(tmp_path):
-    from lesionlab.predict import unique_names
+    from lesionlab.inference.predictor import unique_names
 
     assert unique_names(["a", "b", "a", "a"]) == ["a", "b", "a-2", "a-3"]
     # interleaved duplicates: the bundle must name members exactly as the study named their prediction files

@@ -4,10 +4,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from pytorch_grad_cam.guided_backprop import GuidedBackpropReLUasModule
 
-from lesionlab import explain, models
+from lesionlab import models
 from lesionlab.cli import main
-from lesionlab.predict import Predictor
+from lesionlab.explain.gradcam import METHODS, explain_image
+from lesionlab.inference.predictor import Predictor
 
 SIZE = 128
 
@@ -63,7 +65,7 @@ def test_heatmap_peaks_inside_the_evidence_region(trained):
     hits = 0
     for _ in range(10):
         img = Image.fromarray(_image(rng, True))
-        ex = explain.explain_image([pr], img, method="gradcam", cls="MEL")
+        ex = explain_image([pr], img, method="gradcam", cls="MEL")
         m = ex.members[pr.name]
         assert m.shape == ex.display.shape[:2] == (SIZE, SIZE) and m.min() >= 0 and m.max() <= 1
         py, px = np.unravel_index(np.argmax(m), m.shape)
@@ -83,8 +85,8 @@ def test_randomised_weights_change_the_maps(trained, tmp_path):
     corrs = []
     for _ in range(5):
         img = Image.fromarray(_image(rng, True))
-        a = explain.explain_image([pr], img, cls="MEL").members[pr.name]
-        b = explain.explain_image([pr_rnd], img, cls="MEL").members[pr_rnd.name]
+        a = explain_image([pr], img, cls="MEL").members[pr.name]
+        b = explain_image([pr_rnd], img, cls="MEL").members[pr_rnd.name]
         corrs.append(np.corrcoef(a.ravel(), b.ravel())[0, 1] if b.std() > 0 else 0.0)
     assert np.mean(corrs) < 0.5
 
@@ -95,14 +97,14 @@ def test_all_methods_and_the_ensemble_mean(trained):
     b = Predictor(d / "model", device="cpu", precision="fp32")
     b.name = "copy"
     img = Image.fromarray(_image(np.random.default_rng(2), True))
-    for method in explain.METHODS:
-        ex = explain.explain_image([a, b], img, method=method)
+    for method in METHODS:
+        ex = explain_image([a, b], img, method=method)
         assert set(ex.members) == {a.name, "copy"}
         assert np.allclose(ex.ensemble, (ex.members[a.name] + ex.members["copy"]) / 2)
         assert 0 <= ex.ensemble.min() and ex.ensemble.max() <= 1
     # guided backprop swapped the ReLUs and must have put plain ones back
     relus = [m for m in a.model.modules() if isinstance(m, torch.nn.ReLU)]
-    assert relus and not any(isinstance(m, explain.GuidedBackpropReLUasModule) for m in a.model.modules())
+    assert relus and not any(isinstance(m, GuidedBackpropReLUasModule) for m in a.model.modules())
 
 
 def _rss_mb() -> float:
@@ -116,10 +118,10 @@ def test_two_hundred_explanations_do_not_grow_memory(trained):
     layer = pr.model.get_submodule("layer4")
     img = Image.fromarray(_image(np.random.default_rng(3), True))
     for _ in range(20):
-        explain.explain_image([pr], img)
+        explain_image([pr], img)
     before = _rss_mb()
     for i in range(200):
-        explain.explain_image([pr], img, method="guided-gradcam" if i % 10 == 0 else "gradcam")
+        explain_image([pr], img, method="guided-gradcam" if i % 10 == 0 else "gradcam")
     grown = _rss_mb() - before
     assert grown < 40, f"memory grew by {grown:.1f} MB over 200 explanations"
     assert not layer._forward_hooks and all(p.grad is None for p in pr.model.parameters())

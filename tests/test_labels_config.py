@@ -3,7 +3,7 @@ import yaml
 
 from lesionlab import labels
 from lesionlab.config import load_config, save_config
-from lesionlab.errors import UserError
+from lesionlab.exceptions import UserError
 
 
 def test_class_order_and_dx_codes():

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from lesionlab import models
-from lesionlab.errors import UserError, WeightsUnavailable
+from lesionlab.models import registry
+from lesionlab.exceptions import UserError, WeightsUnavailable
 
 
 @pytest.mark.parametrize("name", models.PAPER_ARCHS)
@@ -30,7 +31,7 @@ def test_unknown_name_lists_valid_ones():
 
 
 def test_offline_imagenet_request_fails_fast_with_the_options(monkeypatch):
-    monkeypatch.setattr(models, "_hub_reachable", lambda *a, **k: False)
+    monkeypatch.setattr(registry, "_hub_reachable", lambda *a, **k: False)
     monkeypatch.setenv("HF_HOME", "/nonexistent-cache")
     t = time.perf_counter()
     with pytest.raises(WeightsUnavailable) as e:

@@ -11,15 +11,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lesionlab import dataset, split
 from lesionlab.config import load_config
-from lesionlab.predict import find_checkpoints, load_predictors
+from lesionlab.data.split import make_split
+from lesionlab.data.tables import read_table
+from lesionlab.data.validation import validate
+from lesionlab.inference.predictor import find_checkpoints, load_predictors
 
 pytestmark = pytest.mark.realdata
 
 
 def test_real_dataset_validates_clean(shared_ham):
-    rep = dataset.validate(dataset.read_table(shared_ham), progress=False)
+    rep = validate(read_table(shared_ham), progress=False)
     assert rep.ok, rep.summary()
 
 
@@ -27,10 +29,10 @@ def test_real_dataset_validates_clean(shared_ham):
 def real_runs(shared_ham, tmp_path_factory):
     if os.environ.get("LESIONLAB_REALDATA_RUNS"):
         return find_checkpoints([Path(p) for p in os.environ["LESIONLAB_REALDATA_RUNS"].split(os.pathsep)])
-    from lesionlab.train import fit
+    from lesionlab.training.fit import fit
 
-    table = dataset.read_table(shared_ham)
-    sp = split.make_split(table.df, fractions=(0.8, 0.1, 0.1), seed=0)
+    table = read_table(shared_ham)
+    sp = make_split(table.df, fractions=(0.8, 0.1, 0.1), seed=0)
     df = table.df.merge(sp[["image_id", "split"]], on="image_id")
     tr = df[df["split"] == "train"].sample(n=2000, random_state=0)
     va = df[df["split"] == "val"].sample(n=300, random_state=0)
@@ -41,7 +43,7 @@ def real_runs(shared_ham, tmp_path_factory):
 
 
 def test_bf16_matches_fp32_on_real_images(shared_ham, real_runs):
-    df = dataset.read_table(shared_ham).df.sample(n=1000, random_state=1)
+    df = read_table(shared_ham).df.sample(n=1000, random_state=1)
     p32 = [p.predict_frame(df, progress=False) for p in load_predictors(real_runs, device="cpu", precision="fp32")]
     p16 = [p.predict_frame(df, progress=False) for p in load_predictors(real_runs, device="cpu", precision="bf16")]
     for a, b in zip(p32 + [np.mean(p32, 0)], p16 + [np.mean(p16, 0)], strict=True):

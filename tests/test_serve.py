@@ -10,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from lesionlab.bundle import EnsemblePredictor
+from lesionlab.inference.bundle import EnsemblePredictor
 from lesionlab.serve.app import create_app
 
 

@@ -2,9 +2,20 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lesionlab import split
 from lesionlab.config import SplitConfig
-from lesionlab.errors import UserError
+from lesionlab.data.split import (
+    SPLITS,
+    check_split,
+    find_duplicate_leaks,
+    find_leaks,
+    make_split,
+    merge_duplicate_groups,
+    read_duplicates,
+    read_split,
+    summary_table,
+    write_split,
+)
+from lesionlab.exceptions import UserError
 from lesionlab.labels import CLASSES, DX_TO_CLASS
 
 
@@ -21,8 +32,8 @@ def _table():
 
 def test_lesion_groups_stay_together_and_each_part_gets_its_share():
     df = _table()
-    sp = split.make_split(df, fractions=(0.6, 0.2, 0.2), seed=3)
-    assert split.find_leaks(sp, "lesion_id") == {}
+    sp = make_split(df, fractions=(0.6, 0.2, 0.2), seed=3)
+    assert find_leaks(sp, "lesion_id") == {}
     assert sp[sp["lesion_id"] == "L_big"]["split"].nunique() == 1
     # the 3 DF lesions go to three different parts (one each) since each part's DF target is >= 0.6
     assert sorted(sp[sp["label"] == "DF"]["split"]) == ["test", "train", "val"]
@@ -32,11 +43,11 @@ def test_lesion_groups_stay_together_and_each_part_gets_its_share():
 
 def test_deterministic_for_a_seed_and_different_across_seeds(tmp_path):
     df = _table()
-    a = split.make_split(df, fractions=(0.6, 0.2, 0.2), seed=1)
-    b = split.make_split(df, fractions=(0.6, 0.2, 0.2), seed=1)
-    c = split.make_split(df, fractions=(0.6, 0.2, 0.2), seed=2)
-    split.write_split(a, tmp_path / "a.csv")
-    split.write_split(b, tmp_path / "b.csv")
+    a = make_split(df, fractions=(0.6, 0.2, 0.2), seed=1)
+    b = make_split(df, fractions=(0.6, 0.2, 0.2), seed=1)
+    c = make_split(df, fractions=(0.6, 0.2, 0.2), seed=2)
+    write_split(a, tmp_path / "a.csv")
+    write_split(b, tmp_path / "b.csv")
     assert (tmp_path / "a.csv").read_bytes() == (tmp_path / "b.csv").read_bytes()
     assert not a["split"].equals(c["split"])
 
@@ -44,49 +55,49 @@ def test_deterministic_for_a_seed_and_different_across_seeds(tmp_path):
 def test_duplicates_merge_groups_before_splitting():
     df = _table()
     dups = pd.DataFrame({"from_img": ["nv0", "nv5"], "to_img": ["nv1", "nv1"]})  # chains nv0-nv1-nv5
-    g = split.merge_duplicate_groups(df, dups)
+    g = merge_duplicate_groups(df, dups)
     assert g[df["image_id"] == "nv0"].iloc[0] == "L_nv0+L_nv1+L_nv5"
     for seed in range(10):
-        sp = split.make_split(df, fractions=(0.5, 0.25, 0.25), seed=seed, duplicates=dups)
+        sp = make_split(df, fractions=(0.5, 0.25, 0.25), seed=seed, duplicates=dups)
         assert sp.loc[sp["image_id"].isin(["nv0", "nv1", "nv5"]), "split"].nunique() == 1
-        assert split.check_split(sp, dups) == []
+        assert check_split(sp, dups) == []
 
 
 def test_leakage_check_reports_crossing_lesions_and_pairs():
     sp = pd.DataFrame({"image_id": ["a", "b", "c"], "lesion_id": ["L1", "L1", "L2"], "split": ["train", "test", "val"]})
     sp["group_id"] = sp["lesion_id"]
-    msgs = split.check_split(sp, pd.DataFrame({"from_img": ["a"], "to_img": ["c"]}))
+    msgs = check_split(sp, pd.DataFrame({"from_img": ["a"], "to_img": ["c"]}))
     assert "lesion L1 is in test and train" in msgs and "known duplicates a and c are in different splits" in msgs
 
 
 def test_bad_fractions_and_files(tmp_path):
     with pytest.raises(UserError, match="sum to 1"):
-        split.make_split(_table(), fractions=(0.5, 0.5, 0.5), seed=0)
+        make_split(_table(), fractions=(0.5, 0.5, 0.5), seed=0)
     with pytest.raises(UserError, match="does not exist"):
-        split.read_split(tmp_path / "none.csv")
+        read_split(tmp_path / "none.csv")
     (tmp_path / "bad.csv").write_text("image_id,lesion_id,split\na,L,holdout\n")
     with pytest.raises(UserError, match="row 2 has split 'holdout'"):
-        split.read_split(tmp_path / "bad.csv")
+        read_split(tmp_path / "bad.csv")
 
 
 def test_real_metadata_split_acceptance(shared_ham, tmp_path):
     """Acceptance on the real HAM10000 metadata with its known duplicates."""
     meta = pd.read_csv(shared_ham / "HAM10000_metadata.csv", dtype=str)
     meta["label"] = meta["dx"].map(DX_TO_CLASS)
-    dups = split.read_duplicates(shared_ham / "known_duplicates.csv")
+    dups = read_duplicates(shared_ham / "known_duplicates.csv")
     c = SplitConfig()
-    sp = split.make_split(meta, fractions=(c.train, c.val, c.test), seed=c.seed, duplicates=dups)
+    sp = make_split(meta, fractions=(c.train, c.val, c.test), seed=c.seed, duplicates=dups)
     counts = sp["split"].value_counts()
-    for name, target in zip(split.SPLITS, (8123, 886, 1006), strict=True):
+    for name, target in zip(SPLITS, (8123, 886, 1006), strict=True):
         assert abs(counts[name] - target) <= 0.01 * target, (name, counts[name])
     overall = sp["label"].value_counts(normalize=True)
-    for name in split.SPLITS:
+    for name in SPLITS:
         share = sp[sp["split"] == name]["label"].value_counts(normalize=True)
         for cls in CLASSES:
             assert abs(share.get(cls, 0) - overall[cls]) <= 0.01, (name, cls)
-    assert split.find_leaks(sp, "lesion_id") == {}
-    assert split.find_duplicate_leaks(sp, dups) == [] and len(dups) == 18
-    split.write_split(sp, tmp_path / "a.csv")
-    split.write_split(split.make_split(meta, fractions=(c.train, c.val, c.test), seed=c.seed, duplicates=dups), tmp_path / "b.csv")
+    assert find_leaks(sp, "lesion_id") == {}
+    assert find_duplicate_leaks(sp, dups) == [] and len(dups) == 18
+    write_split(sp, tmp_path / "a.csv")
+    write_split(make_split(meta, fractions=(c.train, c.val, c.test), seed=c.seed, duplicates=dups), tmp_path / "b.csv")
     assert (tmp_path / "a.csv").read_bytes() == (tmp_path / "b.csv").read_bytes()
-    assert np.isfinite(split.summary_table(sp).drop(columns="class").to_numpy()).all()
+    assert np.isfinite(summary_table(sp).drop(columns="class").to_numpy()).all()

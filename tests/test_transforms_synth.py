@@ -2,9 +2,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-from lesionlab.dataset import read_table, validate
+from lesionlab.data.tables import read_table
+from lesionlab.data.transforms import (
+    CenterCropFraction,
+    DataSpec,
+    build_eval_transform,
+    build_train_transform,
+)
+from lesionlab.data.validation import validate
 from lesionlab.labels import CLASS_TO_DX, CLASSES
-from lesionlab.transforms import CenterCropFraction, DataSpec, build_eval_transform, build_train_transform
 
 
 def test_centre_crop_keeps_two_thirds_at_any_resolution():

@@ -18,9 +18,9 @@ from PIL import Image
 from starlette.formparsers import MultiPartParser
 
 from lesionlab import __version__
-from lesionlab.bundle import EnsemblePredictor
-from lesionlab.dataset import ImageError, decode_image
-from lesionlab.errors import UserError
+from lesionlab.data.images import ImageError, decode_image
+from lesionlab.exceptions import UserError
+from lesionlab.inference.bundle import EnsemblePredictor
 from lesionlab.io import sha256_bytes
 
 log = logging.getLogger(__name__)
@@ -153,7 +153,7 @@ def create_app(
             raise HTTPException(STATUS_FOR_IMAGE_ERROR.get(e.kind, 400), str(e)) from None
         result = ens.predict([im], tta=tta)[0]
         if explain:
-            from lesionlab.explain import overlay
+            from lesionlab.explain.overlay import overlay
 
             ex = ens.explain(im)
             result["heatmap"] = _png_data_url(overlay(ex.display, ex.ensemble))

@@ -1,4 +1,6 @@
-"""Error types. A `UserError` is bad input: the CLI prints its one-line message and exits non-zero."""
+"""User-facing errors: one-line messages for people, never tracebacks."""
+
+
 
 
 class UserError(Exception):
@@ -9,3 +11,4 @@ class UserError(Exception):
 
 class WeightsUnavailable(UserError):
     """Pretrained weights could not be loaded (offline, no cache)."""
+

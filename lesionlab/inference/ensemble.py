@@ -7,8 +7,10 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from lesionlab.errors import UserError
+from lesionlab.exceptions import UserError
 from lesionlab.labels import CLASSES
+
+ENSEMBLE = "ensemble"  # the member name the study, bundles and reports use for the probability mean
 
 
 def mean_probabilities(members: Sequence[np.ndarray], weights: Sequence[float] | None = None) -> np.ndarray:
@@ -40,3 +42,4 @@ def ensemble_frames(frames: Sequence[pd.DataFrame], weights: Sequence[float] | N
     out = pd.DataFrame(mean_probabilities(arrays, weights), columns=list(CLASSES))
     out.insert(0, "image", ref)
     return out
+

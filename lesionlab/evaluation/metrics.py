@@ -10,10 +10,10 @@ Balanced accuracy = mean sensitivity over the classes present in the truth (the 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
-from sklearn.metrics import balanced_accuracy_score, confusion_matrix, roc_auc_score, roc_curve
+from sklearn.metrics import balanced_accuracy_score, confusion_matrix, roc_auc_score
 
 from lesionlab.labels import CLASSES
 
@@ -121,111 +121,6 @@ def flat_metrics(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str] =
     return {k: (np.nan if v is None else v) for k, v in out.items()}
 
 
-def bootstrap_ci(
-    y_true: np.ndarray,
-    probs: np.ndarray,
-    *,
-    groups: np.ndarray | None = None,
-    n_boot: int = 1000,
-    ci: float = 0.95,
-    seed: int = 0,
-    stat: Callable[[np.ndarray, np.ndarray], dict[str, float]] = flat_metrics,
-) -> dict[str, dict[str, float | None]]:
-    """Percentile bootstrap CIs of `stat`; resamples whole groups (lesions) when `groups` is given.
-
-    Returns:
-        {name: {"value", "lo", "hi"}}; lo/hi are None when too few resamples define the statistic.
-    """
-    y_true = np.asarray(y_true)
-    probs = np.asarray(probs)
-    point = stat(y_true, probs)
-    rng = np.random.default_rng(seed)
-    if groups is None:
-        groups = np.arange(len(y_true))
-    codes, inv = np.unique(np.asarray(groups), return_inverse=True)
-    members = [np.flatnonzero(inv == g) for g in range(len(codes))]
-    samples: dict[str, list[float]] = {k: [] for k in point}
-    for _ in range(n_boot):
-        pick = rng.integers(0, len(codes), len(codes))
-        idx = np.concatenate([members[g] for g in pick])
-        for k, v in stat(y_true[idx], probs[idx]).items():
-            samples[k].append(v)
-    alpha = (1 - ci) / 2
-    out = {}
-    for k, v in point.items():
-        s = np.asarray(samples[k], float)
-        s = s[np.isfinite(s)]
-        ok = len(s) >= max(10, n_boot // 2)
-        out[k] = {
-            "value": _f(v),
-            "lo": float(np.quantile(s, alpha)) if ok else None,
-            "hi": float(np.quantile(s, 1 - alpha)) if ok else None,
-        }
-    return out
-
-
-# ----------------------------------------------------------------------------- operating points
-
-
-def sensitivity_at_specificity(y_bin: np.ndarray, score: np.ndarray, specificity: float) -> dict[str, float | None]:
-    """Highest sensitivity among thresholds whose specificity is >= `specificity`."""
-    if y_bin.all() or not y_bin.any():
-        return {"target_specificity": specificity, "sensitivity": None, "specificity": None, "threshold": None}
-    fpr, tpr, thr = roc_curve(y_bin, score, drop_intermediate=False)  # keep every threshold: collinear ones can be optimal
-    ok = (1 - fpr) >= specificity - 1e-12
-    i = int(np.flatnonzero(ok)[np.argmax(tpr[ok])])
-    return {"target_specificity": specificity, "sensitivity": float(tpr[i]), "specificity": float(1 - fpr[i]), "threshold": _thr(thr[i])}
-
-
-def specificity_at_sensitivity(y_bin: np.ndarray, score: np.ndarray, sensitivity: float) -> dict[str, float | None]:
-    """Highest specificity among thresholds whose sensitivity is >= `sensitivity`."""
-    if y_bin.all() or not y_bin.any():
-        return {"target_sensitivity": sensitivity, "sensitivity": None, "specificity": None, "threshold": None}
-    fpr, tpr, thr = roc_curve(y_bin, score, drop_intermediate=False)  # keep every threshold: collinear ones can be optimal
-    ok = tpr >= sensitivity - 1e-12
-    i = int(np.flatnonzero(ok)[np.argmin(fpr[ok])])
-    return {"target_sensitivity": sensitivity, "sensitivity": float(tpr[i]), "specificity": float(1 - fpr[i]), "threshold": _thr(thr[i])}
-
-
-def _thr(t: float) -> float:
-    return float(min(t, 1.0))  # roc_curve's first threshold is +inf: "flag nothing"
-
-
-def threshold_for_sensitivity(y_bin: np.ndarray, score: np.ndarray, target: float) -> float | None:
-    """The highest threshold whose sensitivity on (y_bin, score) reaches `target` (choose it on validation)."""
-    return specificity_at_sensitivity(np.asarray(y_bin, bool), np.asarray(score, float), target)["threshold"]
-
-
-def at_threshold(y_bin: np.ndarray, score: np.ndarray, threshold: float) -> dict[str, float | None]:
-    """Sensitivity, specificity, precision and counts when flagging `score >= threshold`."""
-    y_bin = np.asarray(y_bin, bool)
-    flag = np.asarray(score) >= threshold
-    tp, fp = int((flag & y_bin).sum()), int((flag & ~y_bin).sum())
-    fn, tn = int((~flag & y_bin).sum()), int((~flag & ~y_bin).sum())
-    return {
-        "threshold": float(threshold), "tp": tp, "fp": fp, "fn": fn, "tn": tn,
-        "sensitivity": _f(_div(np.array(tp), np.array(tp + fn))), "specificity": _f(_div(np.array(tn), np.array(tn + fp))),
-        "precision": _f(_div(np.array(tp), np.array(tp + fp))),
-    }
-
-
-def operating_points(
-    y_true: np.ndarray,
-    probs: np.ndarray,
-    *,
-    cls: int,
-    fixed_specificities: Sequence[float] = (0.8, 0.9, 0.95),
-    fixed_sensitivities: Sequence[float] = (0.8, 0.9, 0.95),
-) -> dict[str, list]:
-    """Sensitivity at fixed specificities and specificity at fixed sensitivities for one class."""
-    y_bin = np.asarray(y_true) == cls
-    score = np.asarray(probs)[:, cls]
-    return {
-        "sensitivity_at_specificity": [sensitivity_at_specificity(y_bin, score, s) for s in fixed_specificities],
-        "specificity_at_sensitivity": [specificity_at_sensitivity(y_bin, score, s) for s in fixed_sensitivities],
-    }
-
-
 def agreement(pred_a: np.ndarray, pred_b: np.ndarray) -> dict[str, float]:
     """Share of identical predictions and Cohen's kappa between two models' argmax predictions."""
     from sklearn.metrics import cohen_kappa_score
@@ -235,3 +130,4 @@ def agreement(pred_a: np.ndarray, pred_b: np.ndarray) -> dict[str, float]:
         warnings.simplefilter("ignore")
         kappa = float(cohen_kappa_score(pred_a, pred_b)) if len(pred_a) else float("nan")
     return {"agreement": same, "kappa": kappa}
+

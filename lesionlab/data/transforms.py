@@ -9,6 +9,8 @@ import torch
 from torchvision.transforms import InterpolationMode, v2
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
+
+
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
@@ -73,17 +75,6 @@ def display_image(img: torch.Tensor, *, spec: DataSpec) -> torch.Tensor:
     return v2.functional.resize(img, [spec.input_size, spec.input_size], antialias=True)
 
 
-def tta_views(x: torch.Tensor) -> list[torch.Tensor]:
-    """Test-time augmentation views of a normalised batch: identity, flips and 90-degree rotations."""
-    return [
-        x,
-        torch.flip(x, dims=[-1]),
-        torch.flip(x, dims=[-2]),
-        torch.rot90(x, 1, dims=[-2, -1]),
-        torch.rot90(x, 3, dims=[-2, -1]),
-    ]
-
-
 def spec_from_timm(model: torch.nn.Module, *, input_size: int = 0, crop_fraction: float = 2 / 3) -> DataSpec:
     """Mean/std (and default size) from the model's pretrained config via timm's resolve_data_config."""
     from timm.data import resolve_data_config
@@ -98,3 +89,4 @@ def spec_from_timm(model: torch.nn.Module, *, input_size: int = 0, crop_fraction
         std=tuple(float(s) for s in cfg["std"]),
         crop_fraction=crop_fraction,
     )
+

@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from lesionlab.evaluation.metrics import agreement
 from lesionlab.labels import CLASS_INDEX, CLASSES
-from lesionlab.metrics import agreement
 
 
 def analyse_errors(
@@ -63,3 +63,4 @@ def analyse_errors(
         both_wrong = float(np.mean((preds[a] != y_true) & (preds[b] != y_true)))
         agree_rows.append({"model_a": a, "model_b": b, **ag, "both_wrong": both_wrong})
     return {"images": images, "summary": summary, "confusions": confusions, "agreement": pd.DataFrame(agree_rows)}
+

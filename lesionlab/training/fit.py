@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,70 +12,30 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
-from sklearn.utils.class_weight import compute_class_weight
 from tqdm.auto import tqdm
 
 from lesionlab import models, runtime
 from lesionlab.config import StudyConfig
-from lesionlab.dataset import make_dataset
-from lesionlab.errors import UserError
+from lesionlab.data.dataset import make_dataset
+from lesionlab.data.transforms import build_eval_transform, build_train_transform, spec_from_timm
+from lesionlab.evaluation.metrics import balanced_accuracy
+from lesionlab.exceptions import UserError
 from lesionlab.io import atomic_write, atomic_write_csv
 from lesionlab.labels import CLASS_INDEX, CLASSES, NUM_CLASSES
-from lesionlab.metrics import balanced_accuracy
-from lesionlab.transforms import build_eval_transform, build_train_transform, spec_from_timm
+from lesionlab.training.distributed import _rank_world
+from lesionlab.training.early_stopping import EarlyStopping
+from lesionlab.training.losses import class_weights
 
 log = logging.getLogger(__name__)
+
+
 RESUME_FILE = "last.pt"
+
+
 MONITORS = ("val_loss", "val_accuracy", "val_balanced_accuracy")
+
+
 HISTORY_FILE = "history.csv"
-
-
-def class_weights(labels: np.ndarray, num_classes: int = NUM_CLASSES) -> np.ndarray:
-    """Inverse-frequency weights w_c = n / (K * n_c) over the K classes present (scikit-learn's "balanced").
-
-    A class absent from `labels` gets weight 0 (it never appears as a target).
-    """
-    labels = np.asarray(labels)
-    present = np.unique(labels)
-    w = np.zeros(num_classes)
-    w[present] = compute_class_weight("balanced", classes=present, y=labels)
-    return w
-
-
-@dataclass
-class EarlyStopping:
-    """Stop when `monitor` has not improved by more than `min_delta` for `patience` epochs (Lightning's fields)."""
-
-    monitor: str = "val_loss"
-    mode: str = "min"
-    patience: int = 3
-    min_delta: float = 0.0
-    best: float = math.inf
-    best_epoch: int = -1
-    wait: int = 0
-
-    def step(self, value: float, epoch: int) -> bool:
-        """Record an epoch's value; return True when it is a new best."""
-        sign = 1.0 if self.mode == "min" else -1.0
-        if sign * value < sign * self.best - self.min_delta or self.best_epoch < 0:
-            self.best, self.best_epoch, self.wait = value, epoch, 0
-            return True
-        self.wait += 1
-        return False
-
-    @property
-    def should_stop(self) -> bool:
-        return self.wait >= self.patience
-
-    def state_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for k, v in state.items():
-            setattr(self, k, v)
-
-
-# ----------------------------------------------------------------------------- loops
 
 
 def train_one_epoch(
@@ -139,31 +97,6 @@ def evaluate(
     p = np.concatenate(probs) if probs else np.zeros((0, NUM_CLASSES))
     t = np.concatenate(targets) if targets else np.zeros(0, int)
     return total / max(len(t), 1), p, t
-
-
-# ----------------------------------------------------------------------------- distributed
-
-
-def init_distributed() -> tuple[int, int]:
-    """Join the process group when launched by torchrun (WORLD_SIZE > 1); returns (rank, world_size)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend=backend)
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    return dist.get_rank(), dist.get_world_size()
-
-
-def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-# ----------------------------------------------------------------------------- fit
 
 
 def _make_loader(ds, *, batch_size: int, num_workers: int, shuffle: bool, generator=None, sampler=None, device=None):
@@ -340,3 +273,4 @@ def train_models(
         results.append(fit(arch, train_df, val_df, cfg, out / models.file_stem(arch), cache_dir=cache,
                            resume=resume, split_hash=split_hash, progress=progress))
     return results
+

@@ -16,14 +16,18 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from lesionlab import __version__, metrics
-from lesionlab.errors import UserError
+from lesionlab import __version__
+from lesionlab.data.isic_csv import read_isic_csv
+from lesionlab.evaluation.operating_points import at_threshold, threshold_for_sensitivity
+from lesionlab.exceptions import UserError
+from lesionlab.inference.predictor import Predictor, find_checkpoints, load_predictors, unique_names
 from lesionlab.io import atomic_write_json, sha256_file
 from lesionlab.labels import CLASS_INDEX, CLASSES, DISPLAY_NAMES
 from lesionlab.models import META_FILE, WEIGHTS_FILE, file_stem, read_meta
-from lesionlab.predict import Predictor, find_checkpoints, load_predictors, read_isic_csv, unique_names
 
 MANIFEST = "manifest.json"
+
+
 FORMAT_VERSION = 1
 
 
@@ -37,8 +41,8 @@ def _find_study(checkpoint: Path) -> Path | None:
 
 def validation_threshold(study: Path, names: list[str], target: float) -> dict[str, Any]:
     """Melanoma threshold for the ensemble of `names`, chosen on the study's validation predictions."""
-    from lesionlab.ensemble import mean_probabilities
-    from lesionlab.predict import align
+    from lesionlab.data.isic_csv import align
+    from lesionlab.inference.ensemble import mean_probabilities
 
     pred_dir = study / "predictions"
     truth = read_isic_csv(pred_dir / "truth_val.csv", kind="truth")
@@ -52,10 +56,10 @@ def validation_threshold(study: Path, names: list[str], target: float) -> dict[s
         probs.append(p)
     ens = mean_probabilities(probs)
     mel = CLASS_INDEX["MEL"]
-    thr = metrics.threshold_for_sensitivity(y == mel, ens[:, mel], target)
+    thr = threshold_for_sensitivity(y == mel, ens[:, mel], target)
     if thr is None:
         raise UserError(f"{study}: the validation split has no melanoma; pass --threshold")
-    at = metrics.at_threshold(y == mel, ens[:, mel], thr)
+    at = at_threshold(y == mel, ens[:, mel], thr)
     return {"value": thr, "target_sensitivity": target, "source": f"validation split of {study}",
             "validation_sensitivity": at["sensitivity"], "validation_specificity": at["specificity"]}
 
@@ -188,6 +192,7 @@ class EnsemblePredictor:
         }
 
     def explain(self, image: Image.Image, *, cls: str | None = None):
-        from lesionlab.explain import explain_image
+        from lesionlab.explain.gradcam import explain_image
 
         return explain_image(self.members, image, cls=cls)
+

@@ -9,12 +9,16 @@ import pandas as pd
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from lesionlab.errors import UserError
+from lesionlab.exceptions import UserError
 from lesionlab.io import atomic_write_csv
 from lesionlab.labels import CLASSES
 
 SPLITS = ("train", "val", "test")
+
+
 COVERAGE_BONUS = 10.0
+
+
 SPLIT_COLUMNS = ["image_id", "lesion_id", "group_id", "dx", "label", "split"]
 
 
@@ -184,3 +188,4 @@ def summary_table(split: pd.DataFrame) -> pd.DataFrame:
         row["all_images"] = len(sub)
         rows.append(row)
     return pd.DataFrame(rows)
+

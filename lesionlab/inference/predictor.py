@@ -17,11 +17,12 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from lesionlab import models, runtime
-from lesionlab.dataset import LesionDataset, pil_to_uint8_tensor
-from lesionlab.errors import UserError
-from lesionlab.io import atomic_write_csv
-from lesionlab.labels import CLASS_INDEX, CLASSES
-from lesionlab.transforms import DataSpec, build_eval_transform, tta_views
+from lesionlab.data.cache import pil_to_uint8_tensor
+from lesionlab.data.dataset import LesionDataset
+from lesionlab.data.transforms import DataSpec, build_eval_transform
+from lesionlab.exceptions import UserError
+from lesionlab.inference.tta import tta_views
+from lesionlab.labels import CLASSES
 
 log = logging.getLogger(__name__)
 
@@ -140,77 +141,6 @@ class Predictor:
         return self.predict_batch(self.prepare(images), tta=tta) if images else np.zeros((0, len(CLASSES)))
 
 
-# ----------------------------------------------------------------------------- ISIC CSV format
-
-
-def probs_frame(image_ids: Iterable[str], probs: np.ndarray) -> pd.DataFrame:
-    df = pd.DataFrame(np.asarray(probs, float), columns=list(CLASSES))
-    df.insert(0, "image", list(image_ids))
-    return df
-
-
-def truth_frame(df: pd.DataFrame) -> pd.DataFrame:
-    """One-hot ground truth in ISIC 2018 Task 3 format from a table with image_id and label."""
-    onehot = np.zeros((len(df), len(CLASSES)))
-    onehot[np.arange(len(df)), [CLASS_INDEX[c] for c in df["label"]]] = 1.0
-    return probs_frame(df["image_id"], onehot)
-
-
-def write_isic_csv(path: str | Path, frame: pd.DataFrame) -> None:
-    atomic_write_csv(Path(path), frame, float_format="%.6f", lineterminator="\n")
-
-
-def read_isic_csv(path: str | Path, *, kind: str) -> pd.DataFrame:
-    """Read an ISIC-format CSV (image + 7 class columns), checking values; `kind` is 'truth' or 'prediction'."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"{kind} file {path} does not exist")
-    try:
-        df = pd.read_csv(path, dtype={"image": str})
-    except Exception as e:
-        raise UserError(f"{path}: cannot be read as CSV ({str(e).splitlines()[0]})") from None
-    missing = [c for c in ("image", *CLASSES) if c not in df.columns]
-    if missing:
-        raise UserError(f"{path}: missing columns {', '.join(missing)}; expected image,{','.join(CLASSES)}")
-    dup = df["image"][df["image"].duplicated()]
-    if len(dup):
-        raise UserError(f"{path}: image {dup.iloc[0]} appears twice (row {dup.index[0] + 2})")
-    vals = df[list(CLASSES)].apply(pd.to_numeric, errors="coerce")
-    bad = vals.isna().any(axis=1) | ~np.isfinite(vals.to_numpy(dtype=float, na_value=np.nan)).all(axis=1)
-    if bad.any():
-        i = int(np.flatnonzero(bad.to_numpy())[0])
-        raise UserError(f"{path}: row {i + 2} ({df['image'].iloc[i]}) has a non-numeric or missing value")
-    arr = vals.to_numpy(float)
-    if kind == "truth":
-        ok = np.isclose(arr.sum(1), 1) & np.isclose(arr.max(1), 1) & np.isin(arr, [0.0, 1.0]).all(1)
-        if not ok.all():
-            i = int(np.flatnonzero(~ok)[0])
-            raise UserError(f"{path}: row {i + 2} ({df['image'].iloc[i]}) must have exactly one label set to 1")
-    elif (arr < 0).any():
-        i = int(np.flatnonzero((arr < 0).any(1))[0])
-        raise UserError(f"{path}: row {i + 2} ({df['image'].iloc[i]}) has a negative probability")
-    out = pd.DataFrame(arr, columns=list(CLASSES))
-    out.insert(0, "image", df["image"].str.strip().to_numpy())
-    return out
-
-
-def align(truth: pd.DataFrame, pred: pd.DataFrame, *, truth_name: str = "truth", pred_name: str = "prediction") -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """(y_true, probs, image ids) in truth order; the two files must cover the same images."""
-    t_ids, p_ids = set(truth["image"]), set(pred["image"])
-    if t_ids != p_ids:
-        miss = sorted(t_ids - p_ids)
-        extra = sorted(p_ids - t_ids)
-        parts = []
-        if miss:
-            parts.append(f"{len(miss)} images of {truth_name} have no prediction (first: {', '.join(miss[:3])})")
-        if extra:
-            parts.append(f"{len(extra)} predicted images are not in {truth_name} (first: {', '.join(extra[:3])})")
-        raise UserError(f"{pred_name} and {truth_name} cover different images: " + "; ".join(parts))
-    p = pred.set_index("image").loc[truth["image"], list(CLASSES)].to_numpy(float)
-    y = truth[list(CLASSES)].to_numpy(float).argmax(1)
-    return y, p, truth["image"].tolist()
-
-
 def infer_table(
     checkpoints: list[Path],
     df: pd.DataFrame,
@@ -248,3 +178,4 @@ def unique_names(names: Iterable[str]) -> list[str]:
         seen[n] = seen.get(n, 0) + 1
         out.append(n if seen[n] == 1 else f"{n}-{seen[n]}")
     return out
+

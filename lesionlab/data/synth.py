@@ -16,13 +16,16 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm.auto import tqdm
 
-from lesionlab.dataset import HAM_METADATA
+from lesionlab.data.tables import HAM_METADATA
 from lesionlab.io import atomic_write_csv
 from lesionlab.labels import CLASS_TO_DX, CLASSES
 
 # HAM10000 image counts per class (Tschandl et al. 2018).
 HAM_COUNTS = {"MEL": 1113, "NV": 6705, "BCC": 514, "AKIEC": 327, "BKL": 1099, "DF": 115, "VASC": 142}
+
+
 LOCALIZATIONS = ["back", "lower extremity", "trunk", "upper extremity", "abdomen", "face", "chest", "foot", "scalp", "neck"]
+
 
 # Per class: base RGB colour, secondary colour, radius range (share of the short side), lobes, texture.
 STYLE = {
@@ -207,3 +210,4 @@ def make_synthetic(
 
 def classes_present(meta: pd.DataFrame) -> list[str]:
     return [c for c in CLASSES if (meta["dx"] == CLASS_TO_DX[c]).any()]
+

@@ -8,12 +8,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from lesionlab import metrics, report
 from lesionlab.config import EvalConfig
-from lesionlab.errors import UserError
+from lesionlab.data.isic_csv import align, read_isic_csv
+from lesionlab.evaluation.bootstrap import bootstrap_ci
+from lesionlab.evaluation.metrics import PER_CLASS_KEYS, summarize
+from lesionlab.evaluation.operating_points import at_threshold, operating_points, threshold_for_sensitivity
+from lesionlab.exceptions import UserError
 from lesionlab.io import atomic_write_csv, atomic_write_json
 from lesionlab.labels import CLASS_INDEX, CLASSES
-from lesionlab.predict import align, read_isic_csv
+from lesionlab.report.figures import plot_confusion, plot_roc
 
 
 def evaluate_arrays(
@@ -32,19 +35,19 @@ def evaluate_arrays(
         threshold: melanoma threshold to apply (e.g. chosen on validation).
         val: (y_val, probs_val) to choose the melanoma threshold for `cfg.target_sensitivity` here.
     """
-    out = metrics.summarize(y_true, probs)
-    out["ci"] = metrics.bootstrap_ci(y_true, probs, groups=groups, n_boot=cfg.bootstrap, ci=cfg.ci) if cfg.bootstrap else {}
+    out = summarize(y_true, probs)
+    out["ci"] = bootstrap_ci(y_true, probs, groups=groups, n_boot=cfg.bootstrap, ci=cfg.ci) if cfg.bootstrap else {}
     out["ci_level"] = cfg.ci
     out["ci_resampling"] = "lesions" if groups is not None else "images"
     focus = CLASS_INDEX[cfg.error_class] if cfg.error_class in CLASS_INDEX else CLASS_INDEX["MEL"]
     cls_name = CLASSES[focus]
-    ops = metrics.operating_points(y_true, probs, cls=focus, fixed_specificities=cfg.fixed_specificities,
+    ops = operating_points(y_true, probs, cls=focus, fixed_specificities=cfg.fixed_specificities,
                                    fixed_sensitivities=cfg.fixed_sensitivities)
     if val is not None and threshold is None:
-        threshold = metrics.threshold_for_sensitivity(val[0] == focus, val[1][:, focus], cfg.target_sensitivity)
+        threshold = threshold_for_sensitivity(val[0] == focus, val[1][:, focus], cfg.target_sensitivity)
         ops["threshold_source"] = f"chosen on validation for sensitivity >= {cfg.target_sensitivity:.2f}"
     if threshold is not None:
-        ops["at_threshold"] = metrics.at_threshold(y_true == focus, probs[:, focus], threshold)
+        ops["at_threshold"] = at_threshold(y_true == focus, probs[:, focus], threshold)
         ops["target_sensitivity"] = cfg.target_sensitivity
         ops.setdefault("threshold_source", "given")
     out["operating_points"] = {cls_name: ops}
@@ -57,7 +60,7 @@ def per_class_table(m: dict[str, Any]) -> pd.DataFrame:
     for c in [*m["classes"], "macro"]:
         vals = m["macro"] if c == "macro" else m["per_class"][c]
         row: dict[str, Any] = {"class": c}
-        for k in metrics.PER_CLASS_KEYS:
+        for k in PER_CLASS_KEYS:
             row[k] = vals[k]
             ci = m.get("ci", {}).get(f"{c}_{k}")
             if ci:
@@ -73,9 +76,9 @@ def write_evaluation(m: dict[str, Any], y_true: np.ndarray, probs: np.ndarray, o
     atomic_write_json(out / "metrics.json", m)
     atomic_write_csv(out / "metrics.csv", per_class_table(m), float_format="%.4f")
     cm = np.asarray(m["confusion"])
-    report.plot_confusion(cm, m["classes"], out / "confusion_counts.png", normalize=False, title=title)
-    report.plot_confusion(cm, m["classes"], out / "confusion_normalized.png", normalize=True, title=title)
-    report.plot_roc(y_true, probs, m["classes"], out / "roc.png", title=title)
+    plot_confusion(cm, m["classes"], out / "confusion_counts.png", normalize=False, title=title)
+    plot_confusion(cm, m["classes"], out / "confusion_normalized.png", normalize=True, title=title)
+    plot_roc(y_true, probs, m["classes"], out / "roc.png", title=title)
 
 
 def lesion_groups(lesions_csv: str | Path | None, image_ids: list[str]) -> np.ndarray | None:
@@ -117,3 +120,4 @@ def evaluate_files(
     m = evaluate_arrays(y, p, cfg=cfg, groups=lesion_groups(lesions, ids), threshold=threshold, val=val)
     write_evaluation(m, y, p, out_dir, title=Path(pred).stem)
     return m
+

@@ -1,0 +1,146 @@
+"""Read HAM10000 / ISIC 2018 Task 3 metadata tables into one frame (image_id, lesion_id, label, path)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import ImageFile
+
+from lesionlab.data.images import find_images
+from lesionlab.exceptions import UserError
+from lesionlab.labels import CLASSES, DX_TO_CLASS
+
+# Truncated files must fail loudly, never be half-decoded into training data.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+HAM_METADATA = "HAM10000_metadata.csv"
+
+
+ISIC_GROUPINGS = "ISIC2018_Task3_Training_LesionGroupings.csv"
+
+
+HAM_REQUIRED = ("lesion_id", "image_id", "dx")
+
+
+@dataclass
+class Table:
+    """A dataset table: one row per image with image_id, lesion_id, dx, label, path (+ original columns)."""
+
+    df: pd.DataFrame
+    source: Path
+    layout: str  # "ham10000" | "isic2018"
+    notes: list[str] = field(default_factory=list)
+    # every image file found below the data folder (also those without a row); kept off df.attrs,
+    # which pandas deep-copies on every operation
+    image_index: dict[str, Path] = field(default_factory=dict, repr=False)
+
+
+def _find_metadata(data_dir: Path) -> Path:
+    direct = data_dir / HAM_METADATA
+    if direct.exists():
+        return direct
+    csvs = sorted(p for p in data_dir.rglob("*.csv") if not p.name.startswith("."))
+    for p in csvs:
+        if p.name == HAM_METADATA:
+            return p
+    for p in csvs:
+        try:
+            cols = set(pd.read_csv(p, nrows=0).columns)
+        except Exception:
+            continue
+        if "image" in cols and set(CLASSES) <= cols:
+            return p
+    raise UserError(
+        f"no metadata found in {data_dir}: expected {HAM_METADATA} or an ISIC ground-truth CSV "
+        "(image,MEL,NV,...); pass --metadata CSV"
+    )
+
+
+def read_table(
+    data_dir: str | Path | None = None,
+    metadata: str | Path | None = None,
+    *,
+    groupings: str | Path | None = None,
+    images: dict[str, Path] | None = None,
+) -> Table:
+    """Read a HAM10000 metadata CSV or an ISIC 2018 Task 3 ground-truth CSV into a `Table`.
+
+    Args:
+        data_dir: folder searched for images (and for the metadata when `metadata` is not given).
+        metadata: the CSV; default: found in `data_dir`.
+        groupings: ISIC lesion-groupings CSV (image, lesion_id); default: found beside the ground truth.
+        images: a pre-computed `find_images` result.
+
+    Rows are not validated here (see `validate`); `path` is empty where no image file was found.
+    """
+    if data_dir is None and metadata is None:
+        raise UserError("give --data DIR or --metadata CSV")
+    if data_dir is not None and not Path(data_dir).is_dir():
+        raise UserError(f"data folder {data_dir} does not exist")
+    meta_path = Path(metadata) if metadata else _find_metadata(Path(data_dir))
+    if not meta_path.exists():
+        raise UserError(f"metadata file {meta_path} does not exist")
+    try:
+        raw = pd.read_csv(meta_path, dtype=str, keep_default_na=False)
+    except Exception as e:
+        raise UserError(f"{meta_path}: cannot be read as CSV ({str(e).splitlines()[0]})") from None
+    raw.columns = [c.strip() for c in raw.columns]
+    notes: list[str] = []
+    if set(HAM_REQUIRED) <= set(raw.columns):
+        layout = "ham10000"
+        df = raw.copy()
+        for c in HAM_REQUIRED:
+            df[c] = df[c].str.strip()
+        df["label"] = df["dx"].str.lower().map(DX_TO_CLASS).fillna("")
+    elif "image" in raw.columns and set(CLASSES) <= set(raw.columns):
+        layout = "isic2018"
+        df = _isic_to_table(raw, meta_path)
+        grp = Path(groupings) if groupings else meta_path.parent / ISIC_GROUPINGS
+        if groupings and not grp.exists():
+            raise UserError(f"lesion groupings file {grp} does not exist")
+        if grp.exists():
+            g = pd.read_csv(grp, dtype=str, keep_default_na=False)
+            if not {"image", "lesion_id"} <= set(g.columns):
+                raise UserError(f"{grp}: needs columns image and lesion_id")
+            lesion = dict(zip(g["image"].str.strip(), g["lesion_id"].str.strip(), strict=False))
+            df["lesion_id"] = [lesion.get(i) or i for i in df["image_id"]]
+            missing = sum(i not in lesion for i in df["image_id"])
+            if missing:
+                notes.append(f"{missing} images have no row in {grp.name}; each is its own lesion group")
+        else:
+            df["lesion_id"] = df["image_id"]
+            notes.append(
+                f"no lesion groupings ({ISIC_GROUPINGS}) found: each image is treated as its own lesion, "
+                "so images of one lesion may land in different splits"
+            )
+    else:
+        raise UserError(
+            f"{meta_path}: unrecognised columns {list(raw.columns)[:8]}; expected HAM10000 "
+            f"({', '.join(HAM_REQUIRED)}) or ISIC ground truth (image, {', '.join(CLASSES)})"
+        )
+    df["row"] = np.arange(len(df)) + 2  # line number in the CSV (header is line 1)
+    if images is None:
+        images = find_images(data_dir) if data_dir is not None else find_images(meta_path.parent)
+    df["path"] = [str(images[i]) if i in images else "" for i in df["image_id"]]
+    return Table(df=df.reset_index(drop=True), source=meta_path, layout=layout, notes=notes, image_index=images)
+
+
+def _isic_to_table(raw: pd.DataFrame, path: Path) -> pd.DataFrame:
+    """ISIC one-hot ground truth -> image_id, dx, label; bad one-hot rows get an empty label."""
+    vals = raw[list(CLASSES)].apply(pd.to_numeric, errors="coerce")
+    labels = []
+    for ok, row in zip(vals.notna().all(axis=1), vals.to_numpy(), strict=True):
+        if ok and np.isclose(row.sum(), 1.0) and np.isclose(row.max(), 1.0):
+            labels.append(CLASSES[int(np.argmax(row))])
+        else:
+            labels.append("")
+    df = raw.copy()
+    df["image_id"] = df["image"].str.strip()
+    df["label"] = labels
+    df["dx"] = [lbl.lower() if lbl else "?" for lbl in labels]
+    return df
+

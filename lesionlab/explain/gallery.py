@@ -1,0 +1,46 @@
+"""The study's Grad-CAM gallery: members side by side and their mean for chosen test categories."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from lesionlab.config import StudyConfig
+from lesionlab.data.images import load_image
+from lesionlab.inference.ensemble import ENSEMBLE
+from lesionlab.io import atomic_write_json
+from lesionlab.labels import CLASS_INDEX, CLASSES
+from lesionlab.models import file_stem
+
+
+def make_gallery(checkpoints: list[Path], test_df: pd.DataFrame, y: np.ndarray, probs: dict[str, np.ndarray], best: str,
+                 out_dir: Path, cfg: StudyConfig, ids: list[str]) -> None:
+    """Grad-CAM panels (members side by side + ensemble) for the categories the study shows."""
+    from lesionlab.explain.gradcam import explain_image
+    from lesionlab.explain.overlay import panel
+    from lesionlab.inference.predictor import load_predictors
+
+    ens = probs.get(ENSEMBLE, probs[best]).argmax(1)
+    nv, mel = CLASS_INDEX["NV"], CLASS_INDEX["MEL"]
+    cats = [("correct NV", (y == nv) & (ens == nv)), ("correct MEL", (y == mel) & (ens == mel)),
+            ("MEL misclassified as NV", (y == mel) & (ens == nv))]
+    off = (ens != y) & ~((y == mel) & (ens == nv))
+    pairs = pd.Series([(int(a), int(b)) for a, b in zip(y[off], ens[off], strict=True)], dtype=object).value_counts()
+    for (a, b), _ in list(pairs.items())[:2]:
+        cats.append((f"{CLASSES[a]} misclassified as {CLASSES[b]}", (y == a) & (ens == b)))
+    predictors = load_predictors(checkpoints, device=cfg.train.device, precision="fp32")
+    path_of = dict(zip(test_df["image_id"], test_df["path"], strict=True))
+    entries = []
+    for title, mask in cats:
+        for i in np.flatnonzero(mask)[: cfg.explain.per_category]:
+            iid = ids[i]
+            ex = explain_image(predictors, load_image(path_of[iid]), image_id=iid, method="gradcam")
+            f = out_dir / f"{file_stem(title).replace(' ', '_')}_{iid}.png"
+            panel(ex, f, title=f"{title}: {iid} (true {CLASSES[y[i]]}, ensemble {CLASSES[ens[i]]}; Grad-CAM for {ex.cls})")
+            entries.append({"category": title, "image": iid, "file": f.name})
+    atomic_write_json(out_dir / "gallery.json", entries)
+    if not entries:
+        out_dir.mkdir(parents=True, exist_ok=True)
+

@@ -1,0 +1,1 @@
+"""Inference: the Predictor and its engines, test-time augmentation, ensembling and clinic bundles."""

@@ -1,0 +1,1 @@
+"""Report: matplotlib figures and the self-contained HTML / Markdown study report."""

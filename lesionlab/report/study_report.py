@@ -1,0 +1,157 @@
+"""The study report builder: reads a study folder's files and writes report.html and report.md."""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+
+import pandas as pd
+
+from lesionlab import __version__
+from lesionlab.config import StudyConfig
+from lesionlab.inference.ensemble import ENSEMBLE
+from lesionlab.models import file_stem
+
+
+def _versions() -> dict[str, str]:
+    import timm
+    import torch
+
+    return {"lesionlab": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "timm": timm.__version__, "platform": platform.platform(), "cpu": platform.processor() or platform.machine()}
+
+
+def report_study(out: Path, cfg: StudyConfig, names: list[str], all_names: list[str], best: str,
+                 mets: dict[str, dict]) -> Path:
+    """Write report.html (self-contained) and report.md from the study folder's files."""
+    from lesionlab.report.document import PAPER_RESNEXT, Report, fmt, metric_table
+    from lesionlab.report.figures import plot_history
+
+    rep = Report(f"LesionLab study: {cfg.name}")
+    rep.raw_html('<p class="warn">Decision support, not a diagnosis: these numbers describe models on one dataset. '
+                 "Every suspicious lesion still needs a clinician's examination and, where indicated, histopathology.</p>")
+    rep.md.append("> **Decision support, not a diagnosis.** These numbers describe models on one dataset.\n")
+    ds = json.loads((out / "dataset.json").read_text())
+    rep.heading("Dataset and split")
+    rep.para(f"Source: {ds['source']} ({ds['layout']} layout, {ds['rows']} rows). Problems found: {ds['problems'] or 'none'}.")
+    for n in ds.get("notes", []):
+        rep.note(n)
+    rep.para("Lesion-grouped, diagnosis-stratified split (no lesion, and no known duplicate pair, in two splits):")
+    rep.table(pd.read_csv(out / "split_summary.csv"))
+
+    rep.heading("Training")
+    hists = {n: pd.read_csv(out / "runs" / file_stem(n) / "history.csv") for n in names if (out / "runs" / file_stem(n) / "history.csv").exists()}
+    plot_history(hists, out / "figures" / "history.png")
+    rep.figure(out / "figures" / "history.png", "loss per epoch (solid: validation, dashed: training)", md_rel="figures/history.png")
+    rows = []
+    for n in names:
+        meta = json.loads((out / "runs" / file_stem(n) / "model.json").read_text())
+        h = hists.get(n)
+        rows.append({"model": n, "timm id": meta["timm_id"], "weights": meta["pretrained"], "epochs run": len(h) if h is not None else "",
+                     "best epoch": meta["epoch"], "best val loss": fmt(meta["val"]["val_loss"]),
+                     "seconds": fmt(float(h["seconds"].sum())) if h is not None else ""})
+    rep.table(pd.DataFrame(rows))
+
+    rep.heading("Test results")
+    rep.para(f"Best single model, chosen on the validation split by balanced accuracy: {best}. "
+             f"95% CIs: percentile bootstrap over lesions ({cfg.eval.bootstrap} resamples).")
+    comp = []
+    for n in all_names:
+        m = mets[n]
+        comp.append({"model": n, **{k: fmt(m["macro"][k]) for k in ("precision", "sensitivity", "specificity", "f1", "auc")},
+                     "accuracy": fmt(m["accuracy"]), "balanced acc.": fmt(m["balanced_accuracy"],
+                     m["ci"].get("balanced_accuracy", {}).get("lo"), m["ci"].get("balanced_accuracy", {}).get("hi")),
+                     "MEL sens.": fmt(m["per_class"]["MEL"]["sensitivity"]), "MEL AUC": fmt(m["per_class"]["MEL"]["auc"])})
+    comp.append({"model": "paper: ResNeXt-101 (HAM10000, 224px, ImageNet)", **{k: fmt(PAPER_RESNEXT["macro"][k]) for k in
+                 ("precision", "sensitivity", "specificity", "f1", "auc")}, "accuracy": "", "balanced acc.": "",
+                 "MEL sens.": fmt(PAPER_RESNEXT["MEL"]["sensitivity"]), "MEL AUC": fmt(PAPER_RESNEXT["MEL"]["auc"])})
+    rep.para("Macro averages over the classes present in the test split:")
+    rep.table(pd.DataFrame(comp))
+    if ENSEMBLE in mets:
+        e, b = mets[ENSEMBLE], mets[best]
+        rep.para(f"Ensemble vs best single model ({best}): balanced accuracy {fmt(e['balanced_accuracy'])} vs "
+                 f"{fmt(b['balanced_accuracy'])}; macro AUC {fmt(e['macro']['auc'])} vs {fmt(b['macro']['auc'])}; "
+                 f"melanoma sensitivity {fmt(e['per_class']['MEL']['sensitivity'])} vs {fmt(b['per_class']['MEL']['sensitivity'])}.")
+    for n in all_names:
+        rep.heading(f"{n}: per-class metrics (test)", 3)
+        rep.table(metric_table(mets[n]))
+        for note in mets[n].get("notes", []):
+            rep.note(note)
+        d = out / "eval" / file_stem(n)
+        rep.figures_row([(d / "confusion_counts.png", "confusion (counts)"), (d / "confusion_normalized.png", "row-normalised"),
+                         (d / "roc.png", "ROC one-vs-rest")])
+        rep.md.append(f"Figures: `eval/{file_stem(n)}/confusion_counts.png`, `confusion_normalized.png`, `roc.png`\n")
+
+    rep.heading("Melanoma operating points (test)")
+    ops_rows = []
+    for n in all_names:
+        ops = mets[n]["operating_points"].get("MEL", {})
+        row = {"model": n}
+        for o in ops.get("sensitivity_at_specificity", []):
+            row[f"sens @ spec {o['target_specificity']:.2f}"] = fmt(o["sensitivity"])
+        for o in ops.get("specificity_at_sensitivity", []):
+            row[f"spec @ sens {o['target_sensitivity']:.2f}"] = fmt(o["specificity"])
+        at = ops.get("at_threshold")
+        if at:
+            row["val-chosen threshold"] = fmt(at["threshold"])
+            row["test sens / spec at it"] = f"{fmt(at['sensitivity'])} / {fmt(at['specificity'])}"
+        ops_rows.append(row)
+    rep.para(f"The threshold is chosen on the validation split for melanoma sensitivity >= {cfg.eval.target_sensitivity:.2f} "
+             "and applied unchanged to the test split; the fixed-specificity/sensitivity columns are read off the test ROC "
+             "(optimistic, for comparison only).")
+    rep.table(pd.DataFrame(ops_rows))
+
+    rep.heading("Error analysis")
+    s = json.loads((out / "errors" / "summary.json").read_text())
+    rep.para(f"{s['class']} images misclassified by the best model ({s['best_model']}): {s['errors_of_best']} of {s['positives']}. "
+             f"Made by all models: {s['errors_made_by_all']}; rescued by at least one other model: {s['rescued_by_at_least_one']}.")
+    rep.para("Most frequent confusions of the best model (true -> predicted):")
+    rep.table(pd.read_csv(out / "errors" / "confusions.csv"))
+    rep.para("Pairwise agreement between models (share of identical predictions, Cohen's kappa, share both wrong):")
+    rep.table(pd.read_csv(out / "errors" / "agreement.csv").round(3))
+    mis = out / "errors" / "misclassified.csv"
+    if mis.exists() and mis.stat().st_size > 1:
+        try:
+            rep.para("Misclassified melanomas (first 15; full list in errors/misclassified.csv):")
+            rep.table(pd.read_csv(mis).head(15).round(3))
+        except pd.errors.EmptyDataError:
+            pass
+
+    gal = out / "gallery" / "gallery.json"
+    if gal.exists():
+        rep.heading("Grad-CAM gallery (test split)")
+        rep.para("Each row: the image (the centre crop the models see), then each member's Grad-CAM for the class the "
+                 "ensemble predicts, then their mean. Red = most important for that class, blue = least.")
+        for e in json.loads(gal.read_text()):
+            rep.figure(out / "gallery" / e["file"], f"{e['category']}: {e['image']}", md_rel=f"gallery/{e['file']}")
+    ext_dir = out / "external"
+    if ext_dir.exists():
+        rep.heading("External validation")
+        rows = []
+        for sfile in sorted(ext_dir.glob("*/summary.json")):
+            sm = json.loads(sfile.read_text())
+            for n, v in sm["models"].items():
+                rows.append({"set": sfile.parent.name, "n": sm["n"], "model": n, "accuracy": fmt(v["accuracy"]),
+                             "balanced acc.": fmt(v["balanced_accuracy"]), "macro AUC": fmt(v["macro"]["auc"]),
+                             "absent classes": ", ".join(sm["classes_absent"]) or "none"})
+        for n in all_names:
+            rows.append({"set": "internal test", "n": mets[n]["n"], "model": n, "accuracy": fmt(mets[n]["accuracy"]),
+                         "balanced acc.": fmt(mets[n]["balanced_accuracy"]), "macro AUC": fmt(mets[n]["macro"]["auc"]),
+                         "absent classes": ""})
+        rep.table(pd.DataFrame(rows))
+
+    rep.heading("Reproducibility")
+    steps = json.loads((out / "steps.json").read_text())
+    rep.table(pd.DataFrame([{"step": k, "seconds": v["seconds"]} for k, v in steps.items()]))
+    rep.table(pd.DataFrame([_versions()]))
+    rep.para(f"Seeds: split {cfg.split.seed}, training {cfg.train.seed}. Effective configuration (config.yaml):")
+    import yaml
+
+    cfg_text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    rep.raw_html(f"<pre>{cfg_text}</pre>")
+    rep.md.append("```yaml\n" + cfg_text + "```\n")
+    html_path = out / "report.html"
+    rep.write(html_path, out / "report.md")
+    return html_path
+

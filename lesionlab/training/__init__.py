@@ -1,0 +1,1 @@
+"""Training: fit() with weighted cross-entropy, Adam, early stopping, atomic checkpoints, exact resume, DDP."""
