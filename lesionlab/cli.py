@@ -304,6 +304,40 @@ def _ensemble(p: argparse.ArgumentParser):
     return run
 
 
+@command("subgroups", "metrics with lesion-bootstrap CIs per subgroup of each metadata column (sex, age band, site, ...)")
+def _subgroups(p: argparse.ArgumentParser):
+    p.add_argument("--truth", type=Path, required=True, help="ground truth (ISIC format)")
+    p.add_argument("--pred", type=Path, nargs="+", required=True, help="prediction CSV(s) (ISIC format)")
+    p.add_argument("--metadata", type=Path, required=True,
+                   help="HAM10000_metadata.csv or any CSV with image_id and metadata columns (lesion_id used if present)")
+    p.add_argument("--columns", help="comma list of columns to split by (default: those present of "
+                   "sex, age_band, localization, dx_type, fitzpatrick_skin_type)")
+    p.add_argument("--lesions", type=Path, help="CSV with image_id and lesion_id (default: the metadata's lesion_id)")
+    p.add_argument("--out", type=Path, required=True, help="folder for subgroups.csv and forest plots")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples per subgroup")
+    p.add_argument("--min-images", type=int, default=30, help="subgroups with fewer images are marked small")
+    p.add_argument("--threshold", type=float, help="melanoma threshold for sensitivity/specificity (default: argmax)")
+
+    def run(a: argparse.Namespace) -> int:
+        from lesionlab.evaluation.subgroups import subgroup_files
+
+        if a.bootstrap < 0:
+            raise UserError("--bootstrap must be 0 or more")
+        cols = [c.strip() for c in a.columns.split(",") if c.strip()] if a.columns else None
+        table, notes = subgroup_files(a.truth, a.pred, a.metadata, a.out, columns=cols, lesions=a.lesions,
+                                      n_boot=a.bootstrap, min_images=a.min_images, mel_threshold=a.threshold)
+        for n in notes:
+            print(f"note: {n}")
+        shown = table[["model", "column", "subgroup", "n_images", "n_MEL", "balanced_accuracy", "MEL_sensitivity",
+                       "MEL_auc", "flagged", "note"]]
+        print(shown.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+        flagged = table[table["flagged"] != ""]
+        print(f"{len(flagged)} subgroup(s) with a CI wholly below the overall value; wrote {a.out}/subgroups.csv")
+        return 0
+
+    return run
+
+
 def _external_arg(text: str):
     from lesionlab.config import ExternalSet
 

@@ -84,3 +84,68 @@ def plot_model_comparison(table: pd.DataFrame, path: str | Path) -> None:
     ax.set_title("macro averages, test split", fontsize=10)
     _save(fig, Path(path))
 
+
+def plot_subgroup_forest(table: pd.DataFrame, path: str | Path, *, metrics: Sequence[str], title: str = "") -> None:
+    """Forest plot of subgroup metrics (a `evaluation.subgroups.subgroup_table`): one panel per metric.
+
+    Each row is a subgroup (point + CI); the dashed line and grey band are the overall value and its CI.
+    Red: CI wholly below the overall value (flagged). Hollow grey: small subgroup (too few images or no melanoma).
+    """
+    overall = table[table["column"] == "all"].iloc[0]
+    rows = table[table["column"] != "all"].reset_index(drop=True)
+    labels = [f"{c}: {s}  (n={n})" for c, s, n in zip(rows["column"], rows["subgroup"], rows["n_images"], strict=True)]
+    ypos = np.arange(len(rows))[::-1]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(2.6 * len(metrics) + 2.4, 0.24 * len(rows) + 1.2),
+                             sharey=True, squeeze=False)
+    for ax, m in zip(axes[0], metrics, strict=True):
+        ref, lo, hi = overall[m], overall[f"{m}_lo"], overall[f"{m}_hi"]
+        if pd.notna(lo) and pd.notna(hi):
+            ax.axvspan(lo, hi, color="0.88", zorder=0)
+        if pd.notna(ref):
+            ax.axvline(ref, ls="--", c="0.4", lw=0.9, zorder=1)
+        for y, (_, r) in zip(ypos, rows.iterrows(), strict=True):
+            if pd.isna(r[m]):
+                ax.text(0.02, y, "n/a", va="center", fontsize=6, color="0.5", transform=ax.get_yaxis_transform())
+                continue
+            color = "C3" if r[f"{m}_below"] else ("0.55" if r["small"] else "C0")
+            if pd.notna(r[f"{m}_lo"]):
+                ax.plot([r[f"{m}_lo"], r[f"{m}_hi"]], [y, y], c=color, lw=1.2, zorder=2)
+            ax.plot(r[m], y, "o", ms=4, zorder=3, c=color, mfc="white" if r["small"] else color)
+        ax.set_xlim(-0.02, 1.02)
+        ax.set_title(m.replace("_", " "), fontsize=9)
+        ax.tick_params(axis="x", labelsize=7)
+        # a thin line between metadata columns
+        for y in ypos[1:][rows["column"].to_numpy()[1:] != rows["column"].to_numpy()[:-1]]:
+            ax.axhline(y + 0.5, c="0.8", lw=0.6)
+    axes[0][0].set_yticks(ypos, labels, fontsize=7)
+    axes[0][0].set_ylim(-0.7, len(rows) - 0.3)
+    fig.suptitle(title or "subgroups", fontsize=10)
+    fig.text(0.01, 0.005, "dashed/grey band: overall value and CI; red: CI wholly below overall; hollow: small subgroup",
+             fontsize=6, color="0.4")
+    _save(fig, Path(path))
+
+
+def plot_reliability(curves: dict[str, dict], path: str | Path, *, title: str = "") -> None:
+    """Top-1 reliability diagram: accuracy against mean confidence per bin for each curve (e.g. before / after
+    temperature scaling), with the diagonal of perfect calibration and the share of images per bin below.
+
+    Args:
+        curves: {label: `evaluation.calibration.reliability_curve(...)` output}.
+    """
+    fig, (ax, axh) = plt.subplots(2, 1, figsize=(4.6, 5.2), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    ax.plot([0, 1], [0, 1], ls=":", c="grey", lw=0.8)
+    for i, (label, c) in enumerate(curves.items()):
+        conf = np.array([np.nan if v is None else v for v in c["confidence"]], float)
+        acc = np.array([np.nan if v is None else v for v in c["accuracy"]], float)
+        ok = np.isfinite(conf)
+        ax.plot(conf[ok], acc[ok], marker="o", ms=3, lw=1.3, c=f"C{i}", label=label)
+        count = np.asarray(c["count"], float)
+        axh.stairs(count / max(count.sum(), 1), c["edges"], color=f"C{i}", lw=1.2)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy")
+    ax.set_title(title or "reliability (top-1)", fontsize=10)
+    ax.legend(fontsize=7, loc="upper left")
+    axh.set_xlabel("confidence (top-1 probability)")
+    axh.set_ylabel("share", fontsize=8)
+    _save(fig, Path(path))

@@ -1,0 +1,297 @@
+"""Subgroup performance: metrics with lesion-bootstrap CIs per value of each metadata column (sex, body site, ...).
+
+Pure numpy/pandas (no torch), so `lesionlab subgroups` runs on prediction CSVs alone.
+
+For every categorical column (and age, cut into bands) each subgroup gets balanced accuracy, melanoma
+sensitivity / specificity / AUC, macro AUC and accuracy, each with a percentile-bootstrap CI that resamples the
+subgroup's lesions (`bootstrap.bootstrap_ci`). A subgroup is *flagged* on a metric when its whole CI lies below
+the overall value of that metric; a subgroup with fewer than `min_images` images or without melanoma cases is
+*marked small* (its CIs are wide or its melanoma metrics undefined), never dropped. Missing values (empty,
+NaN, "unknown") form their own subgroup `unknown`, so every image is counted in every column.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy.stats import rankdata
+
+from lesionlab.evaluation.bootstrap import bootstrap_ci
+from lesionlab.exceptions import UserError
+from lesionlab.labels import CLASS_INDEX, CLASSES
+
+# The metrics reported per subgroup, in display order.
+METRICS: tuple[str, ...] = ("balanced_accuracy", "MEL_sensitivity", "MEL_specificity", "MEL_auc", "macro_auc", "accuracy")
+METRIC_TITLES = {
+    "balanced_accuracy": "balanced accuracy", "MEL_sensitivity": "melanoma sensitivity",
+    "MEL_specificity": "melanoma specificity", "MEL_auc": "melanoma AUC", "macro_auc": "macro AUC",
+    "accuracy": "accuracy",
+}
+
+# Age bands (lower bound inclusive); HAM10000 ages are multiples of 5 from 0 to 85.
+AGE_BANDS: tuple[tuple[float, str], ...] = ((0, "<30"), (30, "30-44"), (45, "45-59"), (60, "60-74"), (75, "75+"))
+
+# Columns used when present (age becomes `age_band`); any other column can be named explicitly.
+DEFAULT_COLUMNS: tuple[str, ...] = ("sex", "age_band", "localization", "dx_type", "fitzpatrick_skin_type")
+
+MISSING = "unknown"
+_MISSING_VALUES = {"", "nan", "none", "unknown", "na", "n/a", "null"}
+
+OVERALL = "all"
+
+
+def age_band(age: Any) -> str:
+    """The band of one age in years (`MISSING` for an empty or non-numeric value)."""
+    try:
+        a = float(age)
+    except (TypeError, ValueError):
+        return MISSING
+    if not np.isfinite(a) or a < 0:
+        return MISSING
+    label = AGE_BANDS[0][1]
+    for lo, name in AGE_BANDS:
+        if a >= lo:
+            label = name
+    return label
+
+
+def clean_values(values: Sequence[Any]) -> np.ndarray:
+    """Category labels as stripped strings; missing values become `MISSING`; numbers like 3.0 become '3'."""
+    out = []
+    for v in values:
+        if isinstance(v, float) and np.isfinite(v) and v.is_integer():
+            v = int(v)
+        s = "" if v is None or (isinstance(v, float) and not np.isfinite(v)) else str(v).strip()
+        out.append(MISSING if s.lower() in _MISSING_VALUES else s)
+    return np.array(out, dtype=object)
+
+
+def _auc(pos: np.ndarray, score: np.ndarray) -> float:
+    """ROC AUC by the Mann-Whitney rank statistic (ties get average ranks).
+
+    Written by hand because the bootstrap calls it thousands of times per subgroup and sklearn's
+    `roc_auc_score` costs ~20x more per call; tests check it against sklearn.
+    """
+    n_pos = int(pos.sum())
+    n_neg = len(pos) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = rankdata(score)
+    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def subgroup_stat(y_true: np.ndarray, probs: np.ndarray, *, mel_threshold: float | None = None) -> dict[str, float]:
+    """The `METRICS` for one set of predictions, with the definitions of `evaluation.metrics.summarize`.
+
+    Args:
+        mel_threshold: melanoma sensitivity/specificity at `P(MEL) >= mel_threshold` instead of at the argmax.
+    """
+    y = np.asarray(y_true, int)
+    p = np.asarray(probs, float)
+    k = p.shape[1]
+    pred = p.argmax(axis=1)
+    present = np.bincount(y, minlength=k) > 0
+    sens = np.array([np.mean(pred[y == c] == c) if present[c] else np.nan for c in range(k)])
+    aucs = np.array([_auc(y == c, p[:, c]) if present[c] else np.nan for c in range(k)])
+    mel = CLASS_INDEX["MEL"]
+    is_mel = y == mel
+    called = p[:, mel] >= mel_threshold if mel_threshold is not None else pred == mel
+    with np.errstate(invalid="ignore"):
+        return {
+            "balanced_accuracy": float(np.nanmean(sens)) if present.any() else float("nan"),
+            "MEL_sensitivity": float(called[is_mel].mean()) if is_mel.any() else float("nan"),
+            "MEL_specificity": float((~called[~is_mel]).mean()) if (~is_mel).any() else float("nan"),
+            "MEL_auc": float(aucs[mel]),
+            "macro_auc": float(np.nanmean(aucs)) if np.isfinite(aucs).any() else float("nan"),
+            "accuracy": float((pred == y).mean()) if len(y) else float("nan"),
+        }
+
+
+def subgroup_columns(meta: pd.DataFrame, columns: Sequence[str] | None = None) -> list[str]:
+    """The columns to split by: `columns` if given (each must exist; `age_band` needs `age`), else the defaults present."""
+    have = set(meta.columns) | ({"age_band"} if "age" in meta.columns else set())
+    if columns:
+        missing = [c for c in columns if c not in have]
+        if missing:
+            raise UserError(f"metadata has no column {missing[0]!r}; columns: {', '.join(sorted(have))}")
+        return list(dict.fromkeys(columns))
+    return [c for c in DEFAULT_COLUMNS if c in have]
+
+
+def metadata_values(meta: pd.DataFrame, image_ids: Sequence[str], column: str) -> np.ndarray:
+    """One cleaned category per image (`MISSING` for images without a metadata row or value)."""
+    if column == "age_band" and "age_band" not in meta.columns:
+        lookup = dict(zip(meta["image_id"], (age_band(a) for a in meta["age"]), strict=True))
+    else:
+        lookup = dict(zip(meta["image_id"], clean_values(meta[column].tolist()), strict=True))
+    return np.array([lookup.get(i, MISSING) for i in image_ids], dtype=object)
+
+
+def _order(values: np.ndarray, column: str) -> list[str]:
+    """Subgroups in a readable order: age bands by age, others largest first; `unknown` last."""
+    names, counts = np.unique(values.astype(str), return_counts=True)
+    if column == "age_band":
+        rank = {name: i for i, (_, name) in enumerate(AGE_BANDS)}
+        ordered = sorted(names, key=lambda n: rank.get(n, len(rank)))
+    else:
+        ordered = [n for _, n in sorted(zip(-counts, names, strict=True))]
+    return [n for n in ordered if n != MISSING] + ([MISSING] if MISSING in names else [])
+
+
+def _row(y, p, groups, *, column, value, n_boot, ci, seed, mel_threshold) -> dict[str, Any]:
+    def stat(a, b):
+        return subgroup_stat(a, b, mel_threshold=mel_threshold)
+
+    res = bootstrap_ci(y, p, groups=groups, n_boot=n_boot, ci=ci, seed=seed, stat=stat)
+    row: dict[str, Any] = {
+        "column": column, "subgroup": value, "n_images": int(len(y)), "n_lesions": int(len(np.unique(groups))),
+        "n_MEL": int((y == CLASS_INDEX["MEL"]).sum()),
+    }
+    for m in METRICS:
+        row[m] = res[m]["value"]
+        row[f"{m}_lo"] = res[m]["lo"]
+        row[f"{m}_hi"] = res[m]["hi"]
+    return row
+
+
+def subgroup_table(
+    y_true: np.ndarray,
+    probs: np.ndarray,
+    image_ids: Sequence[str],
+    meta: pd.DataFrame,
+    *,
+    columns: Sequence[str] | None = None,
+    groups: np.ndarray | None = None,
+    n_boot: int = 1000,
+    ci: float = 0.95,
+    seed: int = 0,
+    min_images: int = 30,
+    mel_threshold: float | None = None,
+) -> pd.DataFrame:
+    """One row for the whole set (`column == subgroup == "all"`) and one per subgroup of each column.
+
+    Args:
+        meta: one row per image with `image_id` and the metadata columns (e.g. HAM10000_metadata.csv).
+        groups: lesion id per image; the bootstrap resamples lesions within each subgroup (default: images).
+        min_images: subgroups with fewer images are marked `small`.
+
+    Returns:
+        Columns: column, subgroup, n_images, n_lesions, n_MEL, then per metric `<m>`, `<m>_lo`, `<m>_hi`,
+        `<m>_below` (CI wholly below the overall value), and `small`, `flagged` (metrics below), `note`.
+    """
+    y = np.asarray(y_true, int)
+    p = np.asarray(probs, float)
+    ids = [str(i) for i in image_ids]
+    if "image_id" not in meta.columns:
+        raise UserError("the metadata table needs an image_id column")
+    if len(y) != len(ids) or p.shape != (len(ids), len(CLASSES)):
+        raise ValueError(f"{len(y)} labels, {p.shape} probabilities and {len(ids)} image ids do not match")
+    g = np.asarray(groups if groups is not None else ids, dtype=object)
+    cols = subgroup_columns(meta, columns)
+    kw = dict(n_boot=n_boot, ci=ci, seed=seed, mel_threshold=mel_threshold)
+    rows = [_row(y, p, g, column=OVERALL, value=OVERALL, **kw)]
+    overall = rows[0]
+    for col in cols:
+        values = metadata_values(meta, ids, col)
+        for v in _order(values, col):
+            idx = np.flatnonzero(values == v)
+            rows.append(_row(y[idx], p[idx], g[idx], column=col, value=v, **kw))
+    for r in rows:
+        below = []
+        for m in METRICS:
+            hi, ref = r[f"{m}_hi"], overall[m]
+            r[f"{m}_below"] = bool(r["column"] != OVERALL and hi is not None and ref is not None and hi < ref)
+            if r[f"{m}_below"]:
+                below.append(m)
+        notes = []
+        if r["n_images"] < min_images:
+            notes.append(f"small: {r['n_images']} images (< {min_images})")
+        if r["n_MEL"] == 0:
+            notes.append("no melanoma: melanoma sensitivity and AUC undefined")
+        r["small"] = bool(notes)
+        r["flagged"] = ";".join(below)
+        r["note"] = "; ".join(notes)
+    return pd.DataFrame(rows)
+
+
+def read_metadata(path: str | Path) -> pd.DataFrame:
+    """A metadata table with an `image_id` (or `image`) column, read as strings (HAM10000_metadata.csv or any)."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"metadata file {p} does not exist")
+    try:
+        df = pd.read_csv(p, dtype=str, keep_default_na=False)
+    except Exception as e:
+        raise UserError(f"{p}: cannot be read as CSV ({str(e).splitlines()[0]})") from None
+    df.columns = [c.strip() for c in df.columns]
+    if "image_id" not in df.columns and "image" in df.columns:
+        df = df.rename(columns={"image": "image_id"})
+    if "image_id" not in df.columns:
+        raise UserError(f"{p}: needs an image_id (or image) column")
+    df["image_id"] = df["image_id"].str.strip()
+    dup = df["image_id"][df["image_id"].duplicated()]
+    if len(dup):
+        raise UserError(f"{p}: image {dup.iloc[0]} appears twice (row {dup.index[0] + 2})")
+    return df
+
+
+def subgroup_files(
+    truth: str | Path,
+    preds: Sequence[str | Path],
+    metadata: str | Path,
+    out_dir: str | Path,
+    *,
+    columns: Sequence[str] | None = None,
+    lesions: str | Path | None = None,
+    names: Sequence[str] | None = None,
+    n_boot: int = 1000,
+    ci: float = 0.95,
+    min_images: int = 30,
+    mel_threshold: float | None = None,
+    plot_metrics: Sequence[str] = ("balanced_accuracy", "MEL_sensitivity", "MEL_auc"),
+) -> tuple[pd.DataFrame, list[str]]:
+    """`lesionlab subgroups`: `subgroups.csv` (all models) and one forest plot per model in `out_dir`.
+
+    Returns:
+        (the table, notes for the user).
+
+    Lesion ids come from `lesions` (any CSV with image_id and lesion_id), else from a `lesion_id` column of
+    the metadata, else each image is its own lesion.
+    """
+    from lesionlab.data.isic_csv import align, read_isic_csv
+    from lesionlab.evaluation.evaluate import lesion_groups
+    from lesionlab.io import atomic_write_csv
+    from lesionlab.report.figures import plot_subgroup_forest
+
+    meta = read_metadata(metadata)
+    out = Path(out_dir)
+    names = list(names) if names else [Path(f).stem for f in preds]
+    if len(names) != len(preds):
+        raise UserError(f"{len(names)} names for {len(preds)} prediction files")
+    truth_df = read_isic_csv(truth, kind="truth")
+    frames, notes = [], []
+    for name, f in zip(names, preds, strict=True):
+        y, p, ids = align(truth_df, read_isic_csv(f, kind="prediction"), truth_name=str(truth), pred_name=str(f))
+        unknown = sorted(set(ids) - set(meta["image_id"]))
+        if len(unknown) == len(ids):
+            raise UserError(f"{metadata}: none of the {len(ids)} images of {truth} has a row (first: {ids[0]})")
+        groups = lesion_groups(lesions, ids) if lesions else None
+        if groups is None and "lesion_id" in meta.columns:
+            lookup = dict(zip(meta["image_id"], meta["lesion_id"], strict=True))
+            groups = np.array([lookup.get(i) or i for i in ids], dtype=object)
+        t = subgroup_table(y, p, ids, meta, columns=columns, groups=groups, n_boot=n_boot, ci=ci,
+                           min_images=min_images, mel_threshold=mel_threshold)
+        t.insert(0, "model", name)
+        frames.append(t)
+        if unknown:
+            notes.append(f"{name}: {len(unknown)} of {len(ids)} images have no row in {metadata} "
+                         f"(first: {unknown[0]}); they count as '{MISSING}' in every column")
+        plot_subgroup_forest(t, out / f"subgroups_{name}.png", metrics=plot_metrics,
+                             title=f"{name}: subgroups ({int(ci * 100)}% lesion-bootstrap CIs)")
+    table = pd.concat(frames, ignore_index=True)
+    atomic_write_csv(out / "subgroups.csv", table, float_format="%.4f")
+    return table, list(dict.fromkeys(notes))
