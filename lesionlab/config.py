@@ -94,6 +94,21 @@ class ExplainConfig:
 
 
 @dataclass
+class TrustConfig:
+    """Calibrated probabilities and conformal prediction sets, both fitted on the validation split
+    (lesionlab.evaluation.calibration / conformal); stored in the study's trust.json and copied into bundles."""
+
+    calibration: bool = True  # temperature scaling per model and for the ensemble; off: T = 1
+    ece_bins: int = 15  # equal-width bins of the top-1 confidence (Guo et al. 2017)
+    coverage: float = 0.90  # conformal sets hold the true class with at least this probability
+    method: str = "lac"  # lac | aps | raps (conformal score)
+    mondrian: bool = True  # one threshold per class, so coverage holds for every class (melanoma included)
+    raps_lambda: float = 0.01  # RAPS penalty per rank beyond raps_k_reg
+    raps_k_reg: int = 1
+    seed: int = 0  # APS/RAPS randomisation of the validation scores
+
+
+@dataclass
 class ExternalSet:
     """An external test set in ISIC ground-truth format (e.g. the ISIC 2018 test set, PH2 mapped to NV/MEL)."""
 
@@ -112,6 +127,7 @@ class StudyConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     explain: ExplainConfig = field(default_factory=ExplainConfig)
+    trust: TrustConfig = field(default_factory=TrustConfig)
     synth_images: int = 0  # > 0: the demo makes a synthetic dataset of this many images
     synth_size: list[int] = field(default_factory=lambda: [600, 450])
     external: list[ExternalSet] = field(default_factory=list)

@@ -27,7 +27,9 @@ def truth_frame(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def write_isic_csv(path: str | Path, frame: pd.DataFrame) -> None:
-    atomic_write_csv(Path(path), frame, float_format="%.6f", lineterminator="\n")
+    # 9 significant digits round-trip a float32 softmax exactly; fixed decimals turned small probabilities into 0,
+    # and temperature scaling works from log(p) (evaluation/calibration.py).
+    atomic_write_csv(Path(path), frame, float_format="%.9g", lineterminator="\n")
 
 
 def read_isic_csv(path: str | Path, *, kind: str) -> pd.DataFrame:
