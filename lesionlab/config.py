@@ -109,6 +109,38 @@ class TrustConfig:
 
 
 @dataclass
+class QualityConfig:
+    """Image quality checks before any diagnosis (lesionlab.data.quality); copied into every bundle.
+
+    Measured on a grey copy whose shorter side is `working_size` px; defaults chosen on the real HAM10000
+    images (200x150) so that almost none is refused (docs/ood-ham10000.md).
+    """
+
+    min_side: int = 100  # shorter side in pixels; a 2/3 centre crop of less leaves < 67 px of lesion
+    max_aspect: float = 3.0  # long side / short side (dermoscopy 4:3, phones 16:9)
+    working_size: int = 128  # shorter side of the grey copy the measures below are taken on
+    blur_sigma: float = 1.0  # Laplacian-of-Gaussian sigma in working pixels (hides JPEG/8-bit noise)
+    min_sharpness: float = 0.0006  # Laplacian variance (see data/quality.py); 0.1% of HAM10000 lies below
+    dark_level: float = 10 / 255  # a pixel this dark counts as nearly black
+    bright_level: float = 245 / 255  # a pixel this bright counts as nearly white
+    max_dark_fraction: float = 0.6  # more nearly black pixels: under-exposed (HAM10000 vignettes: <= 18%)
+    max_bright_fraction: float = 0.6  # more nearly white pixels: over-exposed
+    min_mean: float = 0.12  # mean grey level below this: under-exposed (HAM10000 >= 0.34)
+    max_mean: float = 0.95  # mean grey level above this: over-exposed (HAM10000 <= 0.90)
+    min_contrast: float = 4 / 255  # grey standard deviation below this: nearly uniform (HAM10000 >= 5.8/255)
+
+
+@dataclass
+class OODConfig:
+    """Out-of-distribution refusal (lesionlab.evaluation.ood), fitted when a bundle is made; copied into it."""
+
+    method: str = "mahalanobis"  # mahalanobis (penultimate features, training split) | none
+    target_tpr: float = 0.95  # share of validation images that must pass the threshold
+    fit_per_class: int = 300  # at most this many training images per class fit the class means and covariance
+    seed: int = 0  # which training images are drawn when a class has more than fit_per_class
+
+
+@dataclass
 class ExternalSet:
     """An external test set in ISIC ground-truth format (e.g. the ISIC 2018 test set, PH2 mapped to NV/MEL)."""
 
@@ -127,6 +159,8 @@ class StudyConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     explain: ExplainConfig = field(default_factory=ExplainConfig)
+    quality: QualityConfig = field(default_factory=QualityConfig)
+    ood: OODConfig = field(default_factory=OODConfig)
     trust: TrustConfig = field(default_factory=TrustConfig)
     synth_images: int = 0  # > 0: the demo makes a synthetic dataset of this many images
     synth_size: list[int] = field(default_factory=lambda: [600, 450])

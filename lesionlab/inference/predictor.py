@@ -111,20 +111,34 @@ class Predictor:
     @torch.inference_mode()
     def predict_batch(self, x: torch.Tensor, *, tta: bool = False) -> np.ndarray:
         """Softmax probabilities (N, 7) of a normalised batch; TTA averages flips and 90-degree rotations."""
+        return self.outputs_batch(x, tta=tta, features=False)["probs"]
+
+    @torch.inference_mode()
+    def outputs_batch(self, x: torch.Tensor, *, tta: bool = False, features: bool = True) -> dict[str, np.ndarray]:
+        """`probs` (N, 7; averaged over the TTA views), and of the untransformed view `logits` (N, 7) and, with
+        `features`, the pooled penultimate `features` (N, D) that out-of-distribution scores look at."""
         x = runtime.to_device(x, self.device, channels_last=self.channels_last)
         views = tta_views(x) if tta else [x]
         acc = None
-        for v in views:
+        out: dict[str, np.ndarray] = {}
+        for i, v in enumerate(views):
             v = v.contiguous(memory_format=torch.channels_last) if self.channels_last else v
             if self.cpu_bf16:
                 feats = self._cpu_bf16_model()(v.to(torch.bfloat16)).float()
-                logits = self.model.forward_head(feats)
             else:
                 with runtime.autocast(self.device, self.amp):
-                    logits = self.model(v).float()
-            p = torch.softmax(logits.float(), dim=1)
+                    feats = self.model.forward_features(v)
+            # The head runs in fp32 on both paths (as before: the bf16 path kept the classifier head fp32).
+            feats = feats.float()
+            logits = self.model.forward_head(feats).float()
+            if i == 0:
+                out["logits"] = logits.cpu().numpy()
+                if features:
+                    out["features"] = self.model.forward_head(feats, pre_logits=True).float().cpu().numpy()
+            p = torch.softmax(logits, dim=1)
             acc = p if acc is None else acc + p
-        return (acc / len(views)).cpu().numpy()
+        out["probs"] = (acc / len(views)).cpu().numpy()
+        return out
 
     def predict_frame(self, df: pd.DataFrame, *, batch_size: int = 32, num_workers: int = 0, tta: bool = False,
                       progress: bool = True) -> np.ndarray:

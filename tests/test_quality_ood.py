@@ -1,0 +1,146 @@
+"""Image quality checks and out-of-distribution scores (pure functions), cross-checked against other implementations."""
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image, ImageFilter
+from scipy.spatial.distance import mahalanobis
+
+from lesionlab.config import QualityConfig, load_config
+from lesionlab.data.quality import ADVICE, check_quality, measure, thresholds_from_dict
+from lesionlab.evaluation.ood import (
+    energy_score,
+    fit_mahalanobis,
+    mahalanobis_score,
+    msp_score,
+    ood_metrics,
+    threshold_for_tpr,
+)
+from lesionlab.exceptions import UserError
+
+
+def lesion_like(w=200, h=150, seed=0) -> Image.Image:
+    """A textured skin-coloured image with a darker blob: passes every quality check."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    blob = np.exp(-(((xx - w / 2) / (w / 5)) ** 2 + ((yy - h / 2) / (h / 5)) ** 2))
+    base = np.array([200, 150, 130]) - 110 * blob[..., None] * np.array([1, 1.1, 1.1])
+    img = base + rng.normal(0, 12, (h, w, 3))
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+
+
+def codes(im, t=None):
+    return [i.code for i in check_quality(im, t)]
+
+
+def test_a_normal_image_passes_and_the_ham_size_is_accepted():
+    assert codes(lesion_like(200, 150)) == []  # the real HAM10000 copy is 200x150
+    assert codes(lesion_like(600, 450, seed=1)) == []
+    assert codes(lesion_like(150, 150, seed=2)) == []
+
+
+def test_each_problem_is_refused_with_a_reason_and_advice():
+    thumb = lesion_like(16, 12)
+    issues = check_quality(thumb)
+    assert [i.code for i in issues][0] == "too_small" and "16x12" in issues[0].reason
+    assert codes(lesion_like(600, 120)) == ["aspect_ratio"]
+    assert codes(lesion_like().filter(ImageFilter.GaussianBlur(6))) == ["blurred"]
+    dark = Image.fromarray((np.asarray(lesion_like(), float) * 0.08).astype(np.uint8))
+    assert codes(dark) == ["under_exposed"]
+    bright = Image.fromarray(np.clip(np.asarray(lesion_like(), float) * 3 + 60, 0, 255).astype(np.uint8))
+    assert codes(bright) == ["over_exposed"]
+    assert codes(Image.new("RGB", (300, 200), (180, 120, 100))) == ["uniform"]
+    for i in check_quality(Image.new("RGB", (16, 12), (0, 0, 0))):
+        d = i.to_dict()
+        assert d["reason"].endswith(".") and d["advice"] == ADVICE[i.code] and "\n" not in d["reason"]
+
+
+def test_sharpness_does_not_depend_on_resolution():
+    small = lesion_like(200, 150).filter(ImageFilter.GaussianBlur(0.5))
+    big = small.resize((800, 600), Image.BICUBIC)
+    a, b = measure(small)["sharpness"], measure(big)["sharpness"]
+    assert abs(a - b) / a < 0.35, (a, b)
+    # and a blur of the same relative size is refused at both resolutions
+    assert "blurred" in codes(lesion_like(200, 150).filter(ImageFilter.GaussianBlur(5)))
+    assert "blurred" in codes(lesion_like(800, 600).filter(ImageFilter.GaussianBlur(20)))
+
+
+def test_sharpness_matches_opencv_laplacian_of_gaussian():
+    """scipy's LoG against OpenCV (GaussianBlur then Laplacian), an independent implementation."""
+    from lesionlab.data.quality import working_grey
+
+    t = QualityConfig()
+    im = lesion_like(240, 180, seed=3)
+    g = working_grey(im, t.working_size)
+    z = (g - g.mean()) / g.std()
+    blurred = cv2.GaussianBlur(z, (0, 0), sigmaX=t.blur_sigma, borderType=cv2.BORDER_REFLECT)
+    ref = cv2.Laplacian(blurred, cv2.CV_64F, ksize=1, borderType=cv2.BORDER_REFLECT).var()
+    assert measure(im, t)["sharpness"] == pytest.approx(ref, rel=0.05)
+
+
+def test_thresholds_come_from_config_and_round_trip():
+    cfg = load_config(None, ["quality.min_side=20", "quality.max_aspect=10"])
+    assert codes(lesion_like(16, 12), cfg.quality) == ["too_small"]
+    assert codes(lesion_like(600, 120), cfg.quality) == []
+    assert thresholds_from_dict(cfg.quality.__dict__) == cfg.quality
+    assert thresholds_from_dict(None) == QualityConfig()
+    with pytest.raises(UserError, match="quality"):
+        thresholds_from_dict({"min_side": "big"})
+
+
+def test_mahalanobis_matches_scipy_and_sklearn():
+    rng = np.random.default_rng(0)
+    d = 6
+    a = rng.normal(size=(d, d))
+    cov = a @ a.T + np.eye(d)
+    y = np.repeat([0, 2], 400)
+    x = rng.multivariate_normal(np.zeros(d), cov, size=800) + np.where(y[:, None] == 2, 3.0, 0.0)
+    stats = fit_mahalanobis(x, y)
+    assert stats.classes == [0, 2]
+    from sklearn.covariance import LedoitWolf
+
+    means = np.stack([x[y == c].mean(0) for c in (0, 2)])
+    lw = LedoitWolf(assume_centered=True).fit(x - means[(y == 2).astype(int)])
+    q = rng.normal(size=(5, d)) * 3
+    want = np.array([min(mahalanobis(v, m, lw.precision_) ** 2 for m in means) for v in q])
+    np.testing.assert_allclose(mahalanobis_score(q, stats), want, rtol=1e-3)
+    # sklearn's own distance for one class
+    np.testing.assert_allclose(np.minimum(lw.mahalanobis(q - means[0]), lw.mahalanobis(q - means[1])), want, rtol=1e-3)
+    # far points score higher than training-like points
+    assert mahalanobis_score(x[:50], stats).mean() < mahalanobis_score(x[:50] + 20, stats).mean()
+    with pytest.raises(UserError):
+        fit_mahalanobis(x[:1], y[:1])
+
+
+def test_energy_msp_threshold_and_metrics():
+    logits = np.array([[10.0, 0, 0], [0.1, 0, 0]])
+    e = energy_score(logits)
+    assert e[0] < e[1]  # a confident logit is more in-distribution
+    assert e[0] == pytest.approx(-np.log(np.exp(10) + 2))
+    np.testing.assert_allclose(msp_score(np.array([[0.9, 0.1], [0.5, 0.5]])), [0.1, 0.5])
+    s = np.arange(1, 101, dtype=float)  # 100 in-distribution scores
+    t = threshold_for_tpr(s, 0.95)
+    assert t == 95 and np.mean(s <= t) >= 0.95
+    m = ood_metrics(s, np.array([50.0, 96, 200, 300]), threshold=t)
+    assert m["fpr_at_tpr"] == 0.25 and m["in_refused"] == pytest.approx(0.05) and m["out_refused"] == 0.75
+    from sklearn.metrics import roc_auc_score
+
+    assert m["auroc"] == pytest.approx(roc_auc_score([0] * 100 + [1] * 4, np.r_[s, [50, 96, 200, 300]]))
+    with pytest.raises(UserError):
+        threshold_for_tpr(np.array([]))
+
+
+def test_predictor_gives_logits_and_features_consistent_with_probabilities(tmp_path):
+    import torch
+    from helpers import make_tiny_checkpoint
+
+    from lesionlab.inference.predictor import Predictor
+
+    pr = Predictor(make_tiny_checkpoint(tmp_path / "m", seed=0), device="cpu", precision="fp32")
+    x = pr.prepare([lesion_like(seed=4), lesion_like(seed=5)])
+    out = pr.outputs_batch(x)
+    assert out["logits"].shape == (2, 7) and out["features"].shape[0] == 2 and out["features"].shape[1] > 7
+    np.testing.assert_allclose(out["probs"], torch.softmax(torch.tensor(out["logits"]), 1).numpy(), atol=1e-6)
+    np.testing.assert_allclose(pr.predict_batch(x), out["probs"], atol=1e-6)
+    head = pr.model.get_classifier()
+    np.testing.assert_allclose(head(torch.tensor(out["features"])).detach().numpy(), out["logits"], atol=1e-4)
