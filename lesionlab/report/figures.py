@@ -149,3 +149,35 @@ def plot_reliability(curves: dict[str, dict], path: str | Path, *, title: str = 
     axh.set_xlabel("confidence (top-1 probability)")
     axh.set_ylabel("share", fontsize=8)
     _save(fig, Path(path))
+
+
+def plot_robustness(table: pd.DataFrame, metric: str, path: str | Path, *, title: str = "") -> None:
+    """`metric` vs severity, one panel per perturbation, one line per model (ensemble in black).
+
+    `table` is `evaluation.robustness.robustness_table` output; the clean value sits at the perturbation's
+    identity level (`identity` column) when present.
+    """
+    t = table[table["perturbation"] != "none"]
+    perts = list(dict.fromkeys(t["perturbation"]))
+    models = list(dict.fromkeys(table["model"]))
+    cols = min(4, max(1, len(perts)))
+    rows = int(np.ceil(len(perts) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 2.4 * rows), squeeze=False, sharey=True)
+    for ax, pert in zip(axes.flat, perts, strict=False):
+        sub = t[t["perturbation"] == pert]
+        for i, m in enumerate(models):
+            s = sub[sub["model"] == m].sort_values("level")
+            black = m == "ensemble"
+            ax.plot(s["level"], s[metric], marker="o", ms=3, lw=2.0 if black else 1.1, c="black" if black else f"C{i}",
+                    label=m)
+        if "identity" in sub:
+            ax.axvline(float(sub["identity"].iloc[0]), c="grey", ls=":", lw=0.8)
+        ax.axhline(0.0, c="grey", lw=0.5)
+        ax.set_title(pert, fontsize=9)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(perts):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=6)
+    fig.suptitle(title or metric.replace("_", " "), fontsize=10)
+    fig.tight_layout()
+    _save(fig, Path(path))

@@ -1,0 +1,96 @@
+"""Probabilities of models on perturbed copies of a table's images (the runner behind `lesionlab robustness`).
+
+Each image is decoded once; every perturbation (lesionlab.data.perturbations) acts on the decoded source
+image, and then each model's own preprocessing (its checkpoint's framing, crop, colour constancy and
+normalisation) runs on the result, as it would on a photograph taken that way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from lesionlab import runtime
+from lesionlab.data.cache import pil_to_uint8_tensor
+from lesionlab.data.images import DEFAULT_MAX_PIXELS, load_image
+from lesionlab.data.perturbations import get_perturbation, perturbation_rng
+from lesionlab.inference.predictor import Predictor
+from lesionlab.labels import CLASSES
+
+Condition = tuple[str, int, float]  # (perturbation name, level index, level)
+
+
+class _PerturbedImages(torch.utils.data.Dataset):
+    """Item i: image i decoded once, then stacked with its perturbed copies: uint8 (1 + conditions, 3, H, W)."""
+
+    def __init__(self, paths: list[str], conditions: Sequence[Condition], *, seed: int, max_pixels: int):
+        self.paths, self.conditions, self.seed, self.max_pixels = paths, list(conditions), seed, max_pixels
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        img = pil_to_uint8_tensor(load_image(self.paths[i], max_pixels=self.max_pixels))
+        out = [img]
+        for name, li, level in self.conditions:
+            out.append(get_perturbation(name)(img, level, perturbation_rng(self.seed, name, li, i)))
+        return torch.stack(out)
+
+
+def predict_perturbed(
+    predictors: Sequence[Predictor],
+    df: pd.DataFrame,
+    conditions: Sequence[Condition],
+    *,
+    seed: int = 0,
+    tta: bool = False,
+    chunk: int = 64,
+    num_workers: int = 0,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    progress: bool = True,
+) -> tuple[dict[str, np.ndarray], dict[str, dict[tuple[str, float], np.ndarray]]]:
+    """Clean and perturbed probabilities of every predictor for the rows of `df` (needs a `path` column).
+
+    Args:
+        conditions: (name, level index, level) triples, e.g. from `perturbations.conditions()`.
+        seed: seeds the random perturbations per (perturbation, severity, image row), independent of batching.
+        chunk: images predicted together (each with all its perturbed copies).
+        num_workers: DataLoader processes that decode and perturb (the costly part on CPU).
+
+    Returns:
+        ({model: (N, K) clean}, {model: {(name, level): (N, K)}}).
+    """
+    names = [p.name for p in predictors]
+    keys = [None] + [(c[0], c[2]) for c in conditions]
+    parts: dict[str, list[list[np.ndarray]]] = {n: [[] for _ in keys] for n in names}
+    ds = _PerturbedImages(df["path"].tolist(), conditions, seed=seed, max_pixels=max_pixels)
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=runtime.worker_count(num_workers))
+    bar = tqdm(total=len(ds), desc=f"robustness ({len(keys)} conditions)", unit="img", disable=not progress)
+    pending: list[torch.Tensor] = []
+
+    def flush() -> None:
+        for s in range(len(keys)):
+            for pr in predictors:
+                x = torch.stack([pr.transform(stack[s]) for stack in pending])
+                parts[pr.name][s].append(pr.predict_batch(x, tta=tta))
+        bar.update(len(pending))
+        pending.clear()
+
+    for stack in loader:
+        pending.append(stack)
+        if len(pending) == chunk:
+            flush()
+    if pending:
+        flush()
+    bar.close()
+
+    def cat(p: list[np.ndarray]) -> np.ndarray:
+        return np.concatenate(p) if p else np.zeros((0, len(CLASSES)))
+
+    clean = {n: cat(parts[n][0]) for n in names}
+    pert = {n: {k: cat(parts[n][s]) for s, k in enumerate(keys) if k is not None} for n in names}
+    return clean, pert
