@@ -1,0 +1,71 @@
+"""Trust parameters: fit on validation, store in trust.json, apply and evaluate elsewhere (synthetic scores)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from scipy.special import softmax
+
+from lesionlab.config import TrustConfig
+from lesionlab.evaluation import trust as tr
+from lesionlab.evaluation.calibration import calibrate_probs, ece
+from lesionlab.exceptions import UserError
+
+
+def _overconfident(n: int, seed: int):
+    """Probabilities of a model whose logits are 2.5x too large, and labels drawn from the honest ones."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(0, 2.0, size=(n, 7))
+    honest = softmax(z, axis=1)
+    y = np.minimum((rng.random(n)[:, None] > np.cumsum(honest, 1)).sum(1), 6)
+    return softmax(2.5 * z, axis=1), y
+
+
+def test_fit_apply_and_evaluate(tmp_path):
+    pv, yv = _overconfident(1500, 0)
+    pt, yt = _overconfident(1500, 1)
+    cfg = TrustConfig()
+    trust = tr.fit_trust(yv, {"a": pv, "ensemble": np.sqrt(pv) / np.sqrt(pv).sum(1, keepdims=True)}, cfg)
+    assert trust["models"]["a"]["temperature"] == pytest.approx(2.5, rel=0.1)
+    tr.write_trust(tmp_path / tr.TRUST_FILE, trust)
+    back = tr.read_trust(tmp_path / tr.TRUST_FILE)
+    assert back == json.loads(json.dumps(trust))
+    cal, sets = tr.apply_trust(back, "a", pt)
+    np.testing.assert_allclose(cal, calibrate_probs(pt, trust["models"]["a"]["temperature"]))
+    assert ece(yt, cal) < ece(yt, pt)
+    assert sets.shape == pt.shape and sets.dtype == bool
+    res = tr.evaluate_trust(yt, pt, back, "a", groups=np.arange(len(yt)) // 3, n_boot=50)
+    c, s = res["calibration"], res["conformal"]
+    assert c["after"]["ece"]["value"] < 0.05 < c["before"]["ece"]["value"]
+    assert abs(s["coverage"]["value"] - 0.9) < 0.04 and s["mondrian"] is True
+    assert min(v["coverage"]["value"] for v in s["per_class"].values()) > 0.8
+    assert len(c["reliability"]["after"]["count"]) == 15
+    rows = tr.trust_table({"a": res})
+    assert rows[0]["ece_after"] < rows[0]["ece_before"] and rows[0]["MEL_coverage"] is not None
+    variants = tr.compare_conformal(yv, pv, yt, pt, temperature=trust["models"]["a"]["temperature"])
+    assert {(r["method"], r["mondrian"]) for r in variants} == {(m, b) for m in ("lac", "aps", "raps") for b in (0, 1)}
+    json.dumps(res)
+
+
+def test_calibration_off_keeps_probabilities():
+    pv, yv = _overconfident(300, 2)
+    trust = tr.fit_trust(yv, {"a": pv}, TrustConfig(calibration=False, method="aps", mondrian=False))
+    assert trust["models"]["a"]["temperature"] == 1.0
+    cal, sets = tr.apply_trust(trust, "a", pv)
+    np.testing.assert_allclose(cal, pv, atol=1e-12)
+    assert sets.sum(1).min() >= 1  # APS never returns an empty set
+
+
+def test_errors_name_the_problem(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        tr.read_trust(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(UserError, match="models"):
+        tr.read_trust(tmp_path / "bad.json")
+    pv, yv = _overconfident(100, 3)
+    with pytest.raises(UserError, match="no model 'b'"):
+        tr.model_trust(tr.fit_trust(yv, {"a": pv}, TrustConfig()), "b")
+    with pytest.raises(UserError, match="unknown conformal method"):
+        tr.fit_trust(yv, {"a": pv}, TrustConfig(method="xyz"))
