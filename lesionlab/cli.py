@@ -189,13 +189,15 @@ def _train(p: argparse.ArgumentParser):
         from lesionlab import config, models
         from lesionlab.data.subsets import load_split_tables, split_frames
         from lesionlab.training.distributed import init_distributed
-        from lesionlab.training.fit import train_models
+        from lesionlab.training.fit import check_resumes, train_models
 
         cfg = config.load_config(a.config, _apply_model_args(a) + a.overrides)
         archs = models.expand_archs(a.arch or cfg.train.archs)
         rank, _ = init_distributed()
         table, split_df, split_hash = load_split_tables(a.data, a.metadata, a.split, skip_invalid=a.skip_invalid,
                                                               groupings=a.groupings, out_dir=a.out)
+        if a.resume:  # before config.yaml is overwritten with settings the run may not have been trained with
+            check_resumes(archs, cfg, a.out, split_hash)
         if rank == 0:
             config.save_config(cfg, a.out / "config.yaml")
         tr, va = split_frames(table, split_df)

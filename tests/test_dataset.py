@@ -3,6 +3,7 @@ import io
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
 from lesionlab.data.dataset import make_dataset
@@ -110,17 +111,66 @@ def test_decoding_exif_modes_and_bombs(tmp_path):
         decode_image(io.BytesIO(b"not an image"), name="upload")
 
 
-def test_cache_matches_direct_decoding(synth_dir, tmp_path):
-    from lesionlab.data.transforms import DataSpec, build_eval_transform
+def _textured(w: int, h: int, seed: int) -> Image.Image:
+    """Noise over a gradient: any second resampling or geometric mismatch shows up in many pixels."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([xx * 255 / w, yy * 255 / h, (xx + yy) * 127 / (w + h)], -1)
+    return Image.fromarray(np.clip(base + rng.integers(-60, 60, (h, w, 3)), 0, 255).astype(np.uint8))
 
-    t = read_table(synth_dir)
-    df = t.df.head(5)
-    tf = build_eval_transform(spec=DataSpec(input_size=32))
+
+@pytest.mark.parametrize("size", [(96, 96), (120, 90), (120, 80), (90, 120), (61, 97)], ids=["1:1", "4:3", "3:2", "portrait", "odd"])
+def test_training_cached_uncached_and_inference_give_the_same_tensor(size, tmp_path):
+    """One preprocessing path: dataset item (augmentation off) cached == uncached == Predictor, at any aspect ratio."""
+    from helpers import make_tiny_checkpoint
+
+    from lesionlab.data.transforms import build_eval_transform
+    from lesionlab.inference.predictor import Predictor
+
+    paths = []
+    for k in range(2):  # two images of the same shape, plus one 4:3 first so the cache cannot copy image 0's shape
+        if k == 0:
+            _textured(200, 150, 99).save(tmp_path / "first.png")
+            paths.append(tmp_path / "first.png")
+        _textured(*size, seed=k).save(tmp_path / f"img{k}.png")
+        paths.append(tmp_path / f"img{k}.png")
+    df = pd.DataFrame({"path": [str(p) for p in paths], "label": ["NV"] * len(paths)})
+    pred = Predictor(make_tiny_checkpoint(tmp_path / "ck", seed=0, input_size=48), device="cpu", precision="fp32")
+    spec = pred.spec
+    tf = build_eval_transform(spec=spec)
+    cached = make_dataset(df, tf, input_size=spec.input_size, crop_fraction=spec.crop_fraction, cache_dir=tmp_path / "c",
+                          progress=False)
+    direct = make_dataset(df, tf, input_size=spec.input_size, crop_fraction=spec.crop_fraction, cache_dir=None)
+    assert cached.cache is not None and direct.cache is None
+    mean, std = torch.tensor(spec.mean)[:, None, None], torch.tensor(spec.std)[:, None, None]
+    for i, p in enumerate(paths):
+        a, b = cached[i][0] * std + mean, direct[i][0] * std + mean
+        c = pred.prepare([load_image(p)])[0] * std + mean
+        assert a.shape == b.shape == c.shape == (3, 48, 48)
+        assert (a - b).abs().max() <= 1 / 255 + 1e-6, f"{p.name}: cached vs uncached"
+        assert (a - c).abs().max() <= 1 / 255 + 1e-6, f"{p.name}: training vs inference"
+
+
+def test_rotation_augmentation_is_seeded_per_sample_and_same_cached_or_not(synth_dir, tmp_path):
+    from lesionlab.data.dataset import EpochSampler
+    from lesionlab.data.transforms import DataSpec, build_train_transform
+
+    df = read_table(synth_dir).df.head(6)
+    tf = build_train_transform(spec=DataSpec(input_size=32), rotation=180)
     cached = make_dataset(df, tf, input_size=32, crop_fraction=2 / 3, cache_dir=tmp_path, progress=False)
     direct = make_dataset(df, tf, input_size=32, crop_fraction=2 / 3, cache_dir=None)
     assert len(list(tmp_path.glob("images-*.npy"))) == 1
-    for i in range(5):
-        a, ya = cached[i]
-        b, yb = direct[i]
-        assert a.shape == b.shape == (3, 32, 32) and ya == yb
-        assert (a - b).abs().mean() < 0.15  # resize order differs slightly; content is the same
+    sampler = EpochSampler(len(df), seed=3)
+    e0 = list(sampler)
+    sampler.set_epoch(1)
+    e1 = list(sampler)
+    assert sorted(i for i, _ in e0) == list(range(6)) and e0 != e1 and e0 == list(EpochSampler(len(df), seed=3))
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    for idx in e0:
+        a, b = cached[idx][0], direct[idx][0]
+        assert torch.equal(a, b) and torch.equal(a, cached[idx][0])  # same seed, same rotation, cached or not
+        assert a.shape == (3, 32, 32)
+    assert torch.equal(torch.get_rng_state(), before)  # the caller's RNG is untouched
+    i = e0[0][0]
+    assert not torch.equal(cached[e0[0]][0], cached[(i, e0[0][1] + 1)][0])  # another seed, another rotation

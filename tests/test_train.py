@@ -73,6 +73,56 @@ def test_killed_run_resumes_to_the_same_best_checkpoint(frames, tiny_cfg, tmp_pa
     assert np.allclose(ha["val_loss"], hb["val_loss"])
 
 
+def _weights(run) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "model.safetensors"))
+
+
+def test_resume_is_exact_with_worker_processes(frames, tiny_cfg, tmp_path):
+    """num_workers=2 (persistent workers): stopped after epoch 2 and resumed == uninterrupted == num_workers=0."""
+    tiny_cfg.train.epochs = 3
+    tiny_cfg.train.deterministic = True
+    tiny_cfg.train.patience = 10
+    tiny_cfg.train.max_steps_per_epoch = 3
+    tiny_cfg.data.rotation = 180  # augmentation randomness must be reproduced in the workers too
+    tiny_cfg.data.num_workers = 2
+    kw = dict(cache_dir=tmp_path / "cache", progress=False)
+    fit("timm:resnet10t", *frames, tiny_cfg, tmp_path / "full", **kw)
+    assert fit("timm:resnet10t", *frames, tiny_cfg, tmp_path / "part", stop_after_epochs=2, **kw)["interrupted_after_epoch"] == 1
+    fit("timm:resnet10t", *frames, tiny_cfg, tmp_path / "part", resume=True, **kw)
+    tiny_cfg.data.num_workers = 0
+    fit("timm:resnet10t", *frames, tiny_cfg, tmp_path / "w0", **kw)
+    a, b, c = _weights(tmp_path / "full"), _weights(tmp_path / "part"), _weights(tmp_path / "w0")
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed run differs from the uninterrupted one"
+    assert all(torch.equal(a[k], c[k]) for k in a), "num_workers changed the result"
+    last = torch.load(tmp_path / "part" / "last.pt", map_location="cpu", weights_only=True)
+    assert last["config"]["train.lr"] == tiny_cfg.train.lr and last["arch"] == "timm:resnet10t" and "split_sha256" in last
+
+
+def test_resume_refuses_another_config_or_split_in_one_line(synth_dir, synth_split, tmp_path, capsys):
+    from lesionlab.cli import main
+
+    base = ["train", "--data", str(synth_dir), "--split", str(synth_split), "--config", "demo", "--arch", "timm:resnet10t",
+            "--epochs", "1", "--out", str(tmp_path / "run"), "--set", "data.image_size=32", "--set", "train.max_steps_per_epoch=1",
+            "--set", "train.precision=fp32"]
+    assert main(base) == 0
+    saved = (tmp_path / "run" / "config.yaml").read_text()
+    capsys.readouterr()
+    assert main([*base, "--resume", "--set", "train.lr=0.0001"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err
+    assert "train.lr 0.0001 != 0.001 in " in err and "last.pt" in err and "without --resume" in err
+    assert (tmp_path / "run" / "config.yaml").read_text() == saved  # the run's config is not overwritten
+    other = tmp_path / "other_split.csv"
+    head, *rows = synth_split.read_text().splitlines()
+    other.write_text("\n".join([head, *reversed(rows)]) + "\n")  # same images, another file
+    assert main([*[str(other) if x == str(synth_split) else x for x in base], "--resume"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "split file sha256" in err and "last.pt" in err
+    # settings that cannot change the result (workers, cache, more epochs) may differ
+    assert main([*base, "--resume", "--epochs", "2", "--set", "data.num_workers=1"]) == 0
+    assert len(pd.read_csv(tmp_path / "run" / "timm_resnet10t" / "history.csv")) == 2
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

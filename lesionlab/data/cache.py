@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,22 +13,11 @@ from PIL import Image, ImageFile
 from tqdm.auto import tqdm
 
 from lesionlab.data.images import load_image
+from lesionlab.data.transforms import frame_image
 from lesionlab.io import atomic_write
 
 # Truncated files must fail loudly, never be half-decoded into training data.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
-
-
-def cache_shape(input_size: int, crop_fraction: float, source_hw: tuple[int, int] | None = None) -> tuple[int, int]:
-    """(H, W) at which images are cached: the centre crop then still covers `input_size` pixels.
-
-    The cache keeps a 4:3 frame (HAM10000's 600x450); it never upsamples past the source size.
-    """
-    h = math.ceil(input_size / crop_fraction)
-    w = math.ceil(h * 4 / 3)
-    if source_hw is not None and source_hw[0] < h:
-        h, w = source_hw[0], math.ceil(source_hw[0] * 4 / 3)
-    return h, w
 
 
 def pil_to_uint8_tensor(im: Image.Image) -> torch.Tensor:
@@ -37,16 +25,26 @@ def pil_to_uint8_tensor(im: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.array(im, dtype=np.uint8, copy=True)).permute(2, 0, 1).contiguous()
 
 
-class ImageCache:
-    """Images decoded and resized once into a uint8 memmap (N, H, W, 3), shared by epochs, workers and models.
+# Bumped whenever what the cache stores changes, so an old cache file is never read as a new one.
+CACHE_FORMAT = "square-frame-v2"
 
-    The file name hashes the image paths, file sizes, mtimes and shape, so a changed image rebuilds it.
+
+class ImageCache:
+    """Images decoded and resized once into a uint8 memmap (N, S, S, 3), shared by epochs, workers and models.
+
+    Each image is stored as `transforms.frame_image(image, S)`: the whole image at its own aspect ratio squashed
+    to the S x S frame the transforms start from (S = input_size / crop_fraction). That is the only resampling
+    in preprocessing, so a cached item is bit-identical to decoding the file and running the same transform,
+    which is what inference does; one fixed shape keeps the cache a single memmap, and the frame keeps the
+    context around the crop that rotation augmentation needs. The file name hashes the format, the image paths,
+    file sizes, mtimes and the size, so a changed image rebuilds it.
     """
 
-    def __init__(self, paths: list[str], shape_hw: tuple[int, int], cache_dir: str | Path, *, max_pixels: int):
+    def __init__(self, paths: list[str], size: int, cache_dir: str | Path, *, max_pixels: int):
         self.paths = list(paths)
-        self.shape_hw = tuple(shape_hw)
-        h = hashlib.sha256(repr(self.shape_hw).encode())
+        self.size = int(size)
+        self.shape_hw = (self.size, self.size)
+        h = hashlib.sha256(f"{CACHE_FORMAT}|{self.size}".encode())
         for p in self.paths:
             st = os.stat(p)
             h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
@@ -63,8 +61,8 @@ class ImageCache:
             arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, h, w, 3))
 
             def one(i: int) -> None:
-                im = load_image(self.paths[i], max_pixels=self.max_pixels)
-                arr[i] = np.asarray(im.resize((w, h), Image.BILINEAR, reducing_gap=None))
+                img = pil_to_uint8_tensor(load_image(self.paths[i], max_pixels=self.max_pixels))
+                arr[i] = frame_image(img, self.size).permute(1, 2, 0).numpy()
 
             with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
                 list(tqdm(pool.map(one, range(n)), total=n, desc="caching images", disable=not progress))

@@ -95,11 +95,3 @@ def find_images(root: str | Path) -> dict[str, Path]:
             if fn.lower().endswith(IMAGE_SUFFIXES) and not fn.startswith("."):
                 found.setdefault(Path(fn).stem, Path(dirpath) / fn)
     return found
-
-
-def source_hw(path: str) -> tuple[int, int]:
-    """(H, W) of an image file after EXIF orientation, without decoding the pixels."""
-    with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im) if im.getexif().get(0x0112, 1) in (5, 6, 7, 8) else im
-        return im.size[1], im.size[0]
-

@@ -38,6 +38,36 @@ class CenterCropFraction(torch.nn.Module):
         return v2.functional.center_crop(img, [max(1, round(h * self.fraction)), max(1, round(w * self.fraction))])
 
 
+def frame_size(input_size: int, crop_fraction: float) -> int:
+    """Side of the square frame every image is first resized to; its centre `input_size` square is the crop."""
+    return max(int(input_size), round(input_size / crop_fraction))
+
+
+class SquareFrame(torch.nn.Module):
+    """Resize the whole image (any aspect ratio) to `size` x `size` uint8; an image already that size passes as is.
+
+    This is the one deterministic, cacheable step of preprocessing: the training cache stores exactly this
+    output (`lesionlab.data.cache`), so cached training, uncached training and inference give the same tensor.
+    Squashing the whole frame and then cutting its centre `input_size` pixels covers the same region as the
+    centre crop of `crop_fraction` of each side followed by a resize to a square (what the model has always
+    seen), but needs only one resampling, so no second interpolation can make the paths disagree.
+    """
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = int(size)
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        return frame_image(img, self.size)
+
+
+def frame_image(img: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 (3, H, W) -> uint8 (3, size, size), antialiased bilinear (torchvision's resize; the cache uses this too)."""
+    if tuple(img.shape[-2:]) == (size, size):
+        return img
+    return v2.functional.resize(img, [size, size], interpolation=InterpolationMode.BILINEAR, antialias=True)
+
+
 def build_train_transform(
     *,
     spec: DataSpec,
@@ -48,12 +78,17 @@ def build_train_transform(
 ) -> v2.Compose:
     """Paper protocol: random rotation in [-rotation, rotation], centre crop, resize, normalise.
 
-    Flips and colour jitter are extra augmentations, off in the paper protocol.
+    Order: the whole image squashed to a square frame of side input_size / crop_fraction (`SquareFrame`, a no-op
+    on cached images, which are stored at that size), rotation about its centre, then the centre `input_size`
+    square. The frame keeps the context outside the crop, so rotated corners are filled with image, not black
+    (up to 45 degrees the crop's corners stay inside the frame for crop_fraction <= 0.7). Rotation acts in the
+    square frame, the geometry the model sees at inference. Flips and colour jitter are extra augmentations,
+    off in the paper protocol.
     """
-    steps: list[torch.nn.Module] = []
+    steps: list[torch.nn.Module] = [SquareFrame(frame_size(spec.input_size, spec.crop_fraction))]
     if rotation > 0:
         steps.append(v2.RandomRotation(rotation, interpolation=InterpolationMode.BILINEAR))
-    steps += [CenterCropFraction(spec.crop_fraction), v2.Resize((spec.input_size, spec.input_size), antialias=True)]
+    steps.append(v2.CenterCrop(spec.input_size))
     if hflip:
         steps.append(v2.RandomHorizontalFlip())
     if vflip:
@@ -65,14 +100,14 @@ def build_train_transform(
 
 
 def build_eval_transform(*, spec: DataSpec) -> v2.Compose:
-    """Evaluation: centre crop, resize, normalise (no randomness)."""
+    """Evaluation: the training path without randomness (square frame, centre crop, normalise)."""
     return build_train_transform(spec=spec, rotation=0.0)
 
 
 def display_image(img: torch.Tensor, *, spec: DataSpec) -> torch.Tensor:
-    """The uint8 image exactly as the model sees it (crop + resize, no normalisation): for overlays."""
-    img = CenterCropFraction(spec.crop_fraction)(img)
-    return v2.functional.resize(img, [spec.input_size, spec.input_size], antialias=True)
+    """The uint8 image exactly as the model sees it (frame + crop, no normalisation): for overlays."""
+    img = frame_image(img, frame_size(spec.input_size, spec.crop_fraction))
+    return v2.functional.center_crop(img, [spec.input_size, spec.input_size])
 
 
 def spec_from_timm(model: torch.nn.Module, *, input_size: int = 0, crop_fraction: float = 2 / 3) -> DataSpec:

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from lesionlab import models, runtime
 from lesionlab.config import StudyConfig
-from lesionlab.data.dataset import make_dataset
+from lesionlab.data.dataset import EpochSampler, make_dataset, seed_worker
 from lesionlab.data.transforms import build_eval_transform, build_train_transform, spec_from_timm
 from lesionlab.evaluation.metrics import balanced_accuracy
 from lesionlab.exceptions import UserError
@@ -99,19 +99,54 @@ def evaluate(
     return total / max(len(t), 1), p, t
 
 
-def _make_loader(ds, *, batch_size: int, num_workers: int, shuffle: bool, generator=None, sampler=None, device=None):
+def _make_loader(ds, *, batch_size: int, num_workers: int, sampler=None, device=None):
     num_workers = runtime.worker_count(num_workers)
     return torch.utils.data.DataLoader(
         ds,
         batch_size=batch_size,
-        shuffle=shuffle and sampler is None,
         sampler=sampler,
         num_workers=num_workers,
-        generator=generator,
+        # The loader's own generator only draws the workers' base seed; a private one keeps that draw from
+        # moving the global RNG (which a resumed run would otherwise see at a different epoch).
+        generator=torch.Generator().manual_seed(0),
+        worker_init_fn=seed_worker,
         pin_memory=device is not None and device.type == "cuda",
         persistent_workers=num_workers > 0,
         drop_last=False,
     )
+
+
+# Config fields that cannot change a run's trajectory, so a resume may differ in them: the number of workers
+# and the image cache (an item is the same either way, by construction: EpochSampler, ImageCache), and the
+# number of epochs (no schedule depends on it; a finished run may be extended).
+RESUME_FREE = {"data.num_workers", "data.cache", "data.cache_dir", "train.epochs", "train.archs"}
+
+
+def resume_record(arch: str, cfg: StudyConfig, split_hash: str) -> dict[str, Any]:
+    """What `last.pt` records to refuse a resume under other settings: arch, the data/train config, split hash."""
+    flat = {f"{sec}.{k}": v for sec in ("data", "train") for k, v in getattr(cfg, sec).__dict__.items()}
+    return {"arch": arch, "split_sha256": split_hash,
+            "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in flat.items()}}
+
+
+def check_resume(path: str | Path, arch: str, cfg: StudyConfig, split_hash: str) -> None:
+    """Raise a one-line UserError when `path` (a last.pt) was written for another arch, config or split."""
+    path = Path(path)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    hint = "rerun without --resume (into another --out) or with the original config"
+    if "config" not in state:
+        raise UserError(f"{path} records no config (written by an older LesionLab), so a resume cannot be checked; {hint}")
+    now = resume_record(arch, cfg, split_hash)
+    if state["arch"] != arch:
+        raise UserError(f"arch {arch} != {state['arch']} in {path}; {hint}")
+    if state["split_sha256"] != split_hash:
+        raise UserError(f"split file sha256 {split_hash[:12] or '(none)'} != {state['split_sha256'][:12] or '(none)'} "
+                        f"in {path}; {hint}")
+    keys = sorted(set(now["config"]) | set(state["config"]))
+    diffs = [f"{k} {now['config'].get(k)!r} != {state['config'].get(k)!r}" for k in keys
+             if k not in RESUME_FREE and now["config"].get(k) != state["config"].get(k)]
+    if diffs:
+        raise UserError(f"{', '.join(diffs)} in {path}; {hint}")
 
 
 def fit(
@@ -165,13 +200,14 @@ def fit(
     criterion = torch.nn.CrossEntropyLoss(weight=torch.tensor(w, dtype=torch.float32, device=device))
     optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
 
-    gen = torch.Generator()
-    sampler = None
+    # Shuffling and every sample's augmentation are a pure function of (seed, epoch, index), carried with the
+    # index to the workers: exact resume for any num_workers, persistent workers included.
+    base = None
     if world > 1:
-        sampler = torch.utils.data.distributed.DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=tc.seed)
-    train_loader = _make_loader(train_ds, batch_size=dc.batch_size, num_workers=dc.num_workers, shuffle=True,
-                                generator=gen, sampler=sampler, device=device)
-    val_loader = _make_loader(val_ds, batch_size=dc.batch_size, num_workers=dc.num_workers, shuffle=False, device=device)
+        base = torch.utils.data.distributed.DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=tc.seed)
+    sampler = EpochSampler(len(train_ds), seed=tc.seed, base=base)
+    train_loader = _make_loader(train_ds, batch_size=dc.batch_size, num_workers=dc.num_workers, sampler=sampler, device=device)
+    val_loader = _make_loader(val_ds, batch_size=dc.batch_size, num_workers=dc.num_workers, device=device)
     train_model = model
     if world > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -183,6 +219,7 @@ def fit(
     start_epoch = 0
     resume_path = out / RESUME_FILE
     if resume and resume_path.exists():
+        check_resume(resume_path, arch, cfg, split_hash)
         state = torch.load(resume_path, map_location="cpu", weights_only=True)
         models.unwrap(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -216,11 +253,9 @@ def fit(
             break
         if stop_after_epochs is not None and epochs_run >= stop_after_epochs:
             return {"arch": arch, "interrupted_after_epoch": epoch - 1}
-        # Per-epoch seeding makes an epoch's shuffling and augmentation independent of earlier interruptions.
+        # Per-epoch seeding makes an epoch (shuffling, augmentation, dropout) independent of earlier interruptions.
         torch.manual_seed(tc.seed * 1000 + epoch)
-        gen.manual_seed(tc.seed * 1000 + epoch)
-        if sampler is not None:
-            sampler.set_epoch(epoch)
+        sampler.set_epoch(epoch)
         te = time.perf_counter()
         train_loss = train_one_epoch(train_model, criterion, optimizer, train_loader, device, amp_dtype=amp,
                                      channels_last=tc.channels_last, max_steps=tc.max_steps_per_epoch,
@@ -242,7 +277,7 @@ def fit(
             atomic_write_csv(out / HISTORY_FILE, pd.DataFrame(history))
             state = {"model": models.unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
                      "early_stopping": stopper.state_dict(), "history": history, "epoch": epoch,
-                     "rng": torch.get_rng_state()}
+                     "rng": torch.get_rng_state(), **resume_record(arch, cfg, split_hash)}
             atomic_write(resume_path, lambda p, s=state: torch.save(s, p))
             msg = f"{arch} epoch {epoch + 1}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, val bacc {row['val_balanced_accuracy']:.3f}"
             log.info(msg + (" (best)" if improved else f" (no improvement {stopper.wait}/{stopper.patience})"))
@@ -252,6 +287,14 @@ def fit(
         dist.barrier()
     return {"arch": arch, "best_epoch": stopper.best_epoch + 1, "best_val_loss": stopper.best,
             "epochs": len(history), "seconds": time.perf_counter() - t0, "dir": str(out)}
+
+
+def check_resumes(archs: list[str], cfg: StudyConfig, out_dir: str | Path, split_hash: str) -> None:
+    """`check_resume` for every architecture's `last.pt` under `out_dir` (those that exist)."""
+    for arch in archs:
+        path = Path(out_dir) / models.file_stem(arch) / RESUME_FILE
+        if path.exists():
+            check_resume(path, arch, cfg, split_hash)
 
 
 def train_models(
@@ -268,6 +311,8 @@ def train_models(
     """Train each architecture in turn on the same split, into `out_dir/<arch>/`; images cached once for all."""
     out = Path(out_dir)
     cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else out / "cache"
+    if resume:  # refuse before training anything, not after the first architecture
+        check_resumes(archs, cfg, out, split_hash)
     results = []
     for arch in archs:
         results.append(fit(arch, train_df, val_df, cfg, out / models.file_stem(arch), cache_dir=cache,
