@@ -82,3 +82,45 @@ def tiny_bundle(tmp_path_factory) -> Path:
     runs = [make_tiny_checkpoint(d / "runs" / f"m{i}", seed=i) for i in range(2)]
     make_bundle(runs, d / "bundle", threshold=0.15)
     return d / "bundle"
+
+
+@pytest.fixture(scope="session")
+def trust_study(tmp_path_factory) -> Path:
+    """A minimal study folder that a trust bundle is made from: two tiny models, a synthetic dataset at 160x120
+    (large enough to pass the quality checks; images in `<study>/../data`), its split, dataset.json and the
+    members' validation predictions."""
+    import json
+
+    from lesionlab.data.isic_csv import probs_frame, truth_frame, write_isic_csv
+    from lesionlab.data.split import make_split, read_split, write_split
+    from lesionlab.data.subsets import subset_frame
+    from lesionlab.data.synth import make_synthetic
+    from lesionlab.data.tables import read_table
+    from lesionlab.inference.predictor import find_checkpoints, infer_table
+    from lesionlab.models import file_stem
+
+    root = tmp_path_factory.mktemp("trust")
+    data, study = root / "data", root / "study"
+    make_synthetic(data, n_images=140, seed=3, size=(160, 120), progress=False)
+    table = read_table(data)
+    write_split(make_split(table.df, fractions=(0.6, 0.25, 0.15), seed=0), study / "splits.csv")
+    runs = [make_tiny_checkpoint(study / "runs" / f"m{i}", seed=i) for i in range(2)]
+    (study / "dataset.json").write_text(json.dumps({"source": str(table.source), "layout": table.layout}))
+    (study / "steps.json").write_text("{}")
+    val = subset_frame(table, read_split(study / "splits.csv"), "val")
+    (study / "predictions").mkdir()
+    probs = infer_table(find_checkpoints(runs), val, device="cpu", precision="fp32", progress=False)
+    for name, p in probs.items():
+        write_isic_csv(study / "predictions" / f"{file_stem(name)}_val.csv", probs_frame(val["image_id"], p))
+    write_isic_csv(study / "predictions" / "truth_val.csv", truth_frame(val))
+    return study
+
+
+@pytest.fixture(scope="session")
+def trust_bundle(trust_study, tmp_path_factory) -> Path:
+    """A bundle with everything issue 10 adds: temperatures, conformal thresholds, OOD model, quality thresholds."""
+    from lesionlab.inference.bundle import make_bundle
+
+    out = tmp_path_factory.mktemp("trust_bundle") / "bundle"
+    make_bundle([trust_study / "runs"], out, study=trust_study)
+    return out
