@@ -69,3 +69,32 @@ def test_errors_name_the_problem(tmp_path):
         tr.model_trust(tr.fit_trust(yv, {"a": pv}, TrustConfig()), "b")
     with pytest.raises(UserError, match="unknown conformal method"):
         tr.fit_trust(yv, {"a": pv}, TrustConfig(method="xyz"))
+
+
+@pytest.mark.realdata
+def test_trust_acceptance_on_the_real_study():
+    """Issue 10's acceptance on the project's real-data study (benchmarks/trust_realdata.py; docs/trust-ham10000.md).
+
+    LESIONLAB_TRUST_STUDY names the study folder (default ~/lesionlab-runs/ham10000-cpu); predictions made here are
+    cached in LESIONLAB_TRUST_OUT (default ~/lesionlab-runs/trust-ham10000).
+    """
+    import os
+    import sys
+    from pathlib import Path
+
+    study = Path(os.environ.get("LESIONLAB_TRUST_STUDY", "~/lesionlab-runs/ham10000-cpu")).expanduser()
+    if not any((study / "runs").glob("*/model.safetensors")):
+        pytest.skip(f"no trained real-data study at {study} (set LESIONLAB_TRUST_STUDY)")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import trust_realdata
+
+    out = Path(os.environ.get("LESIONLAB_TRUST_OUT", "~/lesionlab-runs/trust-ham10000")).expanduser()
+    s = trust_realdata.run(study, out, n_boot=200)
+    unfinished = [n for n, m in s["models"].items() if not m["training_finished"]]
+    acc = s["acceptance"]
+    print(json.dumps({"models": list(s["models"]), "unfinished": unfinished, **acc}, indent=1))
+    assert not unfinished, f"training not finished for {unfinished}: acceptance is for finished models"
+    assert acc["ece_after"] <= 0.05
+    assert acc["ece_after"] < acc["ece_before"]
+    assert abs(acc["coverage"] - 0.90) <= 0.03
+    assert acc["mel_coverage"] >= 0.87

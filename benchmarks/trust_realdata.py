@@ -1,0 +1,272 @@
+"""Calibration and conformal coverage of a real-data study's models (issue 10's acceptance), from its folder.
+
+    python benchmarks/trust_realdata.py --study ~/lesionlab-runs/ham10000-cpu --out ~/lesionlab-runs/trust-ham10000 \
+        [--doc docs/trust-ham10000.md] [--set trust.method=aps] [--bootstrap 1000]
+
+For every trained model of the study (runs/<arch>/model.safetensors) and their ensemble (mean probability):
+temperature fitted on the validation split, conformal thresholds on the scaled validation probabilities, then on
+the test split ECE / classwise ECE / Brier / NLL before and after with lesion-bootstrap CIs, coverage and set size.
+Probabilities come from the study's predictions/ folder when it has them for a model, otherwise from inference
+here (cached under --out/predictions, keyed by the checkpoint's SHA-256). A model whose training step is not done
+yet is used with its best checkpoint so far and flagged as such. Never writes into the study folder.
+
+Acceptance (issue 10): ensemble ECE after scaling <= 0.05 and below the ECE before; marginal coverage within 0.03 of
+the target; melanoma coverage >= 0.87. Exit code 1 with --check when one fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from lesionlab.config import load_config
+from lesionlab.data.isic_csv import align, probs_frame, read_isic_csv, truth_frame, write_isic_csv
+from lesionlab.evaluation.trust import (
+    TRUST_FILE,
+    compare_conformal,
+    evaluate_trust,
+    fit_trust,
+    trust_table,
+    write_trust,
+)
+from lesionlab.inference.ensemble import ENSEMBLE, mean_probabilities
+from lesionlab.io import atomic_write_json, sha256_file
+from lesionlab.models import META_FILE, WEIGHTS_FILE, file_stem
+
+ACCEPT = {"ece_after_max": 0.05, "coverage_tolerance": 0.03, "mel_coverage_min": 0.87}
+ARCH_ORDER = ("resnet101", "resnext101_32x4d", "seresnet101", "seresnext101_32x4d")
+
+
+def trained_models(study: Path) -> list[dict[str, Any]]:
+    """Checkpoint folders of the study with their training status (from steps.json)."""
+    steps = json.loads((study / "steps.json").read_text()) if (study / "steps.json").exists() else {}
+    out = []
+    for meta in sorted((study / "runs").glob(f"*/{META_FILE}")):
+        d = meta.parent
+        if not (d / WEIGHTS_FILE).exists():
+            continue
+        arch = json.loads(meta.read_text())["arch"]
+        rec = steps.get(f"train {arch}", {})
+        out.append({"name": arch, "dir": d, "finished": bool(rec.get("done")),
+                    "epochs": len(pd.read_csv(d / "history.csv")) if (d / "history.csv").exists() else None})
+    out.sort(key=lambda m: ARCH_ORDER.index(m["name"]) if m["name"] in ARCH_ORDER else len(ARCH_ORDER))
+    return out
+
+
+def split_frames(study: Path, data: Path | None) -> tuple[dict[str, pd.DataFrame], dict[str, str]]:
+    """{'val', 'test'}: rows with image_id, label, path (split-file order); and image -> lesion (group) id."""
+    from lesionlab.data.tables import read_table
+
+    sp = pd.read_csv(study / "splits.csv", dtype=str, keep_default_na=False)
+    if data is None:
+        data = Path(json.loads((study / "dataset.json").read_text())["source"]).parent
+    table = read_table(data)
+    frames = {}
+    for tag in ("val", "test"):
+        ids = sp.loc[sp["split"] == tag, "image_id"]
+        frames[tag] = table.df.set_index("image_id").reindex(ids).dropna(subset=["path"]).reset_index()
+    return frames, dict(zip(sp["image_id"], sp["group_id"], strict=True))
+
+
+def model_probs(study: Path, out: Path, models: list[dict[str, Any]], frames: dict[str, pd.DataFrame], cfg,
+                ) -> tuple[dict[str, np.ndarray], dict[str, dict[str, np.ndarray]], dict[str, list[str]], dict]:
+    """Labels, {tag: {name: probs}}, image ids per tag, and where each model's probabilities came from."""
+    from lesionlab.inference.predictor import Predictor
+
+    pred_dir = out / "predictions"
+    pred_dir.mkdir(parents=True, exist_ok=True)
+    sources: dict[str, Any] = {}
+    ys, probs, ids = {}, {"val": {}, "test": {}}, {}
+    for tag, df in frames.items():
+        write_isic_csv(pred_dir / f"truth_{tag}.csv", truth_frame(df))
+    for m in models:
+        stem, sha = file_stem(m["name"]), sha256_file(m["dir"] / WEIGHTS_FILE)
+        study_files = [study / "predictions" / f"{stem}_{t}.csv" for t in ("val", "test")]
+        if m["finished"] and all(f.exists() for f in study_files):
+            files, src = dict(zip(("val", "test"), study_files, strict=True)), "study predictions/"
+        else:
+            files = {t: pred_dir / f"{stem}_{t}.csv" for t in ("val", "test")}
+            stamp = pred_dir / f"{stem}.sha256"
+            if not (stamp.exists() and stamp.read_text().strip() == sha and all(f.exists() for f in files.values())):
+                pr = Predictor(m["dir"], device=cfg.train.device, precision=cfg.train.precision)
+                for t, f in files.items():
+                    p = pr.predict_frame(frames[t], batch_size=cfg.data.batch_size, num_workers=0, progress=True)
+                    write_isic_csv(f, probs_frame(frames[t]["image_id"], p))
+                stamp.write_text(sha + "\n")
+            src = f"inference here ({cfg.train.device}, precision {cfg.train.precision})"
+        sources[m["name"]] = {"probabilities": src, "checkpoint_sha256": sha, "training_finished": m["finished"],
+                              "epochs_trained": m["epochs"]}
+        for t, f in files.items():
+            truth = read_isic_csv(pred_dir / f"truth_{t}.csv", kind="truth")
+            ys[t], probs[t][m["name"]], ids[t] = align(truth, read_isic_csv(f, kind="prediction"))
+    if len(models) > 1:
+        for t in probs:
+            probs[t][ENSEMBLE] = mean_probabilities(list(probs[t].values()))
+    return ys, probs, ids, sources
+
+
+def acceptance(res: dict[str, Any], target: float) -> dict[str, Any]:
+    c, s = res["calibration"], res["conformal"]
+    ece_b, ece_a = c["before"]["ece"]["value"], c["after"]["ece"]["value"]
+    cov = s["coverage"]["value"]
+    mel = s["per_class"]["MEL"]["coverage"]["value"]
+    checks = {
+        "ece_after_at_most_0.05": ece_a <= ACCEPT["ece_after_max"],
+        "ece_after_below_before": ece_a < ece_b,
+        "coverage_within_3_points": abs(cov - target) <= ACCEPT["coverage_tolerance"],
+        "mel_coverage_at_least_0.87": mel is not None and mel >= ACCEPT["mel_coverage_min"],
+    }
+    return {"ece_before": ece_b, "ece_after": ece_a, "coverage": cov, "mel_coverage": mel, "checks": checks,
+            "passed": all(checks.values())}
+
+
+def run(study: Path, out: Path, *, data: Path | None = None, overrides: list[str] | None = None,
+        n_boot: int = 1000) -> dict[str, Any]:
+    """Fit on validation, evaluate on test; writes trust.json, trust_metrics.json and reliability diagrams to out."""
+    from lesionlab.report.figures import plot_reliability
+
+    t0 = time.perf_counter()
+    study, out = Path(study).expanduser(), Path(out).expanduser()
+    if out.resolve() == study.resolve() or study.resolve() in out.resolve().parents:
+        raise SystemExit(f"--out {out} must lie outside the study folder {study}")
+    cfg = load_config(study / "config.yaml", overrides)
+    models = trained_models(study)
+    if not models:
+        raise SystemExit(f"{study}: no trained model (runs/*/{WEIGHTS_FILE})")
+    frames, lesion_of = split_frames(study, data)
+    ys, probs, ids, sources = model_probs(study, out, models, frames, cfg)
+    trust = fit_trust(ys["val"], probs["val"], cfg.trust)
+    write_trust(out / TRUST_FILE, trust)
+    groups = np.array([lesion_of.get(i, i) for i in ids["test"]])
+    results, compare = {}, {}
+    for name, p in probs["test"].items():
+        results[name] = evaluate_trust(ys["test"], p, trust, name, groups=groups, n_boot=n_boot, ci=cfg.eval.ci)
+        compare[name] = compare_conformal(ys["val"], probs["val"][name], ys["test"], p,
+                                          temperature=trust["models"][name]["temperature"],
+                                          coverage=cfg.trust.coverage, seed=cfg.trust.seed,
+                                          raps_lambda=cfg.trust.raps_lambda, raps_k_reg=cfg.trust.raps_k_reg)
+        rel = results[name]["calibration"]["reliability"]
+        ece = {k: results[name]["calibration"][k]["ece"]["value"] for k in ("before", "after")}
+        plot_reliability({f"before (ECE {ece['before']:.3f})": rel["before"],
+                          f"after T={trust['models'][name]['temperature']:.2f} (ECE {ece['after']:.3f})": rel["after"]},
+                         out / f"reliability_{file_stem(name)}.png", title=f"{name}, test split")
+    main_model = ENSEMBLE if ENSEMBLE in results else next(iter(results))
+    summary = {
+        "study": str(study), "models": sources, "main_model": main_model, "n_val": len(ys["val"]),
+        "n_test": len(ys["test"]), "trust_config": trust["config"], "ci_level": cfg.eval.ci, "bootstrap": n_boot,
+        "table": trust_table(results), "acceptance": acceptance(results[main_model], cfg.trust.coverage),
+        "conformal_variants": compare, "results": results,
+        "machine": {"host": platform.node(), "cpu": platform.processor() or platform.machine(),
+                    "python": sys.version.split()[0]},
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    atomic_write_json(out / "trust_metrics.json", summary)
+    return summary
+
+
+def _fmt(v: Any, nd: int = 3) -> str:
+    return "-" if v is None else f"{v:.{nd}f}"
+
+
+def _ci(d: dict[str, Any], nd: int = 3) -> str:
+    if d.get("lo") is None:
+        return _fmt(d.get("value"), nd)
+    return f"{_fmt(d['value'], nd)} ({_fmt(d['lo'], nd)}-{_fmt(d['hi'], nd)})"
+
+
+def markdown(summary: dict[str, Any], command: str, machine_note: str) -> str:
+    """The numbers as Markdown tables (docs/trust-ham10000.md)."""
+    acc = summary["acceptance"]
+    cfgt = summary["trust_config"]
+    lines = [
+        "# Trust on real HAM10000 images: calibration and conformal prediction sets",
+        "",
+        f"Study: `{summary['study']}`; validation split {summary['n_val']} images (fits), test split "
+        f"{summary['n_test']} images (measures). Conformal: {cfgt['method'].upper()}"
+        f"{', Mondrian (one threshold per class)' if cfgt['mondrian'] else ', marginal'}, target coverage "
+        f"{cfgt['coverage']:.2f}. CIs: {summary['ci_level']:.0%} percentile bootstrap over lesions, "
+        f"{summary['bootstrap']} resamples.",
+        "",
+        "## Models used",
+        "",
+        "| model | training | epochs trained | probabilities from |",
+        "| --- | --- | --- | --- |",
+    ]
+    for name, s in summary["models"].items():
+        lines.append(f"| {name} | {'finished' if s['training_finished'] else 'NOT finished: best checkpoint so far'} "
+                     f"| {s['epochs_trained']} | {s['probabilities']} |")
+    lines += ["", f"## Acceptance ({summary['main_model']}, test split)", "",
+              "| check | value | result |", "| --- | --- | --- |",
+              f"| ECE after temperature scaling <= 0.05 | {_fmt(acc['ece_after'])} | "
+              f"{'pass' if acc['checks']['ece_after_at_most_0.05'] else 'FAIL'} |",
+              f"| ECE after < ECE before | {_fmt(acc['ece_after'])} vs {_fmt(acc['ece_before'])} | "
+              f"{'pass' if acc['checks']['ece_after_below_before'] else 'FAIL'} |",
+              f"| marginal coverage within 0.03 of {cfgt['coverage']:.2f} | {_fmt(acc['coverage'])} | "
+              f"{'pass' if acc['checks']['coverage_within_3_points'] else 'FAIL'} |",
+              f"| MEL coverage >= 0.87 | {_fmt(acc['mel_coverage'])} | "
+              f"{'pass' if acc['checks']['mel_coverage_at_least_0.87'] else 'FAIL'} |",
+              "", "## Calibration on the test split (before -> after temperature scaling)", "",
+              "| model | T | ECE | classwise ECE | Brier | NLL |", "| --- | --- | --- | --- | --- | --- |"]
+    for name, r in summary["results"].items():
+        c = r["calibration"]
+        cells = [f"{_ci(c['before'][k])} -> {_ci(c['after'][k])}" for k in ("ece", "classwise_ece", "brier", "nll")]
+        lines.append(f"| {name} | {c['temperature']:.3f} | " + " | ".join(cells) + " |")
+    lines += ["", "## Conformal sets on the test split", "",
+              "| model | coverage | MEL coverage | mean set size | empty sets | single-class sets |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    for name, r in summary["results"].items():
+        s = r["conformal"]
+        lines.append(f"| {name} | {_ci(s['coverage'])} | {_ci(s['per_class']['MEL']['coverage'])} | "
+                     f"{_ci(s['mean_set_size'], 2)} | {_fmt(s['empty']['value'])} | {_fmt(s['singleton']['value'])} |")
+    main = summary["main_model"]
+    s = summary["results"][main]["conformal"]
+    lines += ["", f"Per class ({main}): coverage (CI), images, mean set size", "",
+              "| class | n | coverage | mean set size |", "| --- | --- | --- | --- |"]
+    for k, v in s["per_class"].items():
+        lines.append(f"| {k} | {v['n']} | {_ci(v['coverage'])} | {_ci(v['mean_set_size'], 2)} |")
+    lines += ["", f"Every method, marginal and Mondrian ({main}; fitted on validation, measured on test; no CIs):", "",
+              "| method | Mondrian | coverage | MEL coverage | lowest class coverage | mean set size | empty |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    for row in summary["conformal_variants"][main]:
+        lines.append(f"| {row['method']} | {'yes' if row['mondrian'] else 'no'} | {_fmt(row['coverage'])} | "
+                     f"{_fmt(row['MEL_coverage'])} | {_fmt(row['min_class_coverage'])} | "
+                     f"{_fmt(row['mean_set_size'], 2)} | {_fmt(row['empty'])} |")
+    lines += ["", "## How to reproduce", "", "```", command, "```", "", machine_note,
+              f"The script ran {summary['seconds']} s (inference included when predictions were not cached).", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--study", type=Path, default=Path("~/lesionlab-runs/ham10000-cpu"))
+    ap.add_argument("--out", type=Path, default=Path("~/lesionlab-runs/trust-ham10000"))
+    ap.add_argument("--data", type=Path, default=None, help="image folder (default: the study's dataset.json source)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], help="config override, e.g. trust.method=aps")
+    ap.add_argument("--bootstrap", type=int, default=1000)
+    ap.add_argument("--doc", type=Path, default=None, help="write the Markdown summary here (e.g. docs/trust-ham10000.md)")
+    ap.add_argument("--machine", default="", help="a line that names the machine, for the doc")
+    ap.add_argument("--check", action="store_true", help="exit 1 when an acceptance check fails")
+    args = ap.parse_args(argv)
+    summary = run(args.study, args.out, data=args.data, overrides=args.overrides, n_boot=args.bootstrap)
+    print(json.dumps({"acceptance": summary["acceptance"], "table": summary["table"]}, indent=1))
+    if args.doc:
+        cmd = "python benchmarks/trust_realdata.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        args.doc.write_text(markdown(summary, cmd, args.machine or f"Machine: {platform.node()}."))
+        fig = Path(args.out).expanduser() / f"reliability_{file_stem(summary['main_model'])}.png"
+        if fig.exists():  # an aggregate figure only, never dataset images
+            (args.doc.parent / "figures").mkdir(exist_ok=True)
+            shutil.copy(fig, args.doc.parent / "figures" / "trust-ham10000-reliability.png")
+    return 1 if args.check and not summary["acceptance"]["passed"] else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
