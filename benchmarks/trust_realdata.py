@@ -32,9 +32,9 @@ from lesionlab.config import load_config
 from lesionlab.data.isic_csv import align, probs_frame, read_isic_csv, truth_frame, write_isic_csv
 from lesionlab.evaluation.trust import (
     TRUST_FILE,
-    compare_conformal,
-    evaluate_trust,
     fit_trust,
+    plot_trust_reliability,
+    trust_metrics,
     trust_table,
     write_trust,
 )
@@ -132,8 +132,6 @@ def acceptance(res: dict[str, Any], target: float) -> dict[str, Any]:
 def run(study: Path, out: Path, *, data: Path | None = None, overrides: list[str] | None = None,
         n_boot: int = 1000) -> dict[str, Any]:
     """Fit on validation, evaluate on test; writes trust.json, trust_metrics.json and reliability diagrams to out."""
-    from lesionlab.report.figures import plot_reliability
-
     t0 = time.perf_counter()
     study, out = Path(study).expanduser(), Path(out).expanduser()
     if out.resolve() == study.resolve() or study.resolve() in out.resolve().parents:
@@ -149,16 +147,10 @@ def run(study: Path, out: Path, *, data: Path | None = None, overrides: list[str
     groups = np.array([lesion_of.get(i, i) for i in ids["test"]])
     results, compare = {}, {}
     for name, p in probs["test"].items():
-        results[name] = evaluate_trust(ys["test"], p, trust, name, groups=groups, n_boot=n_boot, ci=cfg.eval.ci)
-        compare[name] = compare_conformal(ys["val"], probs["val"][name], ys["test"], p,
-                                          temperature=trust["models"][name]["temperature"],
-                                          coverage=cfg.trust.coverage, seed=cfg.trust.seed,
-                                          raps_lambda=cfg.trust.raps_lambda, raps_k_reg=cfg.trust.raps_k_reg)
-        rel = results[name]["calibration"]["reliability"]
-        ece = {k: results[name]["calibration"][k]["ece"]["value"] for k in ("before", "after")}
-        plot_reliability({f"before (ECE {ece['before']:.3f})": rel["before"],
-                          f"after T={trust['models'][name]['temperature']:.2f} (ECE {ece['after']:.3f})": rel["after"]},
-                         out / f"reliability_{file_stem(name)}.png", title=f"{name}, test split")
+        results[name] = trust_metrics(ys["test"], p, trust, name, val=(ys["val"], probs["val"][name]), groups=groups,
+                                      n_boot=n_boot, ci=cfg.eval.ci)
+        compare[name] = results[name].pop("conformal_variants")
+        plot_trust_reliability(results[name], out / f"reliability_{file_stem(name)}.png", title=f"{name}, test split")
     main_model = ENSEMBLE if ENSEMBLE in results else next(iter(results))
     summary = {
         "study": str(study), "models": sources, "main_model": main_model, "n_val": len(ys["val"]),

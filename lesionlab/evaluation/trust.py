@@ -157,3 +157,36 @@ def trust_table(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         row["mean_set_size"] = s["mean_set_size"]["value"]
         rows.append(row)
     return rows
+
+
+def trust_metrics(
+    y: np.ndarray,
+    probs: np.ndarray,
+    trust: dict[str, Any],
+    name: str,
+    *,
+    val: tuple[np.ndarray, np.ndarray] | None = None,
+    groups: np.ndarray | None = None,
+    n_boot: int = 1000,
+    ci: float = 0.95,
+) -> dict[str, Any]:
+    """`evaluate_trust`, plus `compare_conformal` when the validation (labels, raw probabilities) are given: the
+    "calibration", "conformal" and "conformal_variants" entries of a metrics.json."""
+    res = evaluate_trust(y, probs, trust, name, groups=groups, n_boot=n_boot, ci=ci)
+    if val is not None:
+        c = trust.get("config", {})
+        res["conformal_variants"] = compare_conformal(
+            val[0], val[1], y, probs, temperature=float(trust["models"][name]["temperature"]),
+            coverage=float(c.get("coverage", 0.9)), seed=int(c.get("seed", 0)),
+            raps_lambda=float(c.get("raps_lambda", 0.01)), raps_k_reg=int(c.get("raps_k_reg", 1)))
+    return res
+
+
+def plot_trust_reliability(res: dict[str, Any], path: str | Path, *, title: str = "") -> None:
+    """Reliability diagram of one `evaluate_trust` result: before and after temperature scaling."""
+    from lesionlab.report.figures import plot_reliability
+
+    c = res["calibration"]
+    plot_reliability({f"before (ECE {c['before']['ece']['value']:.3f})": c["reliability"]["before"],
+                      f"after, T = {c['temperature']:.2f} (ECE {c['after']['ece']['value']:.3f})": c["reliability"]["after"]},
+                     path, title=title)
