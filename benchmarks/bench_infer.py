@@ -1,5 +1,6 @@
-"""CPU inference speed: LesionLab's path (channels_last + bf16 autocast, warm models) vs plain timm fp32 eager,
-for one model and the four-model ensemble; and, given trained runs and real images, how closely bf16 matches fp32.
+"""CPU inference speed: every engine (torch, ONNX Runtime, OpenVINO, auto) beside plain timm fp32 eager, for one
+model and the four-model ensemble, batch 16 and one image, with the CPU's flags; and, given trained runs and real
+images, how closely bf16 matches fp32.
 
     python benchmarks/bench_infer.py [--batch 16] [--repeat 3]
     python benchmarks/bench_infer.py --runs STUDY/runs --data ../shared/data/ham10000-200x150 --images 1000
@@ -19,43 +20,66 @@ from lesionlab import models
 
 
 def speed(batch: int, repeat: int, size: int) -> list[str]:
+    """Every engine side by side (and plain timm fp32 eager as the anchor), one model and the 4-model ensemble."""
+    import gc
     import tempfile
 
+    from lesionlab.inference import engines
     from lesionlab.inference.predictor import Predictor
 
-    plain, fast = {}, {}
-    for arch, ck in zip(models.PAPER_ARCHS, untrained_checkpoints(Path(tempfile.mkdtemp()), size), strict=True):
-        fast[arch] = Predictor(ck, device="cpu", precision="auto")  # the path predict/serve use
-        plain[arch] = timm.create_model(fast[arch].meta["timm_id"], pretrained=False, num_classes=7).eval()
-        plain[arch].load_state_dict(fast[arch].model.state_dict())
+    cks = dict(zip(models.PAPER_ARCHS, untrained_checkpoints(Path(tempfile.mkdtemp()), size), strict=True))
+    cases = [("resnext101_32x4d", ["resnext101_32x4d"]), ("4-model ensemble", list(models.PAPER_ARCHS))]
+    inputs = {b: torch.randn(b, 3, size, size) for b in (1, batch)}
+    cols = ["timm fp32 eager"] + [e for e in engines.ENGINES if engines.available(e) or e == "auto"]
+    res: dict[tuple[str, int, str], float] = {}
+    picked: dict[str, str] = {}
+    for col in cols:
+        if col == "timm fp32 eager":
+            nets = {}
+            for arch, ck in cks.items():
+                nets[arch] = timm.create_model(models.read_meta(ck)["timm_id"], pretrained=False, num_classes=7).eval()
+                nets[arch].load_state_dict(Predictor(ck, device="cpu", precision="fp32").model.state_dict())
 
-    def run_plain(names, x):
-        with torch.no_grad():
-            return [torch.softmax(plain[n](x), 1) for n in names]
+            def run(names, x, nets=nets):
+                with torch.no_grad():
+                    return [torch.softmax(nets[n](x), 1) for n in names]
+        else:
+            preds = {arch: Predictor(ck, device="cpu", precision="auto", engine=col) for arch, ck in cks.items()}
+            if col == "auto":
+                picked = {arch: p.engine for arch, p in preds.items()}
 
-    def run_fast(names, x):
-        return [fast[n].predict_batch(x) for n in names]
-
+            def run(names, x, preds=preds):
+                return [preds[n].predict_batch(x) for n in names]
+        for label, names in cases:
+            for b, x in inputs.items():
+                res[(label, b, col)] = float(np.median(timed(lambda n=names, x=x, r=run: r(n, x), repeat=repeat, warmup=2)))
+                print(label, b, col, f"{res[(label, b, col)] * 1000:.1f} ms", flush=True)
+        run = None
+        gc.collect()
     rows = []
-    for label, names in (("resnext101_32x4d", ["resnext101_32x4d"]), ("4-model ensemble", list(models.PAPER_ARCHS))):
-        for b in (1, batch):
-            x = torch.randn(b, 3, size, size)
-            tp = np.median(timed(lambda n=names, x=x: run_plain(n, x), repeat=repeat))
-            tf = np.median(timed(lambda n=names, x=x: run_fast(n, x), repeat=repeat))
+    for label, _ in cases:
+        for b in inputs:
+            base = res[(label, b, "timm fp32 eager")]
+            cells = []
+            for col in cols:
+                t = res[(label, b, col)]
+                val = f"{t * 1000:.0f} ms" if b == 1 else f"{b / t:.1f} img/s"
+                cells.append(val + ("" if col == "timm fp32 eager" else f" ({base / t:.2f}x)"))
             what = "single-image latency" if b == 1 else f"batch {b} throughput"
-            if b == 1:
-                rows.append(f"| {label} | {what} | {tp * 1000:.0f} ms | {tf * 1000:.0f} ms | {tp / tf:.1f}x |")
-            else:
-                rows.append(f"| {label} | {what} | {b / tp:.1f} img/s | {b / tf:.1f} img/s | {tp / tf:.1f}x |")
-            print(rows[-1], flush=True)
-    mode = "bf16 weights, TorchScript-frozen, channels_last" if fast["resnet101"].cpu_bf16 else "fp32 (no bf16 units)"
-    return [f"## CPU inference ({size}x{size}): plain timm fp32 eager vs LesionLab's Predictor ({mode})", "",
-            f"Machine: {machine()}", "",
-            "| model | measure | timm fp32 eager | LesionLab | speed-up |", "|---|---|---:|---:|---:|", *rows, "",
-            f"Median of {repeat} runs after one warm-up (the warm-up includes the one-off TorchScript trace); both "
-            "columns of a row measured in the same run. Earlier, with bf16 autocast instead of bf16 weights + "
-            "TorchScript freeze, the same script measured 1.5x (single image) and 3.8x (batch 16) for ResNeXt-101; "
-            "torch.compile reached 5.05x at batch 16 but took 31 s to compile each model for each batch shape."]
+            rows.append(f"| {label} | {what} | " + " | ".join(cells) + " |")
+    best_one = min(res[("4-model ensemble", 1, c)] for c in cols if c not in ("timm fp32 eager", "auto"))
+    auto_one = res[("4-model ensemble", 1, "auto")]
+    flags = " ".join(engines.cpu_flags()) or "none found"
+    return [f"## CPU inference engines ({size}x{size}): every engine side by side", "",
+            f"Machine: {machine()}", "", f"CPU flags: {flags}", "",
+            "| model | measure | " + " | ".join(cols) + " |", "|---|---|" + "---:|" * len(cols), *rows, "",
+            f"`auto` picked: {', '.join(f'{a}: {e}' for a, e in picked.items())}. Single-image ensemble latency: auto "
+            f"{auto_one * 1000:.0f} ms, best engine {best_one * 1000:.0f} ms ({auto_one / best_one:.2f}x; goal <= 1.10x).",
+            "", f"Median of {repeat} runs after two warm-ups; speed-ups against timm fp32 eager in the same run. `torch` is "
+            "the Predictor's own path (bf16 TorchScript body where the CPU has AMX / AVX512-BF16, else fp32 eager); "
+            "onnxruntime and openvino run the fp32 ONNX export of the body, the head stays in torch; `auto` verifies "
+            "each against fp32 and picks the fastest single-image latency (lesionlab/inference/engines.py). Random "
+            "weights: speed does not depend on them."]
 
 
 def agreement(runs: list[Path], data: Path, n: int) -> list[str]:

@@ -214,6 +214,18 @@ def _train(p: argparse.ArgumentParser):
 # ----------------------------------------------------------------------------- evaluation and the study
 
 
+def _engine(value: str) -> str:
+    from lesionlab.inference.engines import check_engine
+
+    return check_engine(value)  # a UserError: one line, not argparse's usage block
+
+
+def _engine_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engine", default="auto", type=str,
+                   help="CPU inference engine: auto (fastest verified on this machine, measured once and cached), "
+                        "torch, onnxruntime or openvino; explanations always use torch")
+
+
 @command("infer", "per-image probabilities (ISIC 2018 Task 3 CSV) of trained models")
 def _infer(p: argparse.ArgumentParser):
     _data_args(p, required=True)
@@ -225,6 +237,7 @@ def _infer(p: argparse.ArgumentParser):
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     p.add_argument("--batch-size", type=int, default=32)
+    _engine_arg(p)
 
     def run(a: argparse.Namespace) -> int:
         from lesionlab.data.isic_csv import probs_frame, truth_frame, write_isic_csv
@@ -233,6 +246,7 @@ def _infer(p: argparse.ArgumentParser):
         from lesionlab.inference.predictor import find_checkpoints, infer_table
         from lesionlab.models import file_stem
 
+        _engine(a.engine)
         cks = find_checkpoints(a.run)
         if a.split:
             table, sp, _ = load_split_tables(a.data, a.metadata, a.split, skip_invalid=a.skip_invalid, groupings=a.groupings)
@@ -241,7 +255,8 @@ def _infer(p: argparse.ArgumentParser):
             table, _ = load_valid_table(a.data, a.metadata, skip_invalid=a.skip_invalid, groupings=a.groupings,
                                                 skipped_csv=a.out.parent / "skipped.csv")
             df = table.df
-        probs = infer_table(cks, df, device=a.device, precision=a.precision, tta=a.tta, batch_size=a.batch_size)
+        probs = infer_table(cks, df, device=a.device, precision=a.precision, tta=a.tta, batch_size=a.batch_size,
+                            engine=a.engine)
         single = len(probs) == 1 and a.out.suffix == ".csv"
         if len(probs) > 1 and a.out.suffix == ".csv":
             raise UserError(f"--run holds {len(probs)} models; give a folder as --out (one CSV per model)")

@@ -21,6 +21,7 @@ from lesionlab.data.cache import pil_to_uint8_tensor
 from lesionlab.data.dataset import LesionDataset
 from lesionlab.data.transforms import DataSpec, build_eval_transform
 from lesionlab.exceptions import UserError
+from lesionlab.inference import engines
 from lesionlab.inference.tta import tta_views
 from lesionlab.labels import CLASSES
 
@@ -59,7 +60,9 @@ class _Features(torch.nn.Module):
 class Predictor:
     """One trained model kept warm for inference, with its own preprocessing (from the checkpoint sidecar)."""
 
-    def __init__(self, checkpoint: str | Path, *, device: str = "auto", precision: str = "auto", channels_last: bool = True):
+    def __init__(self, checkpoint: str | Path, *, device: str = "auto", precision: str = "auto", channels_last: bool = True,
+                 engine: str = "torch"):
+        self.engine_requested = engines.check_engine(engine)
         self.device = runtime.pick_device(device)
         model, self.meta = models.load_checkpoint(checkpoint)
         self.channels_last = channels_last
@@ -78,6 +81,58 @@ class Predictor:
         self.cpu_bf16 = self.device.type == "cpu" and self.amp is torch.bfloat16
         self._fast: torch.nn.Module | None = None
         self._fast_lock = threading.Lock()
+        # CPU inference engine for the body (inference/engines.py); None = this class's own torch path.
+        self.engine = "torch"
+        self.engine_trials: list[dict] = []
+        self._body_engine = None
+        if engine != "torch":
+            self._setup_engine(checkpoint, engine)
+
+    def _setup_engine(self, checkpoint: str | Path, engine: str) -> None:
+        """Load the requested engine, or for `auto` the fastest one verified on this machine (cached)."""
+        if self.device.type != "cpu":
+            if engine != "auto":
+                raise UserError(f"--engine {engine} runs on the CPU only; use --device cpu or --engine torch")
+            return
+        if engine != "auto":
+            engines.require(engine)
+        candidates = [e for e in engines.EXPORTED if engines.available(e)] if engine == "auto" else [engine]
+        if not candidates:
+            return
+        onnx = engines.onnx_for(checkpoint, self.model, self.spec.input_size)
+        if engine != "auto":
+            self._body_engine = engines.load_body(engine, onnx)
+            self.engine = engine
+            return
+
+        def run_trials() -> list[engines.Trial]:
+            bodies = {"torch": self._torch_body}
+            for name in candidates:
+                try:
+                    run = engines.load_body(name, onnx)
+                except Exception as e:  # noqa: BLE001 - an engine that cannot load is not chosen
+                    log.info("%s: engine %s unavailable (%s)", self.name, name, e)
+                    continue
+                bodies[name] = lambda x, run=run: torch.from_numpy(run(x.float().contiguous().numpy()))
+            return engines.trial_engines(self._fp32_body, bodies, set(candidates), self._head, self.spec.input_size)
+
+        choice, self.engine_trials = engines.choose_cached(onnx, run_trials)
+        if choice != "torch":
+            self._body_engine = engines.load_body(choice, onnx)
+        self.engine = choice
+        log.info("%s: inference engine %s (auto)", self.name, choice)
+
+    def _fp32_body(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_features(x.to(self.device))
+
+    def _head(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_head(feats.float())
+
+    def _torch_body(self, x: torch.Tensor) -> torch.Tensor:
+        """This class's own CPU path for the body (bf16 TorchScript where the CPU has bf16 units, else fp32)."""
+        if self.cpu_bf16:
+            return self._cpu_bf16_model()(x.contiguous(memory_format=torch.channels_last).to(torch.bfloat16)).float()
+        return self._fp32_body(x.contiguous(memory_format=torch.channels_last) if self.channels_last else x)
 
     def _cpu_bf16_model(self) -> torch.nn.Module:
         """The network body (`forward_features`) for fast CPU inference; the classifier head stays fp32.
@@ -123,7 +178,9 @@ class Predictor:
         out: dict[str, np.ndarray] = {}
         for i, v in enumerate(views):
             v = v.contiguous(memory_format=torch.channels_last) if self.channels_last else v
-            if self.cpu_bf16:
+            if self._body_engine is not None:
+                feats = torch.from_numpy(self._body_engine(v.float().contiguous().cpu().numpy()))
+            elif self.cpu_bf16:
                 feats = self._cpu_bf16_model()(v.to(torch.bfloat16)).float()
             else:
                 with runtime.autocast(self.device, self.amp):
@@ -165,17 +222,23 @@ def infer_table(
     batch_size: int = 32,
     num_workers: int = 0,
     progress: bool = True,
+    engine: str = "torch",
 ) -> dict[str, np.ndarray]:
     """Probabilities of every checkpoint for the rows of `df`: {arch name: (N, 7)}."""
     out: dict[str, Any] = {}
-    for pr in load_predictors(checkpoints, device=device, precision=precision):
+    for pr in load_predictors(checkpoints, device=device, precision=precision, engine=engine):
         out[pr.name] = pr.predict_frame(df, batch_size=batch_size, num_workers=num_workers, tta=tta, progress=progress)
     return out
 
 
-def load_predictors(checkpoints: Iterable[str | Path], *, device: str = "auto", precision: str = "auto") -> list[Predictor]:
-    """A Predictor per checkpoint; names made unique (two runs of one architecture: `arch`, `arch-2`)."""
-    preds = [Predictor(ck, device=device, precision=precision) for ck in checkpoints]
+def load_predictors(checkpoints: Iterable[str | Path], *, device: str = "auto", precision: str = "auto",
+                    engine: str = "torch") -> list[Predictor]:
+    """A Predictor per checkpoint; names made unique (two runs of one architecture: `arch`, `arch-2`).
+
+    `engine`: the CPU inference engine of each member (inference/engines.py); `auto` picks per member.
+    """
+    engines.check_engine(engine)
+    preds = [Predictor(ck, device=device, precision=precision, engine=engine) for ck in checkpoints]
     for pr, name in zip(preds, unique_names([p.name for p in preds]), strict=True):
         pr.name = name
     return preds

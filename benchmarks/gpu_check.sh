@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The whole GPU check in one command (issue 12): CUDA tests, training throughput with and without torch.compile,
+# and the four models trained on real HAM10000 with what time is left. About 7.5 minutes on one H100 (--budget 450).
+#
+#   benchmarks/gpu_check.sh [--dry-run] [--out DIR] [--data HAM_DIR] [--split CSV] [--budget SECONDS] [--only LIST]
+#
+#   --dry-run   the same script end to end on the CPU at toy sizes (tiny images, few images, gloo, no compile);
+#               run by tests/test_gpu_check_dryrun.py in `make test`. Without --data it makes synthetic images.
+#   --out DIR   results: gpu_check.md (a docs/benchmarks.md section), gpu_check.json, gpu_check.log.
+#               Default: $OUT when set (the device tool's output folder), else ./gpu-check-out.
+#   --data DIR  a HAM10000-layout folder. Default: .gpudata/ham10000-200x150, else ../shared/data/ham10000-200x150.
+#   --split CSV default: .gpudata/splits.csv when present (copy the CPU baseline's splits.csv there).
+#   --only LIST comma list of env,tests,throughput,train (a rerun of the sections that failed).
+#
+# On a machine without LesionLab installed it runs from the checkout (PYTHONPATH=.); wheels in .whl/ (e.g.
+# grad-cam, ttach) are installed into a temporary folder first when grad-cam is missing.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+out="${OUT:-gpu-check-out}"
+args=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --out) out="$2"; shift 2 ;;
+    --dry-run|--data|--split|--budget|--only)
+      if [ "$1" = --dry-run ]; then args+=("$1"); shift; else args+=("$1" "$2"); shift 2; fi ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    *) echo "gpu_check.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+case " ${args[*]-} " in
+  *" --data "*) ;;
+  *) for d in .gpudata/ham10000-200x150 ../shared/data/ham10000-200x150; do
+       if [ -f "$d/HAM10000_metadata.csv" ]; then
+         case " ${args[*]-} " in *" --dry-run "*) ;; *) args+=(--data "$d") ;; esac
+         break
+       fi
+     done ;;
+esac
+case " ${args[*]-} " in
+  *" --split "*|*" --dry-run "*) ;;
+  *) [ -f .gpudata/splits.csv ] && args+=(--split .gpudata/splits.csv) ;;
+esac
+
+py="${PYTHON:-}"
+if [ -z "$py" ]; then if [ -x .venv/bin/python ]; then py=.venv/bin/python; else py=python3; fi; fi
+if ! "$py" -c "import pytorch_grad_cam" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
+  site="$(mktemp -d /tmp/lesionlab-site.XXXX)"
+  "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl || exit 1
+  export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$PWD:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}"
+mkdir -p "$out"
+"$py" benchmarks/gpu_check.py --out "$out" --command "benchmarks/gpu_check.sh ${args[*]-}" "${args[@]}" 2>&1 \
+  | tee "$out/gpu_check.log"

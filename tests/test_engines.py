@@ -1,0 +1,87 @@
+"""CPU inference engines (inference/engines.py): each agrees with torch fp32, `auto` picks a verified one."""
+
+import numpy as np
+import pytest
+from helpers import make_tiny_checkpoint
+
+from lesionlab.cli import main
+from lesionlab.exceptions import UserError
+from lesionlab.inference import engines
+from lesionlab.inference.predictor import Predictor, load_predictors
+
+
+@pytest.fixture(scope="module")
+def ck(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("eng") / "m", seed=3)
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LESIONLAB_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def _images(n=6):
+    return engines.verification_batch(64, n=n, seed=11)
+
+
+@pytest.mark.parametrize("engine", ["onnxruntime", "openvino"])
+def test_engine_agrees_with_torch_fp32(ck, engine, cache):
+    ref = Predictor(ck, device="cpu", precision="fp32")
+    pr = Predictor(ck, device="cpu", precision="fp32", engine=engine)
+    assert pr.engine == engine and list((cache / "onnx").glob("*.onnx"))
+    x = _images()
+    a, b = ref.outputs_batch(x), pr.outputs_batch(x)
+    assert (a["probs"].argmax(1) == b["probs"].argmax(1)).all()
+    assert np.abs(a["probs"] - b["probs"]).max() < 1e-4
+    assert np.abs(a["features"] - b["features"]).max() < 1e-3  # pre-logits features (OOD scores) too
+    tta_a, tta_b = ref.predict_batch(x, tta=True), pr.predict_batch(x, tta=True)
+    assert np.abs(tta_a - tta_b).max() < 1e-4
+
+
+def test_auto_picks_a_verified_engine_and_caches_the_choice(ck, cache, monkeypatch):
+    pr = Predictor(ck, device="cpu", precision="auto", engine="auto")
+    trials = {t["engine"]: t for t in pr.engine_trials}
+    assert set(trials) == {"torch", "onnxruntime", "openvino"}
+    assert trials[pr.engine]["verified"]
+    fastest = min((t for t in trials.values() if t["verified"]), key=lambda t: t["ms_one"])
+    assert pr.engine == fastest["engine"]
+    for name in engines.EXPORTED:  # fp32 engines were held to the tolerance
+        assert trials[name]["max_prob_diff"] <= engines.TOLERANCE and trials[name]["verified"]
+
+    def boom(*a, **k):
+        raise AssertionError("measured again instead of using the cached choice")
+
+    monkeypatch.setattr(engines, "trial_engines", boom)
+    again = Predictor(ck, device="cpu", precision="auto", engine="auto")
+    assert again.engine == pr.engine and again.engine_trials == pr.engine_trials
+
+
+def test_auto_refuses_an_engine_that_disagrees(ck):
+    """An engine whose output is off is never chosen, however fast."""
+    ref = Predictor(ck, device="cpu", precision="fp32")
+    bodies = {"torch": ref._fp32_body, "onnxruntime": lambda x: ref._fp32_body(x) * 0 + 1.0}
+    trials = engines.trial_engines(ref._fp32_body, bodies, {"onnxruntime"}, ref._head, 64, repeat=1, batch=4)
+    by = {t.engine: t for t in trials}
+    assert by["torch"].verified and not by["onnxruntime"].verified
+    assert engines.fastest(trials) == "torch"
+
+
+def test_bundle_style_onnx_beside_the_checkpoint_is_used(ck, tmp_path, cache):
+    import shutil
+
+    d = tmp_path / "member"
+    shutil.copytree(ck, d)
+    ref = Predictor(d, device="cpu", precision="fp32")
+    engines.export_body_onnx(ref.model, 64, d / engines.ONNX_FILE)
+    pr = Predictor(d, device="cpu", precision="fp32", engine="onnxruntime")
+    assert pr.engine == "onnxruntime" and not (cache / "onnx").exists()
+
+
+def test_bad_engine_is_a_one_line_error(ck, tmp_path, capsys):
+    with pytest.raises(UserError, match="--engine 'tensorrt'"):
+        load_predictors([ck], device="cpu", engine="tensorrt")
+    rc = main(["infer", "--data", str(tmp_path), "--run", str(ck), "--out", str(tmp_path / "p.csv"),
+               "--engine", "tensorrt"])
+    err = capsys.readouterr().err.strip()
+    assert rc != 0 and len(err.splitlines()) == 1 and "auto, torch, onnxruntime, openvino" in err
