@@ -434,14 +434,15 @@ def _evaluate_external(p: argparse.ArgumentParser):
 # ----------------------------------------------------------------------------- explanations
 
 
-def expand_images(items: list[Path]) -> list[Path]:
-    """Image files, with folders expanded to the JPEG/PNG files below them (sorted)."""
-    from lesionlab.data.images import find_images
+def expand_images(items: list[Path], command: str, failures: list[tuple[Path, str]]) -> list[Path]:
+    """Image files, with folders expanded to the JPEG/PNG files below them; an image-less folder is reported."""
+    from lesionlab.data.images import expand_image_paths
 
-    out: list[Path] = []
-    for p in items:
-        out.extend(sorted(find_images(p).values(), key=str) if p.is_dir() else [p])
-    return out
+    paths, problems = expand_image_paths(items)
+    for path, msg in problems:
+        print(f"lesionlab {command}: error: {msg}", file=sys.stderr)
+        failures.append((path, msg))
+    return paths
 
 
 def readable_images(paths: list[Path], command: str, failures: list[tuple[Path, str]]):
@@ -476,7 +477,7 @@ def _explain(p: argparse.ArgumentParser):
             raise UserError(f"--class {a.cls!r} must be one of {', '.join(CLASSES)}")
         predictors = load_predictors(find_checkpoints(a.run), device=a.device, precision="fp32")
         failed: list[tuple[Path, str]] = []
-        for path, image in readable_images(expand_images(a.images), "explain", failed):
+        for path, image in readable_images(expand_images(a.images, "explain", failed), "explain", failed):
             ex = explain_image(predictors, image, image_id=path.stem, method=a.method, cls=a.cls and a.cls.upper())
             files = write_explanation(ex, a.out, save_raw=a.save_raw)
             print(f"{path}: {ex.cls} ({ex.probs.max():.2f}) -> {len(files)} files in {a.out}")
@@ -549,11 +550,11 @@ def _predict(p: argparse.ArgumentParser):
         from lesionlab.inference.bundle import EnsemblePredictor
 
         ens = EnsemblePredictor(a.bundle, device=a.device, precision=a.precision)
-        paths = expand_images(a.images)
+        failed: list[tuple[Path, str]] = []
+        paths = expand_images(a.images, "predict", failed)
         if not paths:
             raise UserError("no images found in the given paths")
         rows: list[dict] = []
-        failed: list[tuple[Path, str]] = []
         for start in range(0, len(paths), a.batch_size):
             loaded = list(readable_images(paths[start : start + a.batch_size], "predict", failed))
             ok_paths, batch = [p for p, _ in loaded], [im for _, im in loaded]
@@ -563,11 +564,13 @@ def _predict(p: argparse.ArgumentParser):
                     ex = ens.explain(im)
                     save_png(overlay(ex.display, ex.ensemble), a.explain / f"{path.stem}_gradcam_{ex.cls}.png")
         rows += [{"image": str(p), "error": err} for p, err in failed]
-        rows.sort(key=lambda r: paths.index(Path(r["image"])))
+        order = {str(p): i for i, p in enumerate(paths)}  # image-less folders (not in paths) first
+        rows.sort(key=lambda r: order.get(r["image"], -1))
         print(_format_results(rows, a.format))
         print("Decision support, not a diagnosis: a clinician must examine every lesion.", file=sys.stderr)
         if failed:
-            print(f"lesionlab predict: {len(failed)} of {len(paths)} image(s) failed", file=sys.stderr)
+            total = len(paths) + sum(str(p) not in order for p, _ in failed)
+            print(f"lesionlab predict: {len(failed)} of {total} input(s) failed", file=sys.stderr)
         return 1 if failed else 0
 
     return run

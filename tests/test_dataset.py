@@ -174,3 +174,28 @@ def test_rotation_augmentation_is_seeded_per_sample_and_same_cached_or_not(synth
     assert torch.equal(torch.get_rng_state(), before)  # the caller's RNG is untouched
     i = e0[0][0]
     assert not torch.equal(cached[e0[0]][0], cached[(i, e0[0][1] + 1)][0])  # another seed, another rotation
+
+
+def test_image_less_folder_is_a_problem_not_nothing(tmp_path):
+    from lesionlab.data.images import expand_image_paths
+
+    (tmp_path / "x.jpg").mkdir()  # a folder that looks like an image
+    (tmp_path / "imgs").mkdir()
+    _img(tmp_path / "imgs" / "b.png")
+    _img(tmp_path / "imgs" / "a.jpg")
+    paths, problems = expand_image_paths([tmp_path / "x.jpg", tmp_path / "imgs", tmp_path / "c.jpg"])
+    assert paths == [tmp_path / "imgs" / "a.jpg", tmp_path / "imgs" / "b.png", tmp_path / "c.jpg"]
+    assert len(problems) == 1 and problems[0][0] == tmp_path / "x.jpg" and "no JPG/JPEG/PNG images" in problems[0][1]
+
+
+def test_predict_reports_an_image_less_folder_and_still_predicts_the_rest(tiny_bundle, tmp_path, capsys):
+    from lesionlab.cli import main
+
+    (tmp_path / "x.jpg").mkdir()
+    _img(tmp_path / "ok.jpg", size=(80, 60))
+    code = main(["predict", str(tmp_path / "x.jpg"), str(tmp_path / "ok.jpg"), "--bundle", str(tiny_bundle),
+                 "--device", "cpu", "--format", "csv"])
+    out, err = capsys.readouterr()
+    assert code != 0
+    assert f"lesionlab predict: error: {tmp_path / 'x.jpg'}: a folder with no" in err and "Traceback" not in err
+    assert str(tmp_path / "ok.jpg") in out and "1 of 2 input(s) failed" in err

@@ -95,3 +95,24 @@ def find_images(root: str | Path) -> dict[str, Path]:
             if fn.lower().endswith(IMAGE_SUFFIXES) and not fn.startswith("."):
                 found.setdefault(Path(fn).stem, Path(dirpath) / fn)
     return found
+
+
+def expand_image_paths(items: list[str | Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Image files for command-line arguments: folders expanded to the JPEG/PNG files below them (sorted).
+
+    Returns:
+        (paths, problems): a folder with no images in it (say one named `x.jpg`) is a problem
+        `(folder, message)`, not silently nothing. Files are passed through; decoding reports bad ones.
+    """
+    paths: list[Path] = []
+    problems: list[tuple[Path, str]] = []
+    for p in map(Path, items):
+        if p.is_dir():
+            found = sorted(find_images(p).values(), key=str)
+            if not found:
+                problems.append((p, f"{p}: a folder with no {'/'.join(s.lstrip('.').upper() for s in IMAGE_SUFFIXES)} "
+                                    "images in it"))
+            paths.extend(found)
+        else:
+            paths.append(p)
+    return paths, problems
