@@ -373,14 +373,17 @@ def _study(p: argparse.ArgumentParser):
     p.add_argument("--duplicates", type=Path, help="known duplicate pairs CSV (from_img,to_img)")
     p.add_argument("--external", type=_external_arg, action="append", default=[], metavar="NAME=IMAGES_DIR,TRUTH_CSV",
                    help="add an external test set in ISIC ground-truth format (repeatable)")
-    p.add_argument("--out", type=Path, required=True, help="study folder (re-running skips finished steps)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="study folder (re-running reuses every step whose config, inputs and upstream steps are unchanged)")
+    p.add_argument("--fresh", action="store_true", help="first delete what an earlier study wrote into --out; run every step")
 
     def run(a: argparse.Namespace) -> int:
         from lesionlab import config, study
 
         cfg = config.load_config(a.config, a.overrides)
         cfg.external.extend(a.external)
-        html = study.run_study(cfg, a.out, data=a.data, metadata=a.metadata, duplicates=a.duplicates, skip_invalid=a.skip_invalid)
+        html = study.run_study(cfg, a.out, data=a.data, metadata=a.metadata, duplicates=a.duplicates, skip_invalid=a.skip_invalid,
+                               fresh=a.fresh)
         print(f"report: {html} (and report.md beside it)")
         return 0
 

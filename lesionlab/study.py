@@ -1,17 +1,70 @@
-"""The whole protocol end to end: validate -> split -> train -> infer -> metrics -> ensemble -> errors -> explain -> report."""
+"""The whole protocol as fingerprinted steps: synth -> validate -> split -> train -> infer -> ensemble -> metrics ->
+errors -> gallery -> external -> report.
+
+Steps keyed by what they depend on
+----------------------------------
+Every step runs through `Steps.run`, which decides from a fingerprint whether the step's outputs on disk still
+match what it depends on. A step's fingerprint is the SHA-256 of
+
+- the config values it reads (`config=`: a mapping from a prefix to a config section, a dict or a value;
+  flattened into dotted keys such as `train.lr`, which are stored, so a reason can name the key that changed),
+- the SHA-256 of its input files (`inputs=`: paths, or a mapping label -> path / list of paths for large sets
+  such as every image; content hashes are memoised by (size, mtime) in `.hashes.json`, as DVC does),
+- the fingerprints of its upstream steps (`upstream=`: names of steps already run or reused in this run),
+- the package version (`lesionlab.__version__`).
+
+A step whose fingerprint equals the recorded one, whose recorded run finished, whose upstream steps were not re-run
+since, whose outputs all exist and whose `check` (if any) has no objection is reused. Otherwise it runs: its
+declared `outputs` (paths inside the study folder) are deleted first, unless the step is `resumable` and merely
+new or unfinished (training resumes its `last.pt`). A step that re-runs gives its downstream steps a new run id, so
+they re-run too. `steps.json` records per step: fingerprint, status (ran / reused), reason ("new",
+"config changed: train.lr", "input changed: splits.csv", "upstream changed: train resnet101", "outputs missing:
+...", ...), seconds, the flattened config values, input digests, upstream fingerprints and outputs. The log says
+the same. Steps recorded earlier but not part of this run (an architecture dropped from `train.archs`) have their
+outputs removed, so `runs/` and `predictions/` never hold models the report does not describe. `--fresh`
+(`reset_study`) deletes what the study wrote (the outputs recorded in steps.json and the study's own files) and
+nothing else.
+
+Adding a step (calibration, robustness, subgroups, ...)::
+
+    steps.run(
+        "calibration",                               # unique name; shown in steps.json, the log and the report
+        lambda: fit_calibration(...),                # does the work; reads its inputs, writes `outputs`
+        config={"eval": section(cfg.eval, keep=("bootstrap",)), "calibration": cfg.calibration},
+        inputs=[out / "splits.csv"],                 # files read that no upstream step wrote (optional)
+        upstream=[*infer_steps, "metrics"],          # steps whose outputs it reads
+        outputs=[out / "calibration"],               # what it writes, inside the study folder
+    )
+
+Pass only the config sections (or keys, via `section(..., keep=/drop=)`) the step reads: a key it does not read
+would re-run it needlessly, a key it reads but does not declare would let a stale result through. The report
+(`lesionlab.report.study_report`) reads the outputs; it runs on every call (it is cheap and shows this run's
+step statuses).
+
+Why not a library: joblib.Memory caches a function's return value keyed on its arguments, not files written into
+a study folder, and cannot say which config key changed; doit's `config_changed`/`file_dep` give a yes/no
+(keeping state in a dbm file beside the dodo loader) and no per-key reason; pytask has no "explain why" yet
+(pytask-dev/pytask#466); DVC and pydra are pipeline engines with their own CLI/YAML or workflow graph that would
+take over the study's control flow. What is needed here is ~150 lines over hashlib and JSON.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
+import os
+import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from lesionlab import __version__
 from lesionlab.config import StudyConfig, save_config
 from lesionlab.data.split import (
     check_split,
@@ -22,7 +75,7 @@ from lesionlab.data.split import (
     write_split,
 )
 from lesionlab.data.subsets import external_table, split_frames, subset_frame
-from lesionlab.data.tables import HAM_METADATA, read_table
+from lesionlab.data.tables import read_table
 from lesionlab.data.validation import drop_invalid, validate
 from lesionlab.evaluation.metrics import summarize
 from lesionlab.exceptions import UserError
@@ -35,33 +88,323 @@ from lesionlab.report.study_report import report_study
 
 log = logging.getLogger(__name__)
 
+STEPS_FILE = "steps.json"
+HASHES_FILE = ".hashes.json"
+# Files and folders that only `run_study` writes into a study folder; `reset_study` removes these (and the
+# outputs recorded in steps.json), never anything else. `data` is removed only when the study made it (synth).
+STUDY_FILES = ("steps.json", HASHES_FILE, "config.yaml", "report.html", "report.md", "figures", "dataset.json",
+               "validation_problems.csv", "splits.csv", "split_summary.csv", "runs", "predictions", "eval", "errors",
+               "gallery", "external", "cache")
 
 
+# ----------------------------------------------------------------------------- fingerprinted steps
+
+
+def section(obj: Any, *, keep: Iterable[str] | None = None, drop: Iterable[str] = ()) -> dict[str, Any]:
+    """A config section (dataclass or dict) as a dict, restricted to `keep` keys or without `drop` keys."""
+    d = dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else dict(obj)
+    if keep is not None:
+        d = {k: d[k] for k in keep}
+    return {k: v for k, v in d.items() if k not in set(drop)}
+
+
+def flatten_config(config: Mapping[str, Any] | None, prefix: str = "") -> dict[str, Any]:
+    """{'train': TrainConfig(...), 'arch': 'x'} -> {'train.lr': 0.001, ..., 'arch': 'x'} (JSON-ready values)."""
+    out: dict[str, Any] = {}
+    for k, v in (config or {}).items():
+        key = f"{prefix}{k}"
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):
+            v = dataclasses.asdict(v)
+        if isinstance(v, Mapping):
+            out.update(flatten_config(v, key + "."))
+        else:
+            out[key] = json.loads(json.dumps(v, default=str))  # tuples -> lists, Paths -> str
+    return out
+
+
+class FileHashes:
+    """SHA-256 of files, memoised by (size, mtime_ns) so unchanged images are not read again (DVC's state db)."""
+
+    def __init__(self, file: Path):
+        self.file = file
+        self.memo: dict[str, list] = json.loads(file.read_text()) if file.exists() else {}
+        self.dirty = False
+
+    def sha(self, path: Path) -> str:
+        p = Path(path)
+        try:
+            st = p.stat()
+        except FileNotFoundError:
+            return "missing"
+        key = str(p.resolve())
+        hit = self.memo.get(key)
+        if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
+            return hit[2]
+        digest = sha256_file(p)
+        self.memo[key] = [st.st_size, st.st_mtime_ns, digest]
+        self.dirty = True
+        return digest
+
+    def save(self) -> None:
+        if self.dirty:
+            atomic_write_json(self.file, self.memo)
+            self.dirty = False
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _changed_keys(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    return sorted(k for k in set(old) | set(new) if old.get(k, "<absent>") != new.get(k, "<absent>"))
+
+
+def _names(keys: list[str], limit: int = 4) -> str:
+    return ", ".join(keys[:limit]) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
 class Steps:
-    """Resumable steps: a step whose name is recorded as done in steps.json (and whose outputs exist) is skipped."""
+    """Run steps keyed by a fingerprint of what they depend on; see the module docstring."""
 
-    def __init__(self, out: Path):
-        self.file = out / "steps.json"
-        self.state: dict[str, Any] = json.loads(self.file.read_text()) if self.file.exists() else {}
+    def __init__(self, out: Path, *, version: str = __version__):
+        self.out = Path(out)
+        self.file = self.out / STEPS_FILE
+        self.version = version
+        state = json.loads(self.file.read_text()) if self.file.exists() else {}
+        self.recorded: dict[str, dict[str, Any]] = state
+        self.state: dict[str, dict[str, Any]] = {}  # this run's records, in run order
+        self.hashes = FileHashes(self.out / HASHES_FILE)
 
-    def run(self, name: str, fn: Callable[[], Any], *, outputs: list[Path] | None = None) -> Any:
-        rec = self.state.get(name)
-        if rec and rec.get("done") and all(Path(o).exists() for o in outputs or []):
-            log.info("step %s: done earlier (%.1fs), skipped", name, rec["seconds"])
-            return None
-        log.info("step %s ...", name)
+    # -- paths
+    def _rel(self, p: Path) -> str:
+        p = Path(p)
+        try:
+            return str(p.resolve().relative_to(self.out.resolve()))
+        except ValueError:
+            return str(p)
+
+    def _inside(self, p: Path) -> Path:
+        rp = Path(p).resolve()
+        if not rp.is_relative_to(self.out.resolve()) or rp == self.out.resolve():
+            raise ValueError(f"step output {p} is not inside the study folder {self.out}")  # a bug in a step
+        return rp
+
+    def _input_digests(self, inputs: Sequence[Path] | Mapping[str, Path | Sequence[Path]]) -> dict[str, str]:
+        items = inputs.items() if isinstance(inputs, Mapping) else ((self._rel(p), p) for p in inputs)
+        out = {}
+        for label, paths in items:
+            if isinstance(paths, str | Path):
+                out[label] = self.hashes.sha(Path(paths))
+            else:  # a set of files: one digest over (relative name, content hash), order-independent
+                out[label] = _digest(sorted((self._rel(p), self.hashes.sha(Path(p))) for p in paths))
+        return out
+
+    def _why(self, rec: dict[str, Any] | None, new: dict[str, Any], outputs: list[Path],
+             check: Callable[[], str | None] | None) -> str | None:
+        if rec is None:
+            return "new"
+        if "fingerprint" not in rec:
+            return "new (steps.json from an older LesionLab has no fingerprints)"
+        reasons = []
+        if rec.get("status") not in ("ran", "reused"):
+            reasons.append("did not finish")
+        if rec.get("version") != new["version"]:
+            reasons.append(f"package version changed: {rec.get('version')} -> {new['version']}")
+        keys = _changed_keys(rec.get("config", {}), new["config"])
+        if keys:
+            reasons.append(f"config changed: {_names(keys)}")
+        files = _changed_keys(rec.get("inputs", {}), new["inputs"])
+        if files:
+            reasons.append(f"input changed: {_names(files)}")
+        ups = _changed_keys(rec.get("upstream", {}), new["upstream"])
+        if ups:
+            reasons.append(f"upstream changed: {_names(ups)}")
+        else:
+            reran = _changed_keys(rec.get("upstream_runs", {}), new["upstream_runs"])
+            if reran:
+                reasons.append(f"upstream re-ran: {_names(reran)}")
+        if not reasons and rec.get("fingerprint") != new["fingerprint"]:
+            reasons.append("fingerprint changed")
+        if reasons:
+            return "; ".join(reasons)
+        missing = [self._rel(o) for o in outputs if not Path(o).exists()]
+        if missing:
+            return f"outputs missing: {_names(missing)}"
+        return check() if check else None
+
+    def run(
+        self,
+        name: str,
+        fn: Callable[[], Any],
+        *,
+        config: Mapping[str, Any] | None = None,
+        inputs: Sequence[Path] | Mapping[str, Path | Sequence[Path]] = (),
+        upstream: Sequence[str] = (),
+        outputs: Sequence[Path] = (),
+        check: Callable[[], str | None] | None = None,
+        resumable: bool = False,
+    ) -> Any:
+        """Run `fn` unless its recorded outputs still match what it depends on; returns fn's result (None if reused).
+
+        Args:
+            config: the config values the step reads, e.g. `{"train": section(cfg.train, drop=("archs",))}`.
+            inputs: files the step reads that no upstream step wrote (content-hashed).
+            upstream: names of the steps (already run or reused in this run) whose outputs it reads.
+            outputs: files/folders it writes, inside the study folder (checked for existence, deleted before a re-run).
+            check: extra test of the outputs; returns a reason to re-run, or None.
+            resumable: keep the outputs when the step is only new or unfinished (`fn` resumes from them).
+        """
+        if name in self.state:
+            raise ValueError(f"step {name!r} given twice")
+        unknown = [u for u in upstream if u not in self.state]
+        if unknown:
+            raise ValueError(f"step {name!r}: upstream step(s) {unknown} have not run yet")
+        outs = [Path(o) for o in outputs]
+        for o in outs:
+            self._inside(o)
+        new = {
+            "config": flatten_config(config),
+            "inputs": self._input_digests(inputs),
+            "upstream": {u: self.state[u]["fingerprint"] for u in upstream},
+            "upstream_runs": {u: self.state[u]["run_id"] for u in upstream},
+            "version": self.version,
+        }
+        new["fingerprint"] = _digest({k: new[k] for k in ("config", "inputs", "upstream", "version")})
+        self.hashes.save()
+        rec = self.recorded.get(name)
         t = time.perf_counter()
+        reason = self._why(rec, new, outs, check)
+        base = {**new, "outputs": [self._rel(o) for o in outs]}
+        if reason is None:
+            self.state[name] = {"fingerprint": new["fingerprint"], "status": "reused",
+                                "reason": "unchanged", "seconds": round(time.perf_counter() - t, 2),
+                                "ran_seconds": rec.get("ran_seconds", rec.get("seconds")), **base,
+                                "run_id": rec["run_id"]}
+            log.info("step %s: reused (unchanged; ran in %.1fs)", name, self.state[name]["ran_seconds"] or 0)
+            self._save()
+            return None
+        keep = resumable and (reason.startswith("new") or reason == "did not finish")
+        if not keep:
+            for o in outs:
+                _remove(self._inside(o))
+        log.info("step %s: running (%s)", name, reason)
+        run_id = _digest([new["fingerprint"], time.time_ns(), os.getpid()])[:16]
+        self.state[name] = {"fingerprint": new["fingerprint"], "status": "running", "reason": reason, "seconds": None,
+                            **base, "run_id": run_id}
+        self.recorded[name] = self.state[name]
+        self._save()
         result = fn()
-        self.state[name] = {"done": True, "seconds": round(time.perf_counter() - t, 2)}
-        atomic_write_json(self.file, self.state)
+        secs = round(time.perf_counter() - t, 2)
+        self.state[name].update(status="ran", seconds=secs, ran_seconds=secs)
+        self._save()
+        log.info("step %s: ran in %.1fs", name, secs)
         return result
+
+    def record(self, name: str, status: str, reason: str, seconds: float) -> None:
+        """Record a step that is not fingerprinted (the report, which always runs)."""
+        self.state[name] = {"status": status, "reason": reason, "seconds": round(seconds, 2)}
+        self._save()
+
+    def prune(self, *, keep: Iterable[Path] = ()) -> list[str]:
+        """Remove the outputs and records of steps recorded earlier but not part of this run.
+
+        Args:
+            keep: paths still in use (e.g. a synthetic data folder now given as --data): never removed.
+        """
+        kept = [Path(k).resolve() for k in keep]
+        gone = [n for n in self.recorded if n not in self.state]
+        for n in gone:
+            for o in self.recorded[n].get("outputs", []):
+                p = (self.out / o).resolve()
+                if any(k == p or k.is_relative_to(p) for k in kept):
+                    continue
+                if p.is_relative_to(self.out.resolve()) and p != self.out.resolve():
+                    _remove(p)
+            log.info("step %s: no longer part of this study; removed its outputs", n)
+        self.recorded = {n: r for n, r in self.recorded.items() if n in self.state}
+        self._save()
+        return gone
+
+    def _save(self) -> None:
+        # this run's records first (in run order), then earlier records not (yet) seen in this run
+        merged = {**self.state, **{n: r for n, r in self.recorded.items() if n not in self.state}}
+        atomic_write_json(self.file, merged)
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p)
+    elif p.exists() or p.is_symlink():
+        p.unlink()
+
+
+def reset_study(out: str | Path) -> list[str]:
+    """`--fresh`: delete what the study wrote into `out` (recorded step outputs and the study's own files).
+
+    Nothing is deleted from a folder without steps.json (it was not written by `lesionlab study`).
+    """
+    out = Path(out)
+    f = out / STEPS_FILE
+    if not f.exists():
+        return []
+    recorded = json.loads(f.read_text())
+    names = set(STUDY_FILES)
+    if "synth" in recorded:
+        names.add("data")
+    for rec in recorded.values():
+        names.update(rec.get("outputs", []))
+    removed = []
+    for n in sorted(names, key=lambda s: (s == STEPS_FILE, s)):  # steps.json last: a crash leaves a resumable state
+        p = out / n
+        if not p.resolve().is_relative_to(out.resolve()) or p.resolve() == out.resolve():
+            continue
+        if p.exists() or p.is_symlink():
+            _remove(p)
+            removed.append(n)
+    log.info("--fresh: removed %s from %s", ", ".join(removed) or "nothing", out)
+    return removed
+
+
+# ----------------------------------------------------------------------------- the train step's extra check
+
+
+# Data settings that cannot change a trained model (an item is the same with or without workers and cache, by
+# construction: EpochSampler, ImageCache; see training.fit.RESUME_FREE), so changing them retrains nothing.
+TRAIN_FREE_DATA = ("num_workers", "cache", "cache_dir")
+
+
+def train_config(cfg: StudyConfig, arch: str) -> dict[str, Any]:
+    """The config values one architecture's training reads (not the other architectures, workers or the cache)."""
+    return {"arch": arch, "train": section(cfg.train, drop=("archs",)), "data": section(cfg.data, drop=TRAIN_FREE_DATA)}
+
+
+def run_folder_mismatch(run_dir: Path, cfg: StudyConfig, arch: str, split_hash: str) -> str | None:
+    """Why the checkpoint in `run_dir` (its model.json sidecar) was not trained by this config on this split, or None."""
+    from lesionlab import models
+
+    meta_file = Path(run_dir) / models.META_FILE
+    if not meta_file.exists():
+        return None
+    meta = json.loads(meta_file.read_text())
+    want = flatten_config(train_config(cfg, arch))
+    had = flatten_config({"arch": meta.get("arch"), "train": {k: v for k, v in meta.get("config", {}).get("train", {}).items()
+                                                              if k != "archs"},
+                          "data": {k: v for k, v in meta.get("config", {}).get("data", {}).items()
+                                   if k not in TRAIN_FREE_DATA}})
+    keys = _changed_keys(had, want)
+    if keys:
+        return f"run folder trained with another config: {_names(keys)}"
+    if meta.get("split_sha256") != split_hash:
+        return "run folder trained on another split (split SHA-256 differs)"
+    return None
+
+
+# ----------------------------------------------------------------------------- the protocol
 
 
 def predict_split_files(checkpoints: list[Path], df: pd.DataFrame, out_dir: Path, tag: str, cfg: StudyConfig,
-                        *, progress: bool = True) -> dict[str, np.ndarray]:
-    """Per-model probability CSVs `<arch>_<tag>.csv` and `truth_<tag>.csv` (ISIC format) for a frame."""
+                        *, progress: bool = True, truth: bool = True) -> dict[str, np.ndarray]:
+    """Per-model probability CSVs `<arch>_<tag>.csv` (and `truth_<tag>.csv`) in ISIC format for a frame."""
     from lesionlab.data.isic_csv import probs_frame, truth_frame, write_isic_csv
     from lesionlab.inference.predictor import infer_table
 
@@ -69,7 +412,8 @@ def predict_split_files(checkpoints: list[Path], df: pd.DataFrame, out_dir: Path
                         batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers, progress=progress)
     for name, p in probs.items():
         write_isic_csv(out_dir / f"{file_stem(name)}_{tag}.csv", probs_frame(df["image_id"], p))
-    write_isic_csv(out_dir / f"truth_{tag}.csv", truth_frame(df))
+    if truth:
+        write_isic_csv(out_dir / f"truth_{tag}.csv", truth_frame(df))
     return probs
 
 
@@ -86,6 +430,17 @@ def load_probs(pred_dir: Path, names: list[str], tag: str) -> tuple[np.ndarray, 
     return y, out, ids
 
 
+def _check_archs(archs: list[str]) -> None:
+    seen = set()
+    for a in archs:
+        if a in seen:
+            # Two runs of one architecture with one config and seed are the same model twice; an "ensemble" of
+            # them would claim an agreement that means nothing.
+            raise UserError(f"train.archs lists {a} twice; give each architecture once (one study trains one model "
+                            "per architecture with one config and seed)")
+        seen.add(a)
+
+
 def run_study(
     cfg: StudyConfig,
     out_dir: str | Path,
@@ -95,21 +450,30 @@ def run_study(
     duplicates: str | Path | None = None,
     skip_invalid: bool = False,
     progress: bool = True,
+    fresh: bool = False,
 ) -> Path:
-    """Run (or resume) the whole protocol into `out_dir`; returns the HTML report path."""
+    """Run the protocol into `out_dir`, reusing every step whose inputs are unchanged; returns the HTML report path.
+
+    Args:
+        fresh: first delete what an earlier study wrote into `out_dir` (see `reset_study`).
+    """
     from lesionlab import models
-    from lesionlab.data.isic_csv import probs_frame, write_isic_csv
-    from lesionlab.evaluation.error_analysis import analyse_errors
+    from lesionlab.data.isic_csv import probs_frame, truth_frame, write_isic_csv
+    from lesionlab.evaluation.error_analysis import analyse_errors, write_errors
     from lesionlab.evaluation.evaluate import evaluate_arrays, write_evaluation
     from lesionlab.inference.ensemble import mean_probabilities
-    from lesionlab.inference.predictor import find_checkpoints
-    from lesionlab.training.fit import fit
+    from lesionlab.training.fit import RESUME_FILE, check_resume, fit
 
     out = Path(out_dir)
+    archs = models.expand_archs(cfg.train.archs)
+    if not archs:
+        raise UserError("train.archs is empty; give at least one architecture")
+    _check_archs(archs)
+    if fresh:
+        reset_study(out)
     out.mkdir(parents=True, exist_ok=True)
     steps = Steps(out)
     save_config(cfg, out / "config.yaml")
-    archs = models.expand_archs(cfg.train.archs)
 
     if data is None:
         if cfg.synth_images <= 0:
@@ -119,10 +483,12 @@ def run_study(
         data = out / "data"
         steps.run("synth", lambda: make_synthetic(data, n_images=cfg.synth_images, seed=cfg.split.seed,
                                                   size=tuple(cfg.synth_size), progress=progress),
-                  outputs=[Path(data) / HAM_METADATA])
+                  config={"synth_images": cfg.synth_images, "synth_size": cfg.synth_size, "split.seed": cfg.split.seed},
+                  outputs=[Path(data)])
+    table = read_table(data, metadata)
+    image_files = sorted({Path(p) for p in table.df["path"] if p})
 
     def do_validate():
-        table = read_table(data, metadata)
         rep = validate(table, max_pixels=cfg.data.max_image_pixels, progress=progress)
         rep.write_csv(out / "validation_problems.csv")
         blocking = [p for p in rep.problems if p.kind != "image without a row"]
@@ -131,47 +497,88 @@ def run_study(
         atomic_write_json(out / "dataset.json", {"source": str(table.source), "layout": table.layout,
                                                  "rows": len(table.df), "problems": rep.counts(), "notes": rep.notes})
 
-    steps.run("validate", do_validate, outputs=[out / "dataset.json"])
+    steps.run("validate", do_validate, config={"data.max_image_pixels": cfg.data.max_image_pixels},
+              # the content hashes of the table and images, not the synth step: the same data given as --data
+              # later (or made again) is the same input
+              inputs={"metadata": table.source, "images": image_files},
+              outputs=[out / "dataset.json", out / "validation_problems.csv"])
     # the validate step (now or in an earlier run) saved its problems: drop those rows without validating again
     bad = pd.read_csv(out / "validation_problems.csv", dtype=str, keep_default_na=False)
-    table = drop_invalid(read_table(data, metadata),
-                                 set(bad.loc[bad["problem"] != "image without a row", "image_id"]))
+    table = drop_invalid(table, set(bad.loc[bad["problem"] != "image without a row", "image_id"]))
     split_path = out / "splits.csv"
 
     def do_split():
         dups = read_duplicates(duplicates) if duplicates else None
         sp = make_split(table.df, fractions=(cfg.split.train, cfg.split.val, cfg.split.test), seed=cfg.split.seed,
-                              duplicates=dups)
+                        duplicates=dups)
         if check_split(sp, dups):
             raise RuntimeError("split leaks")  # impossible by construction
         write_split(sp, split_path)
         atomic_write_csv(out / "split_summary.csv", summary_table(sp))
 
-    steps.run("split", do_split, outputs=[split_path])
+    steps.run("split", do_split, config={"split": cfg.split}, inputs={"duplicates": duplicates} if duplicates else (),
+              upstream=["validate"], outputs=[split_path, out / "split_summary.csv"])
     sp = read_split(split_path)
     split_hash = sha256_file(split_path)
     tr, va = split_frames(table, sp)
     te = subset_frame(table, sp, "test")
     runs = out / "runs"
+    cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else out / "cache"
+    train_steps = []
     for arch in archs:
-        steps.run(f"train {arch}", lambda a=arch: fit(
-            a, tr, va, cfg, runs / file_stem(a), cache_dir=Path(cfg.data.cache_dir) if cfg.data.cache_dir else out / "cache",
-            resume=True, split_hash=split_hash, progress=progress), outputs=[runs / file_stem(arch) / models.WEIGHTS_FILE])
-    checkpoints = find_checkpoints([runs / file_stem(a) for a in archs])
-    names = [json.loads((c / models.META_FILE).read_text())["arch"] for c in checkpoints]
+        run_dir = runs / file_stem(arch)
+
+        def do_train(a=arch, d=run_dir):
+            why = run_folder_mismatch(d, cfg, a, split_hash)
+            if not why and (d / RESUME_FILE).exists():
+                try:
+                    check_resume(d / RESUME_FILE, a, cfg, split_hash)
+                except UserError as e:
+                    why = str(e)
+            if why:  # a leftover from another config (or an older LesionLab): start this model over
+                log.info("train %s: %s; starting over", a, why)
+                _remove(d)
+            return fit(a, tr, va, cfg, d, cache_dir=cache_dir, resume=True, split_hash=split_hash, progress=progress)
+
+        def check_train(a=arch, d=run_dir):
+            if not (d / models.WEIGHTS_FILE).exists():
+                return f"outputs missing: {steps._rel(d / models.WEIGHTS_FILE)}"
+            return run_folder_mismatch(d, cfg, a, split_hash)
+
+        steps.run(f"train {arch}", do_train, config=train_config(cfg, arch), upstream=["split"], outputs=[run_dir],
+                  check=check_train, resumable=True)
+        train_steps.append(f"train {arch}")
+    names = list(archs)  # the registry name is what model.json records as "arch"
     pred_dir = out / "predictions"
-    for tag, frame in (("val", va), ("test", te)):
-        steps.run(f"infer {tag}", lambda t=tag, f=frame: predict_split_files(checkpoints, f, pred_dir, t, cfg, progress=progress),
-                  outputs=[pred_dir / f"truth_{tag}.csv"])
+    frames = {"val": va, "test": te}
 
-    # ensemble = mean of the members' probabilities, on both splits
-    def do_ensemble():
-        for tag in ("val", "test"):
-            _, probs, ids = load_probs(pred_dir, names, tag)
-            write_isic_csv(pred_dir / f"{ENSEMBLE}_{tag}.csv", probs_frame(ids, mean_probabilities(list(probs.values()))))
+    def do_truth():
+        for tag, frame in frames.items():
+            write_isic_csv(pred_dir / f"truth_{tag}.csv", truth_frame(frame))
 
-    steps.run("ensemble", do_ensemble, outputs=[pred_dir / f"{ENSEMBLE}_test.csv"])
+    steps.run("truth", do_truth, upstream=["split"], outputs=[pred_dir / f"truth_{t}.csv" for t in frames])
+    infer_cfg = {"eval.tta": cfg.eval.tta, "train.device": cfg.train.device, "train.precision": cfg.train.precision}
+    infer_steps = []
+    for arch in archs:
+        d = runs / file_stem(arch)
+        steps.run(f"infer {arch}", lambda d=d: [predict_split_files([d], f, pred_dir, t, cfg, progress=progress, truth=False)
+                                                for t, f in frames.items()],
+                  config=infer_cfg, upstream=[f"train {arch}", "split"],
+                  outputs=[pred_dir / f"{file_stem(arch)}_{t}.csv" for t in frames])
+        infer_steps.append(f"infer {arch}")
+
+    ens_steps = []
+    if len(names) > 1:  # ensemble = mean of the members' probabilities, on both splits
+        def do_ensemble():
+            for tag in frames:
+                _, probs, ids = load_probs(pred_dir, names, tag)
+                write_isic_csv(pred_dir / f"{ENSEMBLE}_{tag}.csv", probs_frame(ids, mean_probabilities(list(probs.values()))))
+
+        steps.run("ensemble", do_ensemble, upstream=["truth", *infer_steps],
+                  outputs=[pred_dir / f"{ENSEMBLE}_{t}.csv" for t in frames])
+        ens_steps = ["ensemble"]
     all_names = [*names, ENSEMBLE] if len(names) > 1 else names
+    prob_steps = ["truth", *infer_steps, *ens_steps]
     yv, pv, _ = load_probs(pred_dir, all_names, "val")
     yt, pt, test_ids = load_probs(pred_dir, all_names, "test")
     lesion_of = dict(zip(sp["image_id"], sp["group_id"], strict=True))
@@ -183,36 +590,47 @@ def run_study(
             m["val"] = {k: v for k, v in summarize(yv, pv[n]).items() if k in ("macro", "accuracy", "balanced_accuracy")}
             write_evaluation(m, yt, pt[n], out / "eval" / file_stem(n), title=n)
 
-    steps.run("metrics", do_metrics, outputs=[out / "eval" / file_stem(n) / "metrics.json" for n in all_names])
+    steps.run("metrics", do_metrics, config={"eval": section(cfg.eval, drop=("tta", "error_class"))},
+              upstream=["split", *prob_steps], outputs=[out / "eval" / file_stem(n) for n in all_names],
+              check=lambda: None if all((out / "eval" / file_stem(n) / "metrics.json").exists() for n in all_names)
+              else "outputs missing: eval/*/metrics.json")
     mets = {n: json.loads((out / "eval" / file_stem(n) / "metrics.json").read_text()) for n in all_names}
     best = max(names, key=lambda n: (mets[n]["val"]["balanced_accuracy"] or 0, mets[n]["val"]["macro"]["auc"] or 0))
 
-    def do_errors():
-        res = analyse_errors(test_ids, yt, {n: pt[n] for n in names}, best=best, cls=cfg.eval.error_class)
-        d = out / "errors"
-        atomic_write_csv(d / "misclassified.csv", res["images"])
-        atomic_write_csv(d / "confusions.csv", res["confusions"])
-        atomic_write_csv(d / "agreement.csv", res["agreement"])
-        atomic_write_json(d / "summary.json", res["summary"])
-
-    steps.run("errors", do_errors, outputs=[out / "errors" / "summary.json"])
+    steps.run("errors", lambda: write_errors(analyse_errors(test_ids, yt, {n: pt[n] for n in names}, best=best,
+                                                            cls=cfg.eval.error_class), out / "errors"),
+              config={"eval.error_class": cfg.eval.error_class}, upstream=[*prob_steps, "metrics"],
+              outputs=[out / "errors"])
     if cfg.explain.gallery:
-        steps.run("gallery", lambda: make_gallery(checkpoints, te, yt, pt, best, out / "gallery", cfg, test_ids),
-                  outputs=[out / "gallery" / "gallery.json"])
+        steps.run("gallery", lambda: make_gallery([runs / file_stem(a) for a in archs], te, yt, pt, best, out / "gallery",
+                                                  cfg, test_ids),
+                  config={"explain": cfg.explain, "train.device": cfg.train.device},
+                  upstream=["split", *train_steps, *prob_steps, "metrics"], outputs=[out / "gallery"])
     for ext in cfg.external:
-        steps.run(f"external {ext.name}", lambda e=ext: evaluate_external(
-            checkpoints, e.images, e.truth, out / "external" / file_stem(e.name), cfg, skip_invalid=skip_invalid, progress=progress),
-            outputs=[out / "external" / file_stem(ext.name) / "summary.json"])
+        d = out / "external" / file_stem(ext.name)
+        ext_images = sorted(_external_paths(ext.images), key=str) if Path(ext.images).is_dir() else []
+        steps.run(f"external {ext.name}", lambda e=ext, d=d: evaluate_external(
+            [runs / file_stem(a) for a in archs], e.images, e.truth, d, cfg, skip_invalid=skip_invalid, progress=progress),
+            config={"external": {"name": ext.name, "images": ext.images, "truth": ext.truth},
+                    "eval": section(cfg.eval, drop=("error_class",)), **infer_cfg},
+            inputs={"truth": Path(ext.truth), "images": ext_images}, upstream=train_steps, outputs=[d])
+    steps.prune(keep=[Path(data)])
     t = time.perf_counter()
+    steps.record("report", "ran", "always runs (cheap; shows this run's step statuses)", 0.0)
     html_path = report_study(out, cfg, names, all_names, best, mets)
-    steps.state["report"] = {"done": True, "seconds": round(time.perf_counter() - t, 2)}
-    atomic_write_json(steps.file, steps.state)
+    steps.record("report", "ran", "always runs (cheap; shows this run's step statuses)", time.perf_counter() - t)
     return html_path
+
+
+def _external_paths(images: str | Path) -> list[Path]:
+    from lesionlab.data.images import find_images
+
+    return list(find_images(images).values())
 
 
 def evaluate_external(checkpoints: list[Path], images: str | Path, truth: str | Path, out_dir: str | Path,
                       cfg: StudyConfig, *, skip_invalid: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Each model and their ensemble on an external set: a metrics folder per model and summary.json."""
+    """Each model and (with two or more) their ensemble on an external set: a metrics folder per model and summary.json."""
     from lesionlab.evaluation.evaluate import evaluate_arrays, write_evaluation
     from lesionlab.inference.ensemble import mean_probabilities
 
@@ -231,4 +649,3 @@ def evaluate_external(checkpoints: list[Path], images: str | Path, truth: str | 
         summary["models"][n] = {"macro": m["macro"], "accuracy": m["accuracy"], "balanced_accuracy": m["balanced_accuracy"]}
     atomic_write_json(out / "summary.json", summary)
     return summary
-

@@ -42,15 +42,6 @@ def test_study_report_has_all_models_and_the_ensemble(small_study):
     assert np.allclose(ens[list(CLASSES)].to_numpy(), np.mean([m[list(CLASSES)].to_numpy() for m in members], axis=0), atol=2e-6)
 
 
-def test_rerun_skips_finished_steps(small_study):
-    out, _ = small_study
-    before = json.loads((out / "steps.json").read_text())
-    cfg = load_config(out / "config.yaml")
-    study.run_study(cfg, out, data=out / "data", progress=False)
-    after = json.loads((out / "steps.json").read_text())
-    assert {k: v for k, v in after.items() if k != "report"} == {k: v for k, v in before.items() if k != "report"}
-
-
 def test_infer_evaluate_ensemble_commands(small_study, tmp_path, capsys):
     out, _ = small_study
     run = out / "runs" / "resnet101"
@@ -125,3 +116,225 @@ def test_study_report_puts_external_sets_beside_the_internal_test(small_study, t
     assert "External validation" in md and "ph2-like" in md and "internal test" in md
     summary = json.loads((out / "external" / "ph2-like" / "summary.json").read_text())
     assert summary["classes_absent"] == ["BCC", "AKIEC", "BKL", "DF", "VASC"] and summary["n"] == 10
+
+
+# ----------------------------------------------------------------------------- fingerprinted steps (Steps unit tests)
+
+
+def _steps_status(out):
+    return {k: (v["status"], v["reason"]) for k, v in json.loads((out / "steps.json").read_text()).items()}
+
+
+def test_steps_reasons_name_what_changed(tmp_path):
+    from lesionlab.study import Steps
+
+    out = tmp_path / "s"
+    out.mkdir()
+    src = tmp_path / "table.csv"
+    src.write_text("a,b\n1,2\n")
+    calls = []
+
+    def flow(lr=0.1, ci=0.95, text="x", version="1"):
+        st = Steps(out, version=version)
+        st.run("a", lambda: (calls.append("a"), (out / "a.txt").write_text(text)), config={"train": {"lr": lr}},
+               inputs=[src], outputs=[out / "a.txt"])
+        st.run("b", lambda: (calls.append("b"), (out / "b.txt").write_text("b")), config={"eval": {"ci": ci}},
+               upstream=["a"], outputs=[out / "b.txt"])
+        return {k: (v["status"], v["reason"]) for k, v in json.loads((out / "steps.json").read_text()).items()}
+
+    assert flow() == {"a": ("ran", "new"), "b": ("ran", "new")}
+    assert flow() == {"a": ("reused", "unchanged"), "b": ("reused", "unchanged")}
+    assert flow(lr=0.2) == {"a": ("ran", "config changed: train.lr"), "b": ("ran", "upstream changed: a")}
+    assert flow(lr=0.2, ci=0.9) == {"a": ("reused", "unchanged"), "b": ("ran", "config changed: eval.ci")}
+    src.write_text("a,b\n1,3\n")
+    assert flow(lr=0.2, ci=0.9)["a"] == ("ran", f"input changed: {src}")
+    (out / "a.txt").unlink()
+    # same fingerprint, but a re-ran upstream step makes its downstream run again
+    assert flow(lr=0.2, ci=0.9) == {"a": ("ran", "outputs missing: a.txt"), "b": ("ran", "upstream re-ran: a")}
+    assert flow(lr=0.2, ci=0.9, version="2")["a"] == ("ran", "package version changed: 1 -> 2")
+    rec = json.loads((out / "steps.json").read_text())["a"]
+    assert rec["config"] == {"train.lr": 0.2} and len(rec["fingerprint"]) == 64 and rec["seconds"] >= 0
+    assert calls.count("a") == 5 and calls.count("b") == 6
+
+
+def test_steps_unfinished_step_reruns_and_resumable_keeps_outputs(tmp_path):
+    from lesionlab.study import Steps
+
+    out = tmp_path / "s"
+    (out / "run").mkdir(parents=True)
+    (out / "run" / "partial.pt").write_text("epoch 1")
+
+    def crash():
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        Steps(out).run("train", crash, outputs=[out / "run"], resumable=True)
+    assert json.loads((out / "steps.json").read_text())["train"]["status"] == "running"
+    seen = []
+    Steps(out).run("train", lambda: seen.append((out / "run" / "partial.pt").exists()), outputs=[out / "run"],
+                   resumable=True)
+    assert seen == [True] and _steps_status(out)["train"] == ("ran", "did not finish")
+    # a changed config is not resumed: the old outputs go first
+    Steps(out).run("train", lambda: (seen.append((out / "run" / "partial.pt").exists()), (out / "run").mkdir()),
+                   config={"lr": 1}, outputs=[out / "run"], resumable=True)
+    assert seen == [True, False] and _steps_status(out)["train"] == ("ran", "config changed: lr")
+    # a check can veto reuse
+    Steps(out).run("train", lambda: (out / "run").mkdir(), config={"lr": 1}, outputs=[out / "run"],
+                   check=lambda: "run folder trained with another config: train.lr")
+    assert _steps_status(out)["train"] == ("ran", "run folder trained with another config: train.lr")
+
+
+def test_steps_refuse_outputs_outside_the_study_and_fresh_deletes_only_the_study(tmp_path):
+    from lesionlab.study import Steps, reset_study
+
+    out = tmp_path / "s"
+    out.mkdir()
+    with pytest.raises(ValueError, match="not inside the study folder"):
+        Steps(out).run("x", lambda: None, outputs=[tmp_path / "elsewhere.txt"])
+    mine = tmp_path / "notes"
+    mine.mkdir()
+    (mine / "runs").mkdir()  # a folder named like a study output, in a folder the study never wrote
+    assert reset_study(mine) == [] and (mine / "runs").exists()
+    st = Steps(out)
+    st.run("w", lambda: (out / "w").mkdir(), outputs=[out / "w"])
+    (out / "users_file.txt").write_text("keep me")
+    (out / "runs").mkdir()
+    removed = reset_study(out)
+    assert set(removed) == {"w", "runs", "steps.json"} and (out / "users_file.txt").exists()
+
+
+def test_steps_prune_removes_steps_no_longer_in_the_study(tmp_path):
+    from lesionlab.study import Steps
+
+    out = tmp_path / "s"
+    out.mkdir()
+    st = Steps(out)
+    for n in ("a", "b"):
+        st.run(f"train {n}", lambda n=n: (out / n).mkdir(), outputs=[out / n])
+    st.prune()
+    st = Steps(out)
+    st.run("train a", lambda: None, outputs=[out / "a"])
+    assert st.prune() == ["train b"]
+    assert (out / "a").exists() and not (out / "b").exists()
+    assert list(json.loads((out / "steps.json").read_text())) == ["train a"]
+
+
+# ----------------------------------------------------------------------------- fingerprinted steps, end to end
+
+
+TINY = ["synth_images=56", "synth_size=[48,36]", "data.image_size=32", "train.epochs=1", "train.max_steps_per_epoch=2",
+        "eval.bootstrap=10", "train.precision=fp32", "data.batch_size=16", "data.num_workers=0"]
+TWO = ["train.archs=[timm:resnet10t,timm:resnet14t]", "explain.gallery=false"]
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory):
+    """Two tiny models (so there is an ensemble), one epoch of two steps, no gallery."""
+    out = tmp_path_factory.mktemp("tiny") / "study"
+    study.run_study(load_config("demo", TINY + TWO), out, progress=False)
+    return out
+
+
+def _copy(src, tmp_path):
+    import shutil
+
+    dst = tmp_path / "study"
+    shutil.copytree(src, dst)  # copy2: modification times are kept
+    return dst
+
+
+def _weights_mtimes(out):
+    return {p.parent.name: p.stat().st_mtime_ns for p in sorted((out / "runs").glob("*/model.safetensors"))}
+
+
+def test_rerun_unchanged_reuses_every_step(tiny_study, tmp_path):
+    out = _copy(tiny_study, tmp_path)
+    before = _weights_mtimes(out)
+    assert len(before) == 2
+    study.run_study(load_config("demo", TINY + TWO), out, progress=False)
+    st = _steps_status(out)
+    assert {k: v for k, v in st.items() if k != "report"} == {k: ("reused", "unchanged") for k in st if k != "report"}
+    assert {"train timm:resnet10t", "infer timm:resnet14t", "ensemble", "metrics", "errors"} <= set(st)
+    assert _weights_mtimes(out) == before
+    # the synthetic images given back as --data are the same input: nothing re-runs, and they are not removed
+    study.run_study(load_config("demo", TINY + TWO), out, data=out / "data", progress=False)
+    st = _steps_status(out)
+    assert "synth" not in st and all(v == ("reused", "unchanged") for k, v in st.items() if k != "report")
+    assert (out / "data" / "HAM10000_metadata.csv").exists() and _weights_mtimes(out) == before
+
+
+def test_changed_lr_retrains_and_recomputes_downstream(tiny_study, tmp_path):
+    out = _copy(tiny_study, tmp_path)
+    before = _weights_mtimes(out)
+    metrics_before = (out / "eval" / "ensemble" / "metrics.json").stat().st_mtime_ns
+    study.run_study(load_config("demo", [*TINY, *TWO, "train.lr=0.0037"]), out, progress=False)
+    st = _steps_status(out)
+    for arch in ("timm:resnet10t", "timm:resnet14t"):
+        assert st[f"train {arch}"] == ("ran", "config changed: train.lr")
+        assert st[f"infer {arch}"] == ("ran", f"upstream changed: train {arch}")
+        meta = json.loads((out / "runs" / arch.replace(":", "_") / "model.json").read_text())
+        assert meta["config"]["train"]["lr"] == 0.0037
+    for s in ("ensemble", "metrics", "errors"):
+        assert st[s][0] == "ran" and st[s][1].startswith("upstream changed")
+    for s in ("synth", "validate", "split", "truth"):
+        assert st[s] == ("reused", "unchanged")
+    after = _weights_mtimes(out)
+    assert all(after[k] != before[k] for k in before)
+    assert (out / "eval" / "ensemble" / "metrics.json").stat().st_mtime_ns != metrics_before
+    md = (out / "report.md").read_text()
+    assert "lr: 0.0037" in md and "config changed: train.lr" in md
+
+
+def test_changed_bootstrap_reruns_metrics_not_training(tiny_study, tmp_path):
+    out = _copy(tiny_study, tmp_path)
+    before = _weights_mtimes(out)
+    study.run_study(load_config("demo", [*TINY, *TWO, "eval.bootstrap=12"]), out, progress=False)
+    st = _steps_status(out)
+    assert st["metrics"] == ("ran", "config changed: eval.bootstrap")
+    assert st["errors"] == ("ran", "upstream changed: metrics")
+    assert all(v == ("reused", "unchanged") for k, v in st.items() if k.startswith(("train", "infer", "split")))
+    assert _weights_mtimes(out) == before
+    assert "(12 resamples)" in (out / "report.md").read_text()
+
+
+def test_train_step_detects_a_run_folder_trained_with_another_config(tiny_study, tmp_path):
+    from lesionlab.io import sha256_file
+    from lesionlab.study import run_folder_mismatch
+
+    out = _copy(tiny_study, tmp_path)
+    cfg = load_config("demo", TINY + TWO)
+    run = out / "runs" / "timm_resnet10t"
+    split_hash = sha256_file(out / "splits.csv")
+    assert run_folder_mismatch(run, cfg, "timm:resnet10t", split_hash) is None
+    assert run_folder_mismatch(run, cfg, "timm:resnet10t", "0" * 64) == "run folder trained on another split (split SHA-256 differs)"
+    meta = json.loads((run / "model.json").read_text())
+    meta["config"]["train"]["lr"] = 0.5  # as if `lesionlab train --out STUDY/runs` wrote another config there
+    meta["config"]["data"]["num_workers"] = 3  # workers cannot change a model: not a reason
+    (run / "model.json").write_text(json.dumps(meta))
+    assert run_folder_mismatch(run, cfg, "timm:resnet10t", split_hash) == "run folder trained with another config: train.lr"
+
+
+def test_single_model_study_reaches_its_report_and_fresh_reruns_everything(tmp_path):
+    out = tmp_path / "one"
+    args = ["study", "--config", "demo", "--out", str(out), *(x for o in [*TINY, "train.archs=[timm:resnet10t]",
+                                                                          "explain.per_category=1"] for x in ("--set", o))]
+    assert main(args) == 0
+    md = (out / "report.md").read_text()
+    assert "One model (timm:resnet10t): there is no ensemble row" in md and "no model-agreement table" in md
+    assert "ensemble: per-class metrics" not in md and not (out / "predictions" / "ensemble_test.csv").exists()
+    assert pd.read_csv(out / "errors" / "agreement.csv").empty
+    assert "Grad-CAM gallery" in md and json.loads((out / "gallery" / "gallery.json").read_text())
+    (out / "my_notes.txt").write_text("not the study's")
+    mtime = (out / "runs" / "timm_resnet10t" / "model.safetensors").stat().st_mtime_ns
+    assert main([*args, "--fresh"]) == 0
+    st = _steps_status(out)
+    assert all(v == ("ran", "new") for k, v in st.items() if k != "report")
+    assert (out / "runs" / "timm_resnet10t" / "model.safetensors").stat().st_mtime_ns != mtime
+    assert (out / "my_notes.txt").exists()
+
+
+def test_study_refuses_an_architecture_given_twice(tmp_path, capsys):
+    r = main(["study", "--config", "demo", "--out", str(tmp_path / "x"), "--set", "train.archs=[timm:resnet10t,timm:resnet10t]"])
+    err = capsys.readouterr().err
+    assert r == 2 and "lists timm:resnet10t twice" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()

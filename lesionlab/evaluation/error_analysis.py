@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from itertools import combinations
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -42,11 +43,12 @@ def analyse_errors(
         row["rescued_by"] = ";".join(n for n in others if preds[n][i] == k)
         row[f"p_{cls}_{best}"] = float(member_probs[best][i, k])
         rows.append(row)
-    images = pd.DataFrame(rows)
+    # fixed columns, so that a table with no rows (no errors; one model, no pairs) still reads back as a table
+    images = pd.DataFrame(rows, columns=["image", "true", f"{best} (best)", *others, "rescued_by", f"p_{cls}_{best}"])
     n_err = len(wrong)
     all_wrong = int(sum(1 for r in rows if not r["rescued_by"]))
     summary = {
-        "class": cls, "best_model": best, "positives": int((y_true == k).sum()), "errors_of_best": n_err,
+        "class": cls, "best_model": best, "models": len(preds), "positives": int((y_true == k).sum()), "errors_of_best": n_err,
         "errors_made_by_all": all_wrong, "rescued_by_at_least_one": n_err - all_wrong,
         "share_made_by_all": (all_wrong / n_err) if n_err else None,
         "share_rescued": ((n_err - all_wrong) / n_err) if n_err else None,
@@ -57,10 +59,23 @@ def analyse_errors(
     off = pb != y_true
     pairs = pd.Series([f"{CLASSES[t]}->{CLASSES[p]}" for t, p in zip(y_true[off], pb[off], strict=True)], dtype=str)
     confusions = pairs.value_counts().head(top_confusions).rename_axis("confusion").reset_index(name="count")
+    confusions = confusions.astype({"confusion": str, "count": int})
     agree_rows = []
     for a, b in combinations(preds, 2):
         ag = agreement(preds[a], preds[b])
         both_wrong = float(np.mean((preds[a] != y_true) & (preds[b] != y_true)))
         agree_rows.append({"model_a": a, "model_b": b, **ag, "both_wrong": both_wrong})
-    return {"images": images, "summary": summary, "confusions": confusions, "agreement": pd.DataFrame(agree_rows)}
+    agree = pd.DataFrame(agree_rows, columns=["model_a", "model_b", "agreement", "kappa", "both_wrong"])
+    return {"images": images, "summary": summary, "confusions": confusions, "agreement": agree}
+
+
+def write_errors(res: dict[str, Any], out_dir: str | Path) -> None:
+    """The `analyse_errors` result as misclassified.csv, confusions.csv, agreement.csv and summary.json."""
+    from lesionlab.io import atomic_write_csv, atomic_write_json
+
+    d = Path(out_dir)
+    atomic_write_csv(d / "misclassified.csv", res["images"])
+    atomic_write_csv(d / "confusions.csv", res["confusions"])
+    atomic_write_csv(d / "agreement.csv", res["agreement"])
+    atomic_write_json(d / "summary.json", res["summary"])
 

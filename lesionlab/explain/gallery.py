@@ -17,12 +17,16 @@ from lesionlab.models import file_stem
 
 def make_gallery(checkpoints: list[Path], test_df: pd.DataFrame, y: np.ndarray, probs: dict[str, np.ndarray], best: str,
                  out_dir: Path, cfg: StudyConfig, ids: list[str]) -> None:
-    """Grad-CAM panels (members side by side + ensemble) for the categories the study shows."""
+    """Grad-CAM panels (members side by side + ensemble) for the categories the study shows.
+
+    With a single model (no ensemble in `probs`) the categories follow that model's predictions.
+    """
     from lesionlab.explain.gradcam import explain_image
     from lesionlab.explain.overlay import panel
     from lesionlab.inference.predictor import load_predictors
 
-    ens = probs.get(ENSEMBLE, probs[best]).argmax(1)
+    judge = ENSEMBLE if ENSEMBLE in probs else best
+    ens = probs[judge].argmax(1)
     nv, mel = CLASS_INDEX["NV"], CLASS_INDEX["MEL"]
     cats = [("correct NV", (y == nv) & (ens == nv)), ("correct MEL", (y == mel) & (ens == mel)),
             ("MEL misclassified as NV", (y == mel) & (ens == nv))]
@@ -38,9 +42,7 @@ def make_gallery(checkpoints: list[Path], test_df: pd.DataFrame, y: np.ndarray, 
             iid = ids[i]
             ex = explain_image(predictors, load_image(path_of[iid]), image_id=iid, method="gradcam")
             f = out_dir / f"{file_stem(title).replace(' ', '_')}_{iid}.png"
-            panel(ex, f, title=f"{title}: {iid} (true {CLASSES[y[i]]}, ensemble {CLASSES[ens[i]]}; Grad-CAM for {ex.cls})")
+            panel(ex, f, title=f"{title}: {iid} (true {CLASSES[y[i]]}, {judge} {CLASSES[ens[i]]}; Grad-CAM for {ex.cls})")
             entries.append({"category": title, "image": iid, "file": f.name})
     atomic_write_json(out_dir / "gallery.json", entries)
-    if not entries:
-        out_dir.mkdir(parents=True, exist_ok=True)
 

@@ -68,7 +68,10 @@ def report_study(out: Path, cfg: StudyConfig, names: list[str], all_names: list[
                  "MEL sens.": fmt(PAPER_RESNEXT["MEL"]["sensitivity"]), "MEL AUC": fmt(PAPER_RESNEXT["MEL"]["auc"])})
     rep.para("Macro averages over the classes present in the test split:")
     rep.table(pd.DataFrame(comp))
-    if ENSEMBLE in mets:
+    if ENSEMBLE not in mets:
+        rep.note(f"One model ({best}): there is no ensemble row (an ensemble needs two or more architectures in "
+                 "train.archs).")
+    else:
         e, b = mets[ENSEMBLE], mets[best]
         rep.para(f"Ensemble vs best single model ({best}): balanced accuracy {fmt(e['balanced_accuracy'])} vs "
                  f"{fmt(b['balanced_accuracy'])}; macro AUC {fmt(e['macro']['auc'])} vs {fmt(b['macro']['auc'])}; "
@@ -104,19 +107,28 @@ def report_study(out: Path, cfg: StudyConfig, names: list[str], all_names: list[
 
     rep.heading("Error analysis")
     s = json.loads((out / "errors" / "summary.json").read_text())
-    rep.para(f"{s['class']} images misclassified by the best model ({s['best_model']}): {s['errors_of_best']} of {s['positives']}. "
-             f"Made by all models: {s['errors_made_by_all']}; rescued by at least one other model: {s['rescued_by_at_least_one']}.")
-    rep.para("Most frequent confusions of the best model (true -> predicted):")
-    rep.table(pd.read_csv(out / "errors" / "confusions.csv"))
-    rep.para("Pairwise agreement between models (share of identical predictions, Cohen's kappa, share both wrong):")
-    rep.table(pd.read_csv(out / "errors" / "agreement.csv").round(3))
-    mis = out / "errors" / "misclassified.csv"
-    if mis.exists() and mis.stat().st_size > 1:
-        try:
-            rep.para("Misclassified melanomas (first 15; full list in errors/misclassified.csv):")
-            rep.table(pd.read_csv(mis).head(15).round(3))
-        except pd.errors.EmptyDataError:
-            pass
+    several = len(names) > 1
+    text = (f"{s['class']} images misclassified by the best model ({s['best_model']}): {s['errors_of_best']} of "
+            f"{s['positives']}.")
+    if several:
+        text += (f" Made by all models: {s['errors_made_by_all']}; rescued by at least one other model: "
+                 f"{s['rescued_by_at_least_one']}.")
+    rep.para(text)
+    confusions = pd.read_csv(out / "errors" / "confusions.csv")
+    if len(confusions):
+        rep.para("Most frequent confusions of the best model (true -> predicted):")
+        rep.table(confusions)
+    else:
+        rep.para("The best model made no errors on the test split.")
+    if several:
+        rep.para("Pairwise agreement between models (share of identical predictions, Cohen's kappa, share both wrong):")
+        rep.table(pd.read_csv(out / "errors" / "agreement.csv").round(3))
+    else:
+        rep.note("One model: no model-agreement table and no rescue counts (they compare two or more models).")
+    mis = pd.read_csv(out / "errors" / "misclassified.csv")
+    if len(mis):
+        rep.para(f"Misclassified {s['class']} images (first 15; full list in errors/misclassified.csv):")
+        rep.table(mis.head(15).round(3))
 
     gal = out / "gallery" / "gallery.json"
     if gal.exists():
@@ -143,7 +155,11 @@ def report_study(out: Path, cfg: StudyConfig, names: list[str], all_names: list[
 
     rep.heading("Reproducibility")
     steps = json.loads((out / "steps.json").read_text())
-    rep.table(pd.DataFrame([{"step": k, "seconds": v["seconds"]} for k, v in steps.items()]))
+    rep.para("Each step is keyed by a fingerprint of the config values and files it reads, its upstream steps and "
+             "the package version; it ran when one of them changed, and was reused otherwise (steps.json):")
+    rep.table(pd.DataFrame([{"step": k, "status": v.get("status", ""), "reason": v.get("reason", ""),
+                             "seconds": v.get("seconds"), "fingerprint": (v.get("fingerprint") or "")[:12]}
+                            for k, v in steps.items()]))
     rep.table(pd.DataFrame([_versions()]))
     rep.para(f"Seeds: split {cfg.split.seed}, training {cfg.train.seed}. Effective configuration (config.yaml):")
     import yaml
