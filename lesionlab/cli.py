@@ -434,6 +434,43 @@ def _evaluate_external(p: argparse.ArgumentParser):
     return run
 
 
+@command("robustness", "acquisition robustness (perturbations at graded severities) and lesion consistency of models")
+def _robustness(p: argparse.ArgumentParser):
+    _data_args(p, required=True)
+    _config_args(p)
+    p.add_argument("--runs", type=Path, nargs="+", required=True, help="run/model folders, or a bundle folder")
+    p.add_argument("--split", type=Path, required=True, help="split CSV (its group_id joins a lesion's images)")
+    p.add_argument("--subset", choices=["train", "val", "test"], default="test")
+    p.add_argument("--perturbations", help="comma list (default: robustness.perturbations, all when empty)")
+    p.add_argument("--max-images", type=int, help="perturb at most this many images, a seeded sample (0 = all)")
+    p.add_argument("--max-levels", type=int, help="at most this many severities per perturbation (0 = all)")
+    p.add_argument("--tta", action="store_true", help="average flips and 90-degree rotations under every perturbation")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"])
+    p.add_argument("--out", type=Path, required=True)
+
+    def run(a: argparse.Namespace) -> int:
+        from lesionlab import config
+        from lesionlab.acquisition import model_dirs, run_robustness
+        from lesionlab.data.subsets import load_split_tables, subset_frame
+
+        sets = [f"robustness.{k}={v}" for k, v in (("perturbations", a.perturbations), ("max_images", a.max_images),
+                                                   ("max_levels", a.max_levels)) if v is not None]
+        sets += ["robustness.tta=true"] if a.tta else []
+        sets += [f"train.{k}={v}" for k, v in (("device", a.device), ("precision", a.precision)) if v is not None]
+        cfg = config.load_config(a.config, a.overrides + sets)
+        cks = model_dirs(a.runs)
+        table, sp, _ = load_split_tables(a.data, a.metadata, a.split, skip_invalid=a.skip_invalid, groupings=a.groupings)
+        df = subset_frame(table, sp, a.subset)
+        group_of = dict(zip(sp["image_id"], sp["group_id"], strict=True))
+        info = run_robustness(cks, df, a.out, cfg, lesion_ids=df["image_id"].map(group_of).to_numpy())
+        print(f"{info['perturbed_images']} of {info['images']} images under {info['conditions']} conditions, "
+              f"{len(info['models'])} model(s); {info['multi_image_lesions']} lesions with >= 2 images. Wrote {a.out}")
+        return 0
+
+    return run
+
+
 # ----------------------------------------------------------------------------- explanations
 
 

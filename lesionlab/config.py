@@ -35,6 +35,10 @@ class DataConfig:
     cache: bool = True  # decode + resize each image once, reuse across epochs and models
     cache_dir: str = ""  # default: <run or study dir>/cache
     max_image_pixels: int = 100_000_000  # refuse larger images (decompression bombs)
+    # Colour constancy before every model (training and inference alike; recorded in the checkpoint sidecar):
+    # none | shades_of_gray (Minkowski-norm illuminant estimate, lesionlab.data.color).
+    color_constancy: str = "none"
+    color_constancy_p: float = 6.0  # Minkowski p of shades_of_gray (6: the ISIC 2018/2019 winners; 1 = Gray World)
 
 
 @dataclass
@@ -141,6 +145,19 @@ class OODConfig:
 
 
 @dataclass
+class RobustnessConfig:
+    """Acquisition robustness and lesion consistency on the test split (`lesionlab robustness`, study step)."""
+
+    enabled: bool = True  # the study's robustness step and report section
+    # Perturbations (lesionlab.data.perturbations) at their graded severities; [] = all registered ones.
+    perturbations: list[str] = field(default_factory=list)
+    max_levels: int = 3  # at most this many severities per perturbation, spread over its range (0 = all)
+    max_images: int = 300  # test images perturbed, a seeded random sample (0 = all); consistency uses all
+    seed: int = 0  # image sample and the seeded perturbations (noise)
+    tta: bool = False  # also average TTA views under every perturbation (5x the inference)
+
+
+@dataclass
 class ExternalSet:
     """An external test set in ISIC ground-truth format (e.g. the ISIC 2018 test set, PH2 mapped to NV/MEL)."""
 
@@ -162,6 +179,7 @@ class StudyConfig:
     quality: QualityConfig = field(default_factory=QualityConfig)
     ood: OODConfig = field(default_factory=OODConfig)
     trust: TrustConfig = field(default_factory=TrustConfig)
+    robustness: RobustnessConfig = field(default_factory=RobustnessConfig)
     synth_images: int = 0  # > 0: the demo makes a synthetic dataset of this many images
     synth_size: list[int] = field(default_factory=lambda: [600, 450])
     external: list[ExternalSet] = field(default_factory=list)

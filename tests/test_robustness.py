@@ -245,3 +245,39 @@ def test_predict_perturbed_matches_plain_inference(tmp_path):
     t = robustness_table(np.array([CLASS_INDEX[c] for c in df["label"]]), clean, pert)
     assert len(t) == 1 + len(conds) and set(t["model"]) == {name}
     assert len(CLASSES) == clean[name].shape[1]
+
+
+# ----------------------------------------------------------------------------- colour constancy, train to inference
+
+
+def test_color_constancy_is_trained_recorded_and_applied_at_inference(synth_dir, synth_split, tiny_cfg, tmp_path):
+    from lesionlab.config import load_config
+    from lesionlab.data.cache import pil_to_uint8_tensor
+    from lesionlab.data.color import ShadesOfGray
+    from lesionlab.data.dataset import make_dataset
+    from lesionlab.data.images import load_image
+    from lesionlab.data.split import read_split
+    from lesionlab.data.subsets import split_frames
+    from lesionlab.data.tables import read_table
+    from lesionlab.data.transforms import build_eval_transform
+    from lesionlab.inference.predictor import Predictor
+    from lesionlab.models import read_meta
+    from lesionlab.training.fit import fit
+
+    cfg = load_config("demo", [f"{k}={v}" for k, v in {
+        "data.image_size": 32, "data.batch_size": 16, "data.num_workers": 0, "train.epochs": 1, "train.max_steps_per_epoch": 2,
+        "train.pretrained": "none", "train.device": "cpu", "train.precision": "fp32",
+        "data.color_constancy": "shades_of_gray", "data.color_constancy_p": 4}.items()])
+    tr, va = split_frames(read_table(synth_dir), read_split(synth_split))
+    fit("timm:resnet10t", tr, va, cfg, tmp_path / "run", cache_dir=tmp_path / "cache", progress=False)
+    meta = read_meta(tmp_path / "run")
+    assert (meta["color_constancy"], meta["color_constancy_p"]) == ("shades_of_gray", 4.0)
+    pr = Predictor(tmp_path / "run", device="cpu", precision="fp32")
+    assert [t.p for t in pr.transform.transforms if isinstance(t, ShadesOfGray)] == [4.0]
+    # The training pipeline (through the image cache, augmentation off) and inference give the same tensor.
+    ds = make_dataset(va.head(3), build_eval_transform(spec=pr.spec), input_size=pr.spec.input_size,
+                      crop_fraction=pr.spec.crop_fraction, cache_dir=tmp_path / "cache", progress=False)
+    for i, path in enumerate(va["path"].head(3)):
+        assert torch.equal(ds[i][0], pr.transform(pil_to_uint8_tensor(load_image(path))))
+    with pytest.raises(UserError, match="color_constancy"):
+        fit("timm:resnet10t", tr, va, load_config("demo", ["data.color_constancy=gray"]), tmp_path / "bad", progress=False)

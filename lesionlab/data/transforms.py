@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 from torchvision.transforms import InterpolationMode, v2
 
+from lesionlab.data.color import color_transform
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 
 
@@ -22,6 +24,8 @@ class DataSpec:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     crop_fraction: float = 2 / 3
+    color_constancy: str = "none"  # none | shades_of_gray (lesionlab.data.color), after the frame, before rotation
+    color_constancy_p: float = 6.0
 
 
 class CenterCropFraction(torch.nn.Module):
@@ -86,6 +90,11 @@ def build_train_transform(
     off in the paper protocol.
     """
     steps: list[torch.nn.Module] = [SquareFrame(frame_size(spec.input_size, spec.crop_fraction))]
+    # Colour constancy on the whole frame (the same pixels in training, cached or not, and at inference); the
+    # illuminant estimate then never sees the black corners that rotation adds.
+    cc = color_transform(spec.color_constancy, spec.color_constancy_p)
+    if cc is not None:
+        steps.append(cc)
     if rotation > 0:
         steps.append(v2.RandomRotation(rotation, interpolation=InterpolationMode.BILINEAR))
     steps.append(v2.CenterCrop(spec.input_size))
@@ -107,10 +116,12 @@ def build_eval_transform(*, spec: DataSpec) -> v2.Compose:
 def display_image(img: torch.Tensor, *, spec: DataSpec) -> torch.Tensor:
     """The uint8 image exactly as the model sees it (frame + crop, no normalisation): for overlays."""
     img = frame_image(img, frame_size(spec.input_size, spec.crop_fraction))
-    return v2.functional.center_crop(img, [spec.input_size, spec.input_size])
+    cc = color_transform(spec.color_constancy, spec.color_constancy_p)
+    return v2.functional.center_crop(cc(img) if cc is not None else img, [spec.input_size, spec.input_size])
 
 
-def spec_from_timm(model: torch.nn.Module, *, input_size: int = 0, crop_fraction: float = 2 / 3) -> DataSpec:
+def spec_from_timm(model: torch.nn.Module, *, input_size: int = 0, crop_fraction: float = 2 / 3,
+                   color_constancy: str = "none", color_constancy_p: float = 6.0) -> DataSpec:
     """Mean/std (and default size) from the model's pretrained config via timm's resolve_data_config."""
     from timm.data import resolve_data_config
 
@@ -123,5 +134,7 @@ def spec_from_timm(model: torch.nn.Module, *, input_size: int = 0, crop_fraction
         mean=tuple(float(m) for m in cfg["mean"]),
         std=tuple(float(s) for s in cfg["std"]),
         crop_fraction=crop_fraction,
+        color_constancy=color_constancy,
+        color_constancy_p=float(color_constancy_p),
     )
 

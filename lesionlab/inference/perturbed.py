@@ -25,20 +25,24 @@ Condition = tuple[str, int, float]  # (perturbation name, level index, level)
 
 
 class _PerturbedImages(torch.utils.data.Dataset):
-    """Item i: image i decoded once, then stacked with its perturbed copies: uint8 (1 + conditions, 3, H, W)."""
+    """Item i: image i and its perturbed copies, through each distinct model preprocessing.
 
-    def __init__(self, paths: list[str], conditions: Sequence[Condition], *, seed: int, max_pixels: int):
-        self.paths, self.conditions, self.seed, self.max_pixels = paths, list(conditions), seed, max_pixels
+    Returns one float tensor (1 + conditions, 3, h, w) per transform; decoding, perturbing and preprocessing all
+    run in the DataLoader workers.
+    """
+
+    def __init__(self, paths: list[str], conditions: Sequence[Condition], transforms: list, *, seed: int, max_pixels: int):
+        self.paths, self.conditions, self.transforms = paths, list(conditions), transforms
+        self.seed, self.max_pixels = seed, max_pixels
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
+    def __getitem__(self, i: int) -> list[torch.Tensor]:
         img = pil_to_uint8_tensor(load_image(self.paths[i], max_pixels=self.max_pixels))
-        out = [img]
-        for name, li, level in self.conditions:
-            out.append(get_perturbation(name)(img, level, perturbation_rng(self.seed, name, li, i)))
-        return torch.stack(out)
+        views = [img] + [get_perturbation(name)(img, level, perturbation_rng(self.seed, name, li, i))
+                         for name, li, level in self.conditions]
+        return [torch.stack([tf(v) for v in views]) for tf in self.transforms]
 
 
 def predict_perturbed(
@@ -59,29 +63,32 @@ def predict_perturbed(
         conditions: (name, level index, level) triples, e.g. from `perturbations.conditions()`.
         seed: seeds the random perturbations per (perturbation, severity, image row), independent of batching.
         chunk: images predicted together (each with all its perturbed copies).
-        num_workers: DataLoader processes that decode and perturb (the costly part on CPU).
+        num_workers: DataLoader processes that decode, perturb and preprocess (the costly part on CPU).
 
     Returns:
         ({model: (N, K) clean}, {model: {(name, level): (N, K)}}).
     """
     names = [p.name for p in predictors]
+    specs = list(dict.fromkeys(p.spec for p in predictors))  # models that share preprocessing share its work
     keys = [None] + [(c[0], c[2]) for c in conditions]
     parts: dict[str, list[list[np.ndarray]]] = {n: [[] for _ in keys] for n in names}
-    ds = _PerturbedImages(df["path"].tolist(), conditions, seed=seed, max_pixels=max_pixels)
+    tfs = [next(p.transform for p in predictors if p.spec == s) for s in specs]
+    ds = _PerturbedImages(df["path"].tolist(), conditions, tfs, seed=seed, max_pixels=max_pixels)
     loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=runtime.worker_count(num_workers))
     bar = tqdm(total=len(ds), desc=f"robustness ({len(keys)} conditions)", unit="img", disable=not progress)
-    pending: list[torch.Tensor] = []
+    pending: list[list[torch.Tensor]] = []
 
     def flush() -> None:
-        for s in range(len(keys)):
-            for pr in predictors:
-                x = torch.stack([pr.transform(stack[s]) for stack in pending])
-                parts[pr.name][s].append(pr.predict_batch(x, tta=tta))
+        for pr in predictors:
+            u = specs.index(pr.spec)
+            x = torch.stack([item[u] for item in pending], dim=1)  # (S, B, 3, h, w)
+            for s in range(len(keys)):
+                parts[pr.name][s].append(pr.predict_batch(x[s], tta=tta))
         bar.update(len(pending))
         pending.clear()
 
-    for stack in loader:
-        pending.append(stack)
+    for item in loader:
+        pending.append(item)
         if len(pending) == chunk:
             flush()
     if pending:

@@ -71,6 +71,9 @@ class Predictor:
         self.spec = DataSpec(
             input_size=int(self.meta["input_size"]), mean=tuple(self.meta["mean"]), std=tuple(self.meta["std"]),
             crop_fraction=float(self.meta["crop_fraction"]),
+            # sidecars written before colour constancy existed had none
+            color_constancy=self.meta.get("color_constancy", "none"),
+            color_constancy_p=float(self.meta.get("color_constancy_p", 6.0)),
         )
         self.transform = build_eval_transform(spec=self.spec)
         self.name = self.meta.get("arch", Path(checkpoint).name)

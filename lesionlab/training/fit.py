@@ -183,7 +183,8 @@ def fit(
         torch.use_deterministic_algorithms(True, warn_only=False)
     torch.manual_seed(tc.seed)
     model, spec = models.create_model(arch, pretrained=tc.pretrained, weights=tc.weights or None)
-    dspec = spec_from_timm(model, input_size=dc.image_size, crop_fraction=dc.crop_fraction)
+    dspec = spec_from_timm(model, input_size=dc.image_size, crop_fraction=dc.crop_fraction,
+                           color_constancy=dc.color_constancy, color_constancy_p=dc.color_constancy_p)
     model = runtime.prepare_model(model, device, channels_last=tc.channels_last)
 
     train_tf = build_train_transform(spec=dspec, rotation=dc.rotation, hflip=dc.hflip, vflip=dc.vflip, color_jitter=dc.color_jitter)
@@ -242,6 +243,7 @@ def fit(
         "arch": spec.name, "timm_id": spec.timm_id, "title": spec.title, "classes": list(CLASSES),
         "input_size": dspec.input_size, "mean": list(dspec.mean), "std": list(dspec.std),
         "crop_fraction": dspec.crop_fraction, "cam_layer": models.cam_layer_name(models.unwrap(model), spec),
+        "color_constancy": dspec.color_constancy, "color_constancy_p": dspec.color_constancy_p,
         "pretrained": "file:" + Path(tc.weights).name if tc.weights else tc.pretrained,
         "split_sha256": split_hash, "config": cfg.to_dict(), "class_weights": [float(v) for v in w],
     }

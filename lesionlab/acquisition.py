@@ -1,0 +1,131 @@
+"""Acquisition robustness and lesion consistency of trained models on a table of images, written to a folder.
+
+The `lesionlab robustness` command and the study's robustness step call `run_robustness`; the study's
+consistency numbers can also come from stored test predictions alone (`write_consistency`, no torch needed).
+
+Outputs in the folder: robustness.csv (one row per model x perturbation x severity), robustness_summary.csv,
+robustness_<metric>.png (metric vs severity), lesion_consistency.csv, lesion_metrics.csv (image- vs
+lesion-level metrics with lesion-bootstrap CIs) and robustness.json (settings and counts).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from lesionlab.config import StudyConfig
+from lesionlab.evaluation.consistency import consistency_table, image_vs_lesion
+from lesionlab.exceptions import UserError
+from lesionlab.inference.ensemble import ENSEMBLE
+from lesionlab.io import atomic_write_csv, atomic_write_json
+from lesionlab.labels import CLASS_INDEX
+
+PLOTTED = ("flip_rate", "delta_balanced_accuracy", "delta_mel_sensitivity", "delta_macro_auc")
+
+
+def model_dirs(paths: list[Path]) -> list[Path]:
+    """Checkpoint folders from run folders, model folders or a bundle folder (its members)."""
+    from lesionlab.inference.predictor import find_checkpoints
+
+    return find_checkpoints([p / "members" if (p / "manifest.json").exists() else p for p in map(Path, paths)])
+
+
+def sample_rows(df: pd.DataFrame, max_images: int, seed: int) -> pd.DataFrame:
+    """At most `max_images` rows, a seeded random sample in the table's order (all rows for 0)."""
+    if not max_images or len(df) <= max_images:
+        return df
+    return df.sample(n=max_images, random_state=seed).sort_index()
+
+
+def labels_of(df: pd.DataFrame) -> np.ndarray | None:
+    """Class indices of the rows, or None when any row is unlabelled (then only flip rates are reported)."""
+    if "label" not in df or not df["label"].isin(list(CLASS_INDEX)).all():
+        return None
+    return np.array([CLASS_INDEX[c] for c in df["label"]])
+
+
+def write_consistency(out_dir: str | Path, lesion_ids: np.ndarray, probs: Mapping[str, np.ndarray], y: np.ndarray | None,
+                      *, n_boot: int, ci: float, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """lesion_consistency.csv (per model) and, with labels, lesion_metrics.csv (image vs lesion level)."""
+    out = Path(out_dir)
+    cons = consistency_table(lesion_ids, probs, y, n_boot=n_boot, ci=ci, seed=seed)
+    atomic_write_csv(out / "lesion_consistency.csv", cons)
+    frames = []
+    if y is not None:
+        for name, p in probs.items():
+            t = image_vs_lesion(lesion_ids, y, p, n_boot=n_boot, ci=ci, seed=seed)
+            t.insert(0, "model", name)
+            frames.append(t)
+    lm = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    atomic_write_csv(out / "lesion_metrics.csv", lm)
+    return cons, lm
+
+
+def run_robustness(
+    checkpoints: list[Path],
+    df: pd.DataFrame,
+    out_dir: str | Path,
+    cfg: StudyConfig,
+    *,
+    lesion_ids: np.ndarray | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Perturbed inference over a sample of `df` (config `robustness`), consistency over all of it; tables + plots.
+
+    Args:
+        df: rows with `path` (and `label`, `lesion_id` for metrics and consistency).
+        lesion_ids: one per row of `df` (default: its `lesion_id` column); e.g. the split file's `group_id`,
+            which also joins known duplicates.
+
+    Returns:
+        The robustness.json body.
+    """
+    from lesionlab.data.perturbations import conditions, get_perturbation
+    from lesionlab.evaluation.robustness import robustness_table, summarize_robustness
+    from lesionlab.inference.ensemble import mean_probabilities
+    from lesionlab.inference.perturbed import predict_perturbed
+    from lesionlab.inference.predictor import load_predictors
+    from lesionlab.report.figures import plot_robustness
+
+    rc, out = cfg.robustness, Path(out_dir)
+    if len(df) == 0:
+        raise UserError("no images to test robustness on (is the subset empty?)")
+    out.mkdir(parents=True, exist_ok=True)
+    conds = conditions(rc.perturbations or None, max_levels=rc.max_levels)
+    predictors = load_predictors(checkpoints, device=cfg.train.device, precision=cfg.train.precision)
+    df = df.reset_index(drop=True)
+    y_all = labels_of(df)
+    # Consistency needs every image of a lesion: clean predictions for all rows.
+    full = {p.name: p.predict_frame(df, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers, tta=rc.tta,
+                                    progress=progress) for p in predictors}
+    sample = sample_rows(df, rc.max_images, rc.seed)
+    clean, pert = predict_perturbed(predictors, sample, conds, seed=rc.seed, tta=rc.tta, chunk=cfg.data.batch_size,
+                                    num_workers=cfg.data.num_workers, max_pixels=cfg.data.max_image_pixels,
+                                    progress=progress)
+    if len(predictors) > 1:
+        for d in (full, clean):
+            d[ENSEMBLE] = mean_probabilities([d[p.name] for p in predictors])
+        pert[ENSEMBLE] = {k: mean_probabilities([pert[p.name][k] for p in predictors]) for k in pert[predictors[0].name]}
+    table = robustness_table(labels_of(sample), clean, pert)
+    table["identity"] = [get_perturbation(n).identity if n != "none" else np.nan for n in table["perturbation"]]
+    table["tta"] = rc.tta
+    atomic_write_csv(out / "robustness.csv", table)
+    atomic_write_csv(out / "robustness_summary.csv", summarize_robustness(table))
+    for metric in PLOTTED:
+        if table[metric].notna().any():
+            plot_robustness(table, metric, out / f"robustness_{metric}.png",
+                            title=f"{metric.replace('_', ' ')} vs severity ({len(sample)} images{', TTA' if rc.tta else ''})")
+    lids = np.asarray(lesion_ids if lesion_ids is not None else df.get("lesion_id", df.index.astype(str)))
+    cons, _ = write_consistency(out, lids, full, y_all, n_boot=cfg.eval.bootstrap, ci=cfg.eval.ci, seed=rc.seed)
+    info = {
+        "images": len(df), "perturbed_images": len(sample), "conditions": len(conds), "tta": rc.tta, "seed": rc.seed,
+        "perturbations": sorted({c[0] for c in conds}), "models": [p.name for p in predictors],
+        "color_constancy": {p.name: p.meta.get("color_constancy", "none") for p in predictors},
+        "multi_image_lesions": int(cons["lesions"].iloc[0]) if len(cons) else 0,
+    }
+    atomic_write_json(out / "robustness.json", info)
+    return info
