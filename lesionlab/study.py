@@ -78,6 +78,14 @@ from lesionlab.data.subsets import external_table, split_frames, subset_frame
 from lesionlab.data.tables import read_table
 from lesionlab.data.validation import drop_invalid, validate
 from lesionlab.evaluation.metrics import summarize
+from lesionlab.evaluation.trust import (
+    TRUST_FILE,
+    fit_trust,
+    plot_trust_reliability,
+    read_trust,
+    trust_metrics,
+    write_trust,
+)
 from lesionlab.exceptions import UserError
 from lesionlab.explain.gallery import make_gallery
 from lesionlab.inference.ensemble import ENSEMBLE
@@ -583,15 +591,23 @@ def run_study(
     yt, pt, test_ids = load_probs(pred_dir, all_names, "test")
     lesion_of = dict(zip(sp["image_id"], sp["group_id"], strict=True))
     groups = np.array([lesion_of.get(i, i) for i in test_ids])
+    # temperatures and conformal thresholds per model and for the ensemble, fitted on the validation split
+    trust_file = out / TRUST_FILE
+    steps.run("trust", lambda: write_trust(trust_file, fit_trust(yv, pv, cfg.trust)), config={"trust": cfg.trust},
+              upstream=prob_steps, outputs=[trust_file])
 
     def do_metrics():
+        trust = read_trust(trust_file)
         for n in all_names:
             m = evaluate_arrays(yt, pt[n], cfg=cfg.eval, groups=groups, val=(yv, pv[n]))
             m["val"] = {k: v for k, v in summarize(yv, pv[n]).items() if k in ("macro", "accuracy", "balanced_accuracy")}
+            m.update(trust_metrics(yt, pt[n], trust, n, val=(yv, pv[n]), groups=groups, n_boot=cfg.eval.bootstrap,
+                                   ci=cfg.eval.ci))  # "calibration", "conformal", "conformal_variants"
             write_evaluation(m, yt, pt[n], out / "eval" / file_stem(n), title=n)
+            plot_trust_reliability(m, out / "eval" / file_stem(n) / "reliability.png", title=f"{n}, test split")
 
     steps.run("metrics", do_metrics, config={"eval": section(cfg.eval, drop=("tta", "error_class"))},
-              upstream=["split", *prob_steps], outputs=[out / "eval" / file_stem(n) for n in all_names],
+              upstream=["split", *prob_steps, "trust"], outputs=[out / "eval" / file_stem(n) for n in all_names],
               check=lambda: None if all((out / "eval" / file_stem(n) / "metrics.json").exists() for n in all_names)
               else "outputs missing: eval/*/metrics.json")
     mets = {n: json.loads((out / "eval" / file_stem(n) / "metrics.json").read_text()) for n in all_names}
@@ -610,10 +626,11 @@ def run_study(
         d = out / "external" / file_stem(ext.name)
         ext_images = sorted(_external_paths(ext.images), key=str) if Path(ext.images).is_dir() else []
         steps.run(f"external {ext.name}", lambda e=ext, d=d: evaluate_external(
-            [runs / file_stem(a) for a in archs], e.images, e.truth, d, cfg, skip_invalid=skip_invalid, progress=progress),
+            [runs / file_stem(a) for a in archs], e.images, e.truth, d, cfg, skip_invalid=skip_invalid, progress=progress,
+            trust=read_trust(trust_file)),
             config={"external": {"name": ext.name, "images": ext.images, "truth": ext.truth},
                     "eval": section(cfg.eval, drop=("error_class",)), **infer_cfg},
-            inputs={"truth": Path(ext.truth), "images": ext_images}, upstream=train_steps, outputs=[d])
+            inputs={"truth": Path(ext.truth), "images": ext_images}, upstream=[*train_steps, "trust"], outputs=[d])
     steps.prune(keep=[Path(data)])
     t = time.perf_counter()
     steps.record("report", "ran", "always runs (cheap; shows this run's step statuses)", 0.0)
@@ -629,8 +646,12 @@ def _external_paths(images: str | Path) -> list[Path]:
 
 
 def evaluate_external(checkpoints: list[Path], images: str | Path, truth: str | Path, out_dir: str | Path,
-                      cfg: StudyConfig, *, skip_invalid: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Each model and (with two or more) their ensemble on an external set: a metrics folder per model and summary.json."""
+                      cfg: StudyConfig, *, skip_invalid: bool = False, progress: bool = True,
+                      trust: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Each model and (with two or more) their ensemble on an external set: a metrics folder per model and summary.json.
+
+    With `trust` (trust.json, fitted on the internal validation split) each model's metrics also get calibration
+    before/after and conformal coverage, with the temperatures and thresholds unchanged."""
     from lesionlab.evaluation.evaluate import evaluate_arrays, write_evaluation
     from lesionlab.inference.ensemble import mean_probabilities
 
@@ -645,7 +666,17 @@ def evaluate_external(checkpoints: list[Path], images: str | Path, truth: str | 
                "classes_absent": [c for c in CLASSES if not (df["label"] == c).any()], "models": {}}
     for n, p in probs.items():
         m = evaluate_arrays(y, p, cfg=cfg.eval)
+        if trust is not None and n in trust["models"]:
+            m.update(trust_metrics(y, p, trust, n, n_boot=cfg.eval.bootstrap, ci=cfg.eval.ci))
         write_evaluation(m, y, p, out / file_stem(n), title=f"{n} on {Path(truth).stem}")
         summary["models"][n] = {"macro": m["macro"], "accuracy": m["accuracy"], "balanced_accuracy": m["balanced_accuracy"]}
+        if "calibration" in m:
+            plot_trust_reliability(m, out / file_stem(n) / "reliability.png", title=f"{n} on {Path(truth).stem}")
+            c, s = m["calibration"], m["conformal"]
+            summary.setdefault("trust", {})[n] = {
+                "temperature": c["temperature"], "ece_before": c["before"]["ece"]["value"],
+                "ece_after": c["after"]["ece"]["value"], "coverage": s["coverage"]["value"],
+                "MEL_coverage": s["per_class"].get("MEL", {}).get("coverage", {}).get("value"),
+                "mean_set_size": s["mean_set_size"]["value"]}
     atomic_write_json(out / "summary.json", summary)
     return summary

@@ -98,3 +98,35 @@ def test_trust_acceptance_on_the_real_study():
     assert acc["ece_after"] < acc["ece_before"]
     assert abs(acc["coverage"] - 0.90) <= 0.03
     assert acc["mel_coverage"] >= 0.87
+
+
+TINY_STUDY = ["synth_images=56", "synth_size=[48,36]", "data.image_size=32", "train.epochs=1",
+              "train.max_steps_per_epoch=2", "eval.bootstrap=10", "train.precision=fp32", "data.batch_size=16",
+              "data.num_workers=0", "train.archs=[timm:resnet10t,timm:resnet14t]", "explain.gallery=false"]
+
+
+def test_study_fits_trust_on_validation_and_reports_it(tmp_path):
+    """The study's trust step, the calibration/conformal entries of metrics.json and the report's Trust section;
+    a changed trust setting re-runs trust and metrics, not training."""
+    from lesionlab import study
+    from lesionlab.config import load_config
+
+    out = tmp_path / "study"
+    study.run_study(load_config("demo", TINY_STUDY), out, progress=False)
+    trust = tr.read_trust(out / tr.TRUST_FILE)
+    assert set(trust["models"]) == {"timm:resnet10t", "timm:resnet14t", "ensemble"}
+    assert trust["config"]["method"] == "lac" and trust["models"]["ensemble"]["conformal"]["mondrian"]
+    for stem in ("timm_resnet10t", "ensemble"):
+        m = json.loads((out / "eval" / stem / "metrics.json").read_text())
+        c, s = m["calibration"], m["conformal"]
+        assert c["temperature"] > 0 and {"ece", "classwise_ece", "brier", "nll"} <= set(c["after"])
+        assert c["after"]["ece"]["lo"] is not None  # lesion-bootstrap CIs
+        assert 0 <= s["coverage"]["value"] <= 1 and "MEL" in s["per_class"] and len(m["conformal_variants"]) == 6
+        assert (out / "eval" / stem / "reliability.png").exists()
+    md = (out / "report.md").read_text()
+    assert "Trust: calibrated probabilities and prediction sets" in md and "ECE after" in md and "MEL coverage" in md
+    study.run_study(load_config("demo", [*TINY_STUDY, "trust.method=aps"]), out, progress=False)
+    st = {k: v.get("status") for k, v in json.loads((out / "steps.json").read_text()).items()}
+    assert st["trust"] == "ran" and st["metrics"] == "ran"
+    assert st["train timm:resnet10t"] == "reused" and st["infer timm:resnet10t"] == "reused"
+    assert tr.read_trust(out / tr.TRUST_FILE)["models"]["ensemble"]["conformal"]["method"] == "aps"

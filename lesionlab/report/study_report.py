@@ -22,6 +22,83 @@ def _versions() -> dict[str, str]:
             "timm": timm.__version__, "platform": platform.platform(), "cpu": platform.processor() or platform.machine()}
 
 
+def _ci_text(d: dict | None) -> str:
+    from lesionlab.report.document import fmt
+
+    d = d or {}
+    return fmt(d.get("value"), d.get("lo"), d.get("hi"))
+
+
+def trust_section(rep, out: Path, all_names: list[str], mets: dict[str, dict]) -> None:
+    """The report's "Trust" section: temperature scaling and conformal prediction sets on the test split, from the
+    `calibration` / `conformal` entries of each model's metrics.json and its reliability diagram."""
+    from lesionlab.report.document import fmt
+
+    have = [n for n in all_names if "calibration" in mets[n]]
+    if not have:
+        return
+    rep.heading("Trust: calibrated probabilities and prediction sets")
+    c0 = mets[have[0]]["conformal"]
+    rep.para("Temperature scaling (Guo et al. 2017): each model's logits (for the ensemble, log of the mean "
+             "probability) are divided by one temperature T fitted on the validation split by negative log-likelihood; "
+             "T > 1 softens over-confident probabilities, T < 1 sharpens under-confident ones; the predicted class never "
+             "changes. ECE: 15 equal-width bins of the top-1 probability. Test split, 95% CIs by lesion bootstrap "
+             "(binned measures such as ECE are biased upwards under resampling, so their intervals can sit above the "
+             "point estimate).")
+    rows = []
+    for n in have:
+        c = mets[n]["calibration"]
+        rows.append({"model": n, "T": fmt(c["temperature"]),
+                     **{f"{label} before": _ci_text(c["before"][k]) for k, label in
+                        (("ece", "ECE"), ("classwise_ece", "classwise ECE"), ("brier", "Brier"), ("nll", "NLL"))},
+                     **{f"{label} after": _ci_text(c["after"][k]) for k, label in
+                        (("ece", "ECE"), ("classwise_ece", "classwise ECE"), ("brier", "Brier"), ("nll", "NLL"))}})
+    rep.table(pd.DataFrame(rows)[["model", "T", "ECE before", "ECE after", "classwise ECE before", "classwise ECE after",
+                                  "Brier before", "Brier after", "NLL before", "NLL after"]])
+    rep.figures_row([(out / "eval" / file_stem(n) / "reliability.png", f"{n}: before / after") for n in have])
+    rep.md.append("Reliability diagrams: `eval/<model>/reliability.png`\n")
+    rep.para(f"Conformal prediction sets (the differential): {c0['method'].upper()} scores"
+             f"{', one threshold per class (Mondrian), so coverage holds for every class' if c0['mondrian'] else ''}, "
+             f"calibrated on the validation split for coverage {c0['target_coverage']:.2f} (the set holds the true class "
+             "at least that often on exchangeable images). Test split:")
+    rows = []
+    for n in have:
+        s = mets[n]["conformal"]
+        per = [v["coverage"]["value"] for v in s["per_class"].values() if v["coverage"]["value"] is not None]
+        rows.append({"model": n, "coverage": _ci_text(s["coverage"]), "MEL coverage": _ci_text(s["per_class"]["MEL"]["coverage"]),
+                     "lowest class coverage": fmt(min(per) if per else None),
+                     "mean set size": _ci_text(s["mean_set_size"]), "single-class sets": fmt(s["singleton"]["value"]),
+                     "empty sets": fmt(s["empty"]["value"])})
+    rep.table(pd.DataFrame(rows))
+    main = ENSEMBLE if ENSEMBLE in have else have[0]
+    always = [k for k, t in zip(mets[main]["conformal"]["per_class"], mets[main]["conformal"]["thresholds"], strict=True)
+              if t is None]
+    if always:
+        rep.note(f"{', '.join(always)}: too few validation images of the class for a threshold at this coverage "
+                 "(a per-class threshold needs at least 1/(1 - coverage) - 1 of them), so the class is in every set.")
+    s = mets[main]["conformal"]
+    rep.para(f"Per class ({main}):")
+    rep.table(pd.DataFrame([{"class": k, "test images": v["n"], "coverage": _ci_text(v["coverage"]),
+                             "mean set size": _ci_text(v["mean_set_size"])} for k, v in s["per_class"].items()]))
+    variants = mets[main].get("conformal_variants")
+    if variants:
+        rep.para(f"Every conformal method, marginal and per class ({main}; fitted on validation, measured on test):")
+        rep.table(pd.DataFrame([{"method": v["method"], "per class": "yes" if v["mondrian"] else "no",
+                                 "coverage": fmt(v["coverage"]), "MEL coverage": fmt(v["MEL_coverage"]),
+                                 "lowest class coverage": fmt(v["min_class_coverage"]),
+                                 "mean set size": fmt(v["mean_set_size"]), "empty sets": fmt(v["empty"])} for v in variants]))
+    ext_rows = []
+    for sfile in sorted((out / "external").glob("*/summary.json")) if (out / "external").exists() else []:
+        sm = json.loads(sfile.read_text())
+        for n, v in sm.get("trust", {}).items():
+            ext_rows.append({"set": sfile.parent.name, "model": n, "ECE before": fmt(v["ece_before"]),
+                             "ECE after": fmt(v["ece_after"]), "coverage": fmt(v["coverage"]),
+                             "MEL coverage": fmt(v["MEL_coverage"]), "mean set size": fmt(v["mean_set_size"])})
+    if ext_rows:
+        rep.para("External sets (temperatures and thresholds from the internal validation split, unchanged):")
+        rep.table(pd.DataFrame(ext_rows))
+
+
 def report_study(out: Path, cfg: StudyConfig, names: list[str], all_names: list[str], best: str,
                  mets: dict[str, dict]) -> Path:
     """Write report.html (self-contained) and report.md from the study folder's files."""
@@ -104,6 +181,8 @@ def report_study(out: Path, cfg: StudyConfig, names: list[str], all_names: list[
              "and applied unchanged to the test split; the fixed-specificity/sensitivity columns are read off the test ROC "
              "(optimistic, for comparison only).")
     rep.table(pd.DataFrame(ops_rows))
+
+    trust_section(rep, out, all_names, mets)
 
     rep.heading("Error analysis")
     s = json.loads((out / "errors" / "summary.json").read_text())
