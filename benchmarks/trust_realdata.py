@@ -56,7 +56,8 @@ def trained_models(study: Path) -> list[dict[str, Any]]:
             continue
         arch = json.loads(meta.read_text())["arch"]
         rec = steps.get(f"train {arch}", {})
-        out.append({"name": arch, "dir": d, "finished": bool(rec.get("done")),
+        finished = rec.get("status") in ("ran", "reused") or bool(rec.get("done"))  # steps.json, new or old format
+        out.append({"name": arch, "dir": d, "finished": finished,
                     "epochs": len(pd.read_csv(d / "history.csv")) if (d / "history.csv").exists() else None})
     out.sort(key=lambda m: ARCH_ORDER.index(m["name"]) if m["name"] in ARCH_ORDER else len(ARCH_ORDER))
     return out
