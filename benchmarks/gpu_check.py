@@ -210,8 +210,7 @@ def main() -> None:
                      "--seconds", "10", "--min-steps", "5", "--warmup", "5"]
         cap = min(120 if a.dry_run else 190, left(70 if "train" in only else 0))
         run = run_capped([py, "benchmarks/bench_train.py", "--data", data, *(["--split", split] if split else []),
-                          "--cache-dir", str(work / "cache"), "--json", str(js),
-                          "--preds", str(Path(a.out) / "gpu_ham_predictions.csv"), *extra],
+                          "--cache-dir", str(work / "cache"), "--json", str(js), *extra],
                          env=env, timeout=cap, log_name="throughput")
         res["throughput"] = {"run": run, "numbers": json.loads(js.read_text()) if js.exists() else {}}
         save()
@@ -224,8 +223,10 @@ def main() -> None:
         else:
             # Per model: its share of what is left, less ~15 s for model start-up and the test-set evaluation.
             extra = ["--seconds-per-model", f"{max(20.0, total / 4 - 15):.0f}"]
+        # Validation + test probabilities come back too (gpu_ham_predictions.csv), for calibration checks on CPU.
         run = run_capped([py, "benchmarks/gpu_train_ham.py", "--data", data, *(["--split", split] if split else []),
-                          "--cache-dir", str(work / "cache"), "--json", str(js), *extra],
+                          "--cache-dir", str(work / "cache"), "--json", str(js),
+                          "--preds", str(Path(a.out) / "gpu_ham_predictions.csv"), *extra],
                          env=env, timeout=total, log_name="train")
         res["train"] = {"run": run, "numbers": json.loads(js.read_text()) if js.exists() else {}}
         save()
