@@ -47,24 +47,29 @@ ARCH_ORDER = ("resnet101", "resnext101_32x4d", "seresnet101", "seresnext101_32x4
 
 
 def trained_models(study: Path) -> list[dict[str, Any]]:
-    """Checkpoint folders of the study with their training status (from steps.json)."""
+    """The study's models (runs/*/model.json) with their training status (steps.json) and prediction files.
+
+    A model is usable when the study has its validation and test predictions (weights then optional: a study made
+    on another machine can travel as its small files) or its weights (inference here)."""
     steps = json.loads((study / "steps.json").read_text()) if (study / "steps.json").exists() else {}
     out = []
     for meta in sorted((study / "runs").glob(f"*/{META_FILE}")):
         d = meta.parent
-        if not (d / WEIGHTS_FILE).exists():
-            continue
         arch = json.loads(meta.read_text())["arch"]
         rec = steps.get(f"train {arch}", {})
         finished = rec.get("status") in ("ran", "reused") or bool(rec.get("done"))  # steps.json, new or old format
-        out.append({"name": arch, "dir": d, "finished": finished,
+        preds = {t: study / "predictions" / f"{file_stem(arch)}_{t}.csv" for t in ("val", "test")}
+        use_preds = finished and all(f.exists() for f in preds.values())
+        if not use_preds and not (d / WEIGHTS_FILE).exists():
+            continue
+        out.append({"name": arch, "dir": d, "finished": finished, "study_predictions": preds if use_preds else None,
                     "epochs": len(pd.read_csv(d / "history.csv")) if (d / "history.csv").exists() else None})
     out.sort(key=lambda m: ARCH_ORDER.index(m["name"]) if m["name"] in ARCH_ORDER else len(ARCH_ORDER))
     return out
 
 
-def split_frames(study: Path, data: Path | None) -> tuple[dict[str, pd.DataFrame], dict[str, str]]:
-    """{'val', 'test'}: rows with image_id, label, path (split-file order); and image -> lesion (group) id."""
+def split_frames(study: Path, data: Path | None) -> dict[str, pd.DataFrame]:
+    """{'val', 'test'}: rows with image_id, label, path, in split-file order (for inference here)."""
     from lesionlab.data.tables import read_table
 
     sp = pd.read_csv(study / "splits.csv", dtype=str, keep_default_na=False)
@@ -75,25 +80,31 @@ def split_frames(study: Path, data: Path | None) -> tuple[dict[str, pd.DataFrame
     for tag in ("val", "test"):
         ids = sp.loc[sp["split"] == tag, "image_id"]
         frames[tag] = table.df.set_index("image_id").reindex(ids).dropna(subset=["path"]).reset_index()
-    return frames, dict(zip(sp["image_id"], sp["group_id"], strict=True))
+    return frames
 
 
-def model_probs(study: Path, out: Path, models: list[dict[str, Any]], frames: dict[str, pd.DataFrame], cfg,
+def model_probs(study: Path, out: Path, models: list[dict[str, Any]], cfg, data: Path | None,
                 ) -> tuple[dict[str, np.ndarray], dict[str, dict[str, np.ndarray]], dict[str, list[str]], dict]:
     """Labels, {tag: {name: probs}}, image ids per tag, and where each model's probabilities came from."""
     from lesionlab.inference.predictor import Predictor
 
     pred_dir = out / "predictions"
     pred_dir.mkdir(parents=True, exist_ok=True)
+    need_inference = any(m["study_predictions"] is None for m in models)
+    frames = split_frames(study, data) if need_inference else None
+    truth_files = {t: study / "predictions" / f"truth_{t}.csv" for t in ("val", "test")}
+    if need_inference or not all(f.exists() for f in truth_files.values()):
+        frames = frames or split_frames(study, data)
+        truth_files = {t: pred_dir / f"truth_{t}.csv" for t in ("val", "test")}
+        for t, f in truth_files.items():
+            write_isic_csv(f, truth_frame(frames[t]))
     sources: dict[str, Any] = {}
     ys, probs, ids = {}, {"val": {}, "test": {}}, {}
-    for tag, df in frames.items():
-        write_isic_csv(pred_dir / f"truth_{tag}.csv", truth_frame(df))
     for m in models:
-        stem, sha = file_stem(m["name"]), sha256_file(m["dir"] / WEIGHTS_FILE)
-        study_files = [study / "predictions" / f"{stem}_{t}.csv" for t in ("val", "test")]
-        if m["finished"] and all(f.exists() for f in study_files):
-            files, src = dict(zip(("val", "test"), study_files, strict=True)), "study predictions/"
+        stem = file_stem(m["name"])
+        sha = sha256_file(m["dir"] / WEIGHTS_FILE) if (m["dir"] / WEIGHTS_FILE).exists() else None
+        if m["study_predictions"] is not None:
+            files, src = m["study_predictions"], "study predictions/"
         else:
             files = {t: pred_dir / f"{stem}_{t}.csv" for t in ("val", "test")}
             stamp = pred_dir / f"{stem}.sha256"
@@ -102,12 +113,12 @@ def model_probs(study: Path, out: Path, models: list[dict[str, Any]], frames: di
                 for t, f in files.items():
                     p = pr.predict_frame(frames[t], batch_size=cfg.data.batch_size, num_workers=0, progress=True)
                     write_isic_csv(f, probs_frame(frames[t]["image_id"], p))
-                stamp.write_text(sha + "\n")
+                stamp.write_text(f"{sha}\n")
             src = f"inference here ({cfg.train.device}, precision {cfg.train.precision})"
         sources[m["name"]] = {"probabilities": src, "checkpoint_sha256": sha, "training_finished": m["finished"],
                               "epochs_trained": m["epochs"]}
         for t, f in files.items():
-            truth = read_isic_csv(pred_dir / f"truth_{t}.csv", kind="truth")
+            truth = read_isic_csv(truth_files[t], kind="truth")
             ys[t], probs[t][m["name"]], ids[t] = align(truth, read_isic_csv(f, kind="prediction"))
     if len(models) > 1:
         for t in probs:
@@ -140,9 +151,10 @@ def run(study: Path, out: Path, *, data: Path | None = None, overrides: list[str
     cfg = load_config(study / "config.yaml", overrides)
     models = trained_models(study)
     if not models:
-        raise SystemExit(f"{study}: no trained model (runs/*/{WEIGHTS_FILE})")
-    frames, lesion_of = split_frames(study, data)
-    ys, probs, ids, sources = model_probs(study, out, models, frames, cfg)
+        raise SystemExit(f"{study}: no trained model (runs/*/{WEIGHTS_FILE}, or a finished one with predictions/)")
+    sp = pd.read_csv(study / "splits.csv", dtype=str, keep_default_na=False)
+    lesion_of = dict(zip(sp["image_id"], sp["group_id"], strict=True))
+    ys, probs, ids, sources = model_probs(study, out, models, cfg, data)
     trust = fit_trust(ys["val"], probs["val"], cfg.trust)
     write_trust(out / TRUST_FILE, trust)
     groups = np.array([lesion_of.get(i, i) for i in ids["test"]])
