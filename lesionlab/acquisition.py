@@ -72,6 +72,8 @@ def run_robustness(
     cfg: StudyConfig,
     *,
     lesion_ids: np.ndarray | None = None,
+    consistency: bool = True,
+    plots: tuple[str, ...] = PLOTTED,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Perturbed inference over a sample of `df` (config `robustness`), consistency over all of it; tables + plots.
@@ -80,6 +82,9 @@ def run_robustness(
         df: rows with `path` (and `label`, `lesion_id` for metrics and consistency).
         lesion_ids: one per row of `df` (default: its `lesion_id` column); e.g. the split file's `group_id`,
             which also joins known duplicates.
+        consistency: also predict every row unperturbed and write the lesion consistency files (the study
+            computes those from its stored test predictions instead).
+        plots: the columns of robustness.csv drawn against severity (robustness_<column>.png).
 
     Returns:
         The robustness.json body.
@@ -101,13 +106,13 @@ def run_robustness(
     y_all = labels_of(df)
     # Consistency needs every image of a lesion: clean predictions for all rows.
     full = {p.name: p.predict_frame(df, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers, tta=rc.tta,
-                                    progress=progress) for p in predictors}
+                                    progress=progress) for p in predictors} if consistency else {}
     sample = sample_rows(df, rc.max_images, rc.seed)
     clean, pert = predict_perturbed(predictors, sample, conds, seed=rc.seed, tta=rc.tta, chunk=cfg.data.batch_size,
                                     num_workers=cfg.data.num_workers, max_pixels=cfg.data.max_image_pixels,
                                     progress=progress)
     if len(predictors) > 1:
-        for d in (full, clean):
+        for d in (full, clean) if consistency else (clean,):
             d[ENSEMBLE] = mean_probabilities([d[p.name] for p in predictors])
         pert[ENSEMBLE] = {k: mean_probabilities([pert[p.name][k] for p in predictors]) for k in pert[predictors[0].name]}
     table = robustness_table(labels_of(sample), clean, pert)
@@ -115,12 +120,14 @@ def run_robustness(
     table["tta"] = rc.tta
     atomic_write_csv(out / "robustness.csv", table)
     atomic_write_csv(out / "robustness_summary.csv", summarize_robustness(table))
-    for metric in PLOTTED:
+    for metric in plots:
         if table[metric].notna().any():
             plot_robustness(table, metric, out / f"robustness_{metric}.png",
                             title=f"{metric.replace('_', ' ')} vs severity ({len(sample)} images{', TTA' if rc.tta else ''})")
-    lids = np.asarray(lesion_ids if lesion_ids is not None else df.get("lesion_id", df.index.astype(str)))
-    cons, _ = write_consistency(out, lids, full, y_all, n_boot=cfg.eval.bootstrap, ci=cfg.eval.ci, seed=rc.seed)
+    cons = pd.DataFrame()
+    if consistency:
+        lids = np.asarray(lesion_ids if lesion_ids is not None else df.get("lesion_id", df.index.astype(str)))
+        cons, _ = write_consistency(out, lids, full, y_all, n_boot=cfg.eval.bootstrap, ci=cfg.eval.ci, seed=rc.seed)
     info = {
         "images": len(df), "perturbed_images": len(sample), "conditions": len(conds), "tta": rc.tta, "seed": rc.seed,
         "perturbations": sorted({c[0] for c in conds}), "models": [p.name for p in predictors],

@@ -631,6 +631,20 @@ def run_study(
             config={"external": {"name": ext.name, "images": ext.images, "truth": ext.truth},
                     "eval": section(cfg.eval, drop=("error_class",)), **infer_cfg},
             inputs={"truth": Path(ext.truth), "images": ext_images}, upstream=[*train_steps, "trust"], outputs=[d])
+    if cfg.robustness.enabled:  # lesion consistency (from the stored test predictions) and acquisition robustness
+        from lesionlab.acquisition import run_robustness, write_consistency
+
+        steps.run("consistency", lambda: write_consistency(out / "consistency", groups, pt, yt, n_boot=cfg.eval.bootstrap,
+                                                           ci=cfg.eval.ci, seed=cfg.robustness.seed),
+                  config={"eval": section(cfg.eval, keep=("bootstrap", "ci")), "robustness.seed": cfg.robustness.seed},
+                  upstream=["split", *prob_steps], outputs=[out / "consistency"])
+        te_groups = te["image_id"].map(lesion_of).fillna(te["image_id"]).to_numpy()
+        steps.run("robustness", lambda: run_robustness([runs / file_stem(a) for a in archs], te, out / "robustness", cfg,
+                                                       lesion_ids=te_groups, consistency=False,
+                                                       plots=("flip_rate", "delta_balanced_accuracy"), progress=progress),
+                  config={"robustness": cfg.robustness, "data.max_image_pixels": cfg.data.max_image_pixels,
+                          "train.device": cfg.train.device, "train.precision": cfg.train.precision},
+                  upstream=["split", *train_steps], outputs=[out / "robustness"])
     steps.prune(keep=[Path(data)])
     t = time.perf_counter()
     steps.record("report", "ran", "always runs (cheap; shows this run's step statuses)", 0.0)

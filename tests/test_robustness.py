@@ -281,3 +281,47 @@ def test_color_constancy_is_trained_recorded_and_applied_at_inference(synth_dir,
         assert torch.equal(ds[i][0], pr.transform(pil_to_uint8_tensor(load_image(path))))
     with pytest.raises(UserError, match="color_constancy"):
         fit("timm:resnet10t", tr, va, load_config("demo", ["data.color_constancy=gray"]), tmp_path / "bad", progress=False)
+
+
+# ----------------------------------------------------------------------------- the command and the report section
+
+
+def test_robustness_command_writes_tables_plots_and_report_section(synth_dir, synth_split, tmp_path, capsys):
+    import json
+
+    from lesionlab.cli import main
+    from lesionlab.report.document import Report
+    from lesionlab.report.study_report import robustness_section
+
+    for i in range(2):
+        make_tiny_checkpoint(tmp_path / "runs" / f"m{i}", seed=i, input_size=32)
+    out = tmp_path / "rob"
+    rc = main(["robustness", "--data", str(synth_dir), "--split", str(synth_split), "--runs", str(tmp_path / "runs"),
+               "--perturbations", "hflip,color_temperature", "--max-levels", "2", "--max-images", "8", "--device", "cpu",
+               "--precision", "fp32", "--set", "eval.bootstrap=20", "--set", "data.num_workers=0", "--out", str(out)])
+    assert rc == 0 and "8 of" in capsys.readouterr().out
+    t = pd.read_csv(out / "robustness.csv")
+    assert set(t["model"]) == {"timm:resnet10t", "timm:resnet10t-2", "ensemble"}
+    assert len(t) == 3 * (1 + 1 + 2) and (t["n"] == 8).all()
+    assert set(t.loc[t["perturbation"] == "color_temperature", "level"]) == {-0.3, 0.3}
+    for m in ("flip_rate", "delta_balanced_accuracy", "delta_mel_sensitivity", "delta_macro_auc"):
+        assert (out / f"robustness_{m}.png").stat().st_size > 1000
+    cons = pd.read_csv(out / "lesion_consistency.csv")
+    assert list(cons["model"]) == ["timm:resnet10t", "timm:resnet10t-2", "ensemble"] and (cons["lesions"] >= 1).all()
+    assert set(pd.read_csv(out / "lesion_metrics.csv")["level"]) == {"image", "lesion"}
+    assert json.loads((out / "robustness.json").read_text())["perturbed_images"] == 8
+    # The study report's section reads the same files (the study writes consistency/ beside robustness/).
+    (tmp_path / "study" / "consistency").mkdir(parents=True)
+    (out).rename(tmp_path / "study" / "robustness")
+    for f in ("lesion_consistency.csv", "lesion_metrics.csv"):
+        (tmp_path / "study" / "robustness" / f).rename(tmp_path / "study" / "consistency" / f)
+    rep = Report("t")
+    robustness_section(rep, tmp_path / "study")
+    md = "\n".join(rep.md)
+    assert "Robustness" in md and "color_temperature" in md and "same class" in md and "lesion" in md
+    with pytest.raises(SystemExit):
+        main(["robustness", "--data", str(synth_dir), "--split", str(synth_split), "--runs", str(tmp_path / "runs"),
+              "--subset", "holdout", "--out", str(out)])
+    assert main(["robustness", "--data", str(synth_dir), "--split", str(synth_split), "--runs", str(tmp_path / "runs"),
+                 "--perturbations", "fisheye", "--out", str(out)]) != 0
+    assert "unknown perturbation 'fisheye'" in capsys.readouterr().err

@@ -99,6 +99,52 @@ def trust_section(rep, out: Path, all_names: list[str], mets: dict[str, dict]) -
         rep.table(pd.DataFrame(ext_rows))
 
 
+def robustness_section(rep, out: Path) -> None:
+    """The report's "Robustness" section: metric vs severity under acquisition perturbations (robustness/) and
+    lesion-level consistency (consistency/), when the study made them."""
+    from lesionlab.report.document import fmt as _fmt
+
+    def fmt(v, lo=None, hi=None):  # CSV cells: NaN means "not defined"
+        return _fmt(*(None if pd.isna(x) else x for x in (v, lo, hi)))
+
+    rob, cons = out / "robustness" / "robustness.json", out / "consistency" / "lesion_consistency.csv"
+    if not rob.exists() and not cons.exists():
+        return
+    rep.heading("Robustness: acquisition and lesion consistency")
+    if rob.exists():
+        info = json.loads(rob.read_text())
+        rep.para(f"{info['perturbed_images']} test images (a seeded sample of {info['images']}; seed {info['seed']}"
+                 f"{', TTA' if info['tta'] else ''}) under {info['conditions']} controlled perturbations of the photograph "
+                 f"({', '.join(info['perturbations'])}), each at graded severities, before each model's own preprocessing. "
+                 "Flip rate: share of images whose predicted class differs from the unperturbed one. Deltas are "
+                 "perturbed minus unperturbed (balanced accuracy, melanoma sensitivity, macro AUC).")
+        rep.figures_row([(out / "robustness" / f"robustness_{m}.png", m.replace("_", " "))
+                         for m in ("flip_rate", "delta_balanced_accuracy") if (out / "robustness" / f"robustness_{m}.png").exists()])
+        rep.md.append("Figures: `robustness/robustness_<metric>.png`; every condition: `robustness/robustness.csv`\n")
+        summ = pd.read_csv(out / "robustness" / "robustness_summary.csv")
+        shown = summ[summ["model"] == ENSEMBLE] if (summ["model"] == ENSEMBLE).any() else summ
+        rep.para(f"Worst case over the severities, per perturbation ({shown['model'].iloc[0] if len(shown) else ''}; "
+                 "all models in robustness/robustness_summary.csv):")
+        rep.table(shown.round(3))
+    if cons.exists():
+        c = pd.read_csv(cons)
+        rep.para("Lesion consistency: test lesions with two or more images (other angles, zoom levels or days); the share "
+                 "whose images all get the same predicted class, and the share whose images are all correct (95% CI, "
+                 "bootstrap over lesions).")
+        rep.table(pd.DataFrame([{"model": r["model"], "lesions": r["lesions"], "images": r["images"],
+                                 "same class": fmt(r["consistent_share"], r["consistent_lo"], r["consistent_hi"]),
+                                 "all correct": fmt(r.get("all_correct_share"), r.get("all_correct_lo"), r.get("all_correct_hi"))}
+                                for _, r in c.iterrows()]))
+        lm_file = out / "consistency" / "lesion_metrics.csv"
+        lm = pd.read_csv(lm_file) if lm_file.exists() and lm_file.stat().st_size > 1 else pd.DataFrame()
+        if len(lm):
+            lm["text"] = [fmt(v, lo, hi) for v, lo, hi in zip(lm["value"], lm["lo"], lm["hi"], strict=True)]
+            wide = lm.pivot_table(index=["model", "metric"], columns="level", values="text", aggfunc="first").reset_index()
+            rep.para("Image level vs lesion level (mean probability over a lesion's images, one vote per lesion); "
+                     "both CIs resample lesions:")
+            rep.table(wide)
+
+
 def report_study(out: Path, cfg: StudyConfig, names: list[str], all_names: list[str], best: str,
                  mets: dict[str, dict]) -> Path:
     """Write report.html (self-contained) and report.md from the study folder's files."""
@@ -183,6 +229,7 @@ def report_study(out: Path, cfg: StudyConfig, names: list[str], all_names: list[
     rep.table(pd.DataFrame(ops_rows))
 
     trust_section(rep, out, all_names, mets)
+    robustness_section(rep, out)
 
     rep.heading("Error analysis")
     s = json.loads((out / "errors" / "summary.json").read_text())
