@@ -538,13 +538,20 @@ def _bundle(p: argparse.ArgumentParser):
     p.add_argument("--study", type=Path, help="study folder whose validation predictions choose the threshold (default: found)")
     p.add_argument("--target-sensitivity", type=float, default=0.90, help="melanoma sensitivity the threshold must reach on validation")
     p.add_argument("--threshold", type=float, help="use this melanoma threshold instead of choosing one")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="TTA the threshold was chosen with (default: the study's eval.tta; off for --threshold)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
+                   help="precision the threshold was chosen at (default: the study's; unknown for --threshold)")
 
     def run(a: argparse.Namespace) -> int:
         from lesionlab.inference.bundle import make_bundle
 
-        m = make_bundle(a.runs, a.out, threshold=a.threshold, target_sensitivity=a.target_sensitivity, study=a.study)
-        t = m["melanoma_threshold"]
-        print(f"wrote {a.out}: {len(m['members'])} members, melanoma threshold {t['value']:.4f} ({t['source']})")
+        m = make_bundle(a.runs, a.out, threshold=a.threshold, target_sensitivity=a.target_sensitivity, study=a.study,
+                        tta=a.tta, precision=a.precision)
+        t, inf = m["melanoma_threshold"], m["inference"]
+        print(f"wrote {a.out}: {len(m['members'])} members, melanoma threshold {t['value']:.4f} ({t['source']}); "
+              f"predict and serve will run with TTA {'on' if inf['tta'] else 'off'} at {inf['precision'] or 'auto'} "
+              f"precision ({inf['source']})")
         return 0
 
     return run
@@ -578,11 +585,13 @@ def _format_results(rows: list[dict], fmt: str) -> str:
 def _predict(p: argparse.ArgumentParser):
     p.add_argument("images", type=Path, nargs="+", help="image files or folders")
     p.add_argument("--bundle", type=Path, required=True)
-    p.add_argument("--tta", action="store_true")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="only the bundle's own setting is accepted (its threshold holds only there); default: it")
     p.add_argument("--explain", type=Path, metavar="OUT_DIR", help="write a Grad-CAM overlay per image here")
     p.add_argument("--format", choices=["table", "json", "csv"], default="table")
     p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="auto = the precision the bundle's threshold was chosen at; another is refused")
     p.add_argument("--batch-size", type=int, default=16)
 
     def run(a: argparse.Namespace) -> int:
@@ -590,6 +599,10 @@ def _predict(p: argparse.ArgumentParser):
         from lesionlab.inference.bundle import EnsemblePredictor
 
         ens = EnsemblePredictor(a.bundle, device=a.device, precision=a.precision)
+        a.tta = ens.resolve_tta(a.tta)  # refused before any image is read
+        inf = ens.inference_info()
+        print(f"lesionlab predict: TTA {'on' if inf['tta'] else 'off'}, {inf['precision']}, as the bundle's threshold "
+              f"was chosen" + (f" (note: {inf['note']})" if inf["note"] else ""), file=sys.stderr)
         failed: list[tuple[Path, str]] = []
         paths = expand_images(a.images, "predict", failed)
         if not paths:
@@ -624,13 +637,16 @@ def _serve(p: argparse.ArgumentParser):
     p.add_argument("--max-upload-mb", type=float, default=20.0)
     p.add_argument("--audit-log", type=Path, help="append one JSON line per request (time, image hash, outputs; never the image)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="auto = the precision the bundle's threshold was chosen at; another is refused")
 
     def run(a: argparse.Namespace) -> int:
         import uvicorn
 
         from lesionlab.serve.app import create_app
 
-        app = create_app(a.bundle, max_upload_mb=a.max_upload_mb, audit_log=a.audit_log, device=a.device)
+        app = create_app(a.bundle, max_upload_mb=a.max_upload_mb, audit_log=a.audit_log, device=a.device,
+                         precision=a.precision)
         print(f"LesionLab serving {a.bundle} on http://{a.host}:{a.port}/ (API docs at /docs)")
         uvicorn.run(app, host=a.host, port=a.port, log_level="info")
         return 0

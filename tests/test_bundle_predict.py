@@ -108,3 +108,88 @@ def test_member_names_follow_one_rule_for_study_files_and_bundles(tmp_path):
         runs.append(ck)
     m = make_bundle(runs, tmp_path / "bundle", threshold=0.5)
     assert [x["name"] for x in m["members"]] == ["timm_resnet10t", "other", "timm_resnet10t-2"]
+
+
+def _fake_study(root, names=("timm_resnet10t",)):
+    """A study folder with validation predictions for `names` (8 images, 4 melanomas)."""
+    study = root / "study"
+    (study / "predictions").mkdir(parents=True)
+    (study / "steps.json").write_text("{}")
+    y = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    truth = np.zeros((8, 7))
+    truth[np.arange(8), y] = 1
+    ids = [f"i{k}" for k in range(8)]
+    pd.DataFrame({"image": ids, **{c: truth[:, j] for j, c in enumerate(CLASSES)}}).to_csv(
+        study / "predictions" / "truth_val.csv", index=False)
+    p = np.zeros((8, 7))
+    p[:, 0] = [0.9, 0.7, 0.5, 0.3, 0.4, 0.2, 0.1, 0.0]
+    p[:, 1] = 1 - p[:, 0]
+    for n in names:
+        pd.DataFrame({"image": ids, **{c: p[:, j] for j, c in enumerate(CLASSES)}}).to_csv(
+            study / "predictions" / f"{n}_val.csv", index=False)
+    return study
+
+
+def test_bundle_records_the_settings_its_threshold_was_chosen_under(tmp_path):
+    from lesionlab import runtime
+    from lesionlab.config import load_config, save_config
+
+    study = _fake_study(tmp_path)
+    runs = [make_tiny_checkpoint(study / "runs" / "a", seed=0)]
+    cfg = load_config(None, ["eval.tta=true", "train.precision=bf16", "train.device=cpu"])
+    save_config(cfg, study / "config.yaml")
+    m = make_bundle(runs, tmp_path / "b1")
+    assert m["inference"]["tta"] is True and m["inference"]["precision"] == "bf16"
+    with pytest.raises(UserError, match="--no-tta differs from the study's eval.tta True"):
+        make_bundle(runs, tmp_path / "b2", tta=False)
+    with pytest.raises(UserError, match="--precision fp32 differs from the study's train.precision bf16"):
+        make_bundle(runs, tmp_path / "b3", precision="fp32")
+    # precision auto: what it resolved to is stated, or resolved as this machine would
+    save_config(load_config(None, ["train.precision=auto", "train.device=cpu"]), study / "config.yaml")
+    assert make_bundle(runs, tmp_path / "b4", precision="fp32")["inference"]["precision"] == "fp32"
+    here = "bf16" if runtime.pick_precision("auto", runtime.pick_device("cpu")) else "fp32"
+    inf = make_bundle(runs, tmp_path / "b5")["inference"]
+    assert inf == {"tta": False, "precision": here, "source": inf["source"]} and "resolved on the machine" in inf["source"]
+    # a threshold given by hand: the caller states the settings (default TTA off, precision unknown)
+    assert make_bundle(runs, tmp_path / "b6", threshold=0.3)["inference"]["precision"] is None
+    with pytest.raises(UserError, match="--precision 'fp64' must be one of"):
+        make_bundle(runs, tmp_path / "b7", threshold=0.3, precision="fp64")
+
+
+def test_predict_runs_at_the_bundles_settings_and_refuses_others(tmp_path):
+    from lesionlab.inference.predictor import Predictor
+
+    run = make_tiny_checkpoint(tmp_path / "runs" / "a", seed=0)
+    make_bundle([run], tmp_path / "tta", threshold=0.3, tta=True, precision="fp32")
+    ens = EnsemblePredictor(tmp_path / "tta", device="cpu")
+    im = Image.new("RGB", (120, 90), (150, 90, 70))
+    ref = Predictor(run, device="cpu", precision="fp32").predict_images([im], tta=True)[0]
+    got = ens.predict([im])[0]["probabilities"]
+    np.testing.assert_allclose([got[c] for c in CLASSES], ref, atol=1e-6)
+    with pytest.raises(UserError, match="TTA off was asked for, but .* chosen with TTA on at fp32"):
+        ens.predict([im], tta=False)
+    with pytest.raises(UserError, match="--precision bf16: .*TTA on at fp32"):
+        EnsemblePredictor(tmp_path / "tta", device="cpu", precision="bf16")
+
+
+def _cli(capsys, *args) -> tuple[int, str, str]:
+    from lesionlab.cli import main
+
+    capsys.readouterr()
+    code = main([str(x) for x in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_predict_cli_refuses_other_settings_in_one_line(tiny_bundle, tmp_path, capsys):
+    Image.new("RGB", (120, 90), (150, 90, 70)).save(tmp_path / "a.jpg")
+    code, out, err = _cli(capsys, "predict", tmp_path / "a.jpg", "--bundle", tiny_bundle, "--tta", "--device", "cpu")
+    assert code != 0 and len(err.strip().splitlines()) == 1 and not out, err
+    assert "TTA on was asked for" in err and "chosen with TTA off" in err
+    make_bundle([make_tiny_checkpoint(tmp_path / "r", seed=0)], tmp_path / "b", threshold=0.3, precision="fp32")
+    code, out, err = _cli(capsys, "predict", tmp_path / "a.jpg", "--bundle", tmp_path / "b", "--precision", "bf16",
+                          "--device", "cpu")
+    assert code != 0 and len(err.strip().splitlines()) == 1 and "TTA off at fp32" in err
+    code, out, err = _cli(capsys, "predict", tmp_path / "a.jpg", "--bundle", tmp_path / "b", "--format", "json",
+                          "--device", "cpu")
+    assert code == 0 and "TTA off, fp32" in err and json.loads(out)[0]["top"] in CLASSES

@@ -143,3 +143,46 @@ def test_explain_cli_writes_overlays_and_raw_maps_and_skips_bad_images(trained, 
     arr = np.load(raw[0])
     assert arr.shape == (100, 150) and arr.min() >= 0 and arr.max() <= 1
     assert len(list(out.glob("a_gradcam_MEL_*.png"))) == 3
+
+
+def test_a_prediction_during_an_explanation_does_not_reach_its_map(trained):
+    """Grad-CAM hooks must not sit on the module that predictions share (the service runs both concurrently).
+
+    Deterministic version of the race: while the explanation's forward pass is under way (a pre-hook on the
+    first stage), another thread predicts a different image on the same Predictor and finishes.
+    """
+    import threading
+
+    d, _, _ = trained
+    pr = Predictor(d / "model", device="cpu", precision="fp32")
+    rng = np.random.default_rng(11)
+    img, other = (Image.fromarray(_image(rng, True)) for _ in range(2))
+    alone = explain_image([Predictor(d / "model", device="cpu", precision="fp32")], img, cls="MEL").members[pr.name]
+    state = {"armed": True}
+
+    def predict_meanwhile(module, inputs):
+        if state["armed"] and torch.is_grad_enabled():  # the explanation's pass, not the prediction's
+            state["armed"] = False
+            t = threading.Thread(target=pr.predict_images, args=([other],))
+            t.start()
+            t.join()
+
+    # registered before this Predictor's first explanation, so any module copied from it carries the hook too
+    pr.model.get_submodule("layer1").register_forward_pre_hook(predict_meanwhile)
+    raced = explain_image([pr], img, cls="MEL").members[pr.name]
+    assert not state["armed"]  # the concurrent prediction did run
+    np.testing.assert_array_equal(raced, alone)
+
+
+def test_explanations_run_on_weight_sharing_copies(trained):
+    from lesionlab.explain.gradcam import explain_model
+
+    d, _, _ = trained
+    pr = Predictor(d / "model", device="cpu", precision="fp32")
+    with explain_model(pr) as a, explain_model(pr) as b:  # two explanations in flight: two copies
+        assert a is not b and a is not pr.model
+        for m in (a, b):
+            for p, q in zip(m.parameters(), pr.model.parameters(), strict=True):
+                assert p.data_ptr() == q.data_ptr() and not p.requires_grad  # no extra weight memory
+    with explain_model(pr) as c:
+        assert c is a or c is b  # copies are reused

@@ -126,3 +126,137 @@ def test_uploads_are_not_spooled_to_disk(ens, monkeypatch):
     assert len(big) > 2**20  # larger than Starlette's default 1 MB spool threshold
     assert _post(client, big, name="big.png").status_code == 200
     assert not rolled
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_concurrent_predictions_and_explanations_match_serial_ones(tmp_path):
+    """8 clients x 4 mixed predict/explain requests at fp32 (where predictions use the very module that
+    Grad-CAM hooks) against uvicorn on 127.0.0.1: every heatmap and probability equals the serial one."""
+    import threading
+    import time
+
+    import httpx
+    import uvicorn
+    from helpers import make_tiny_checkpoint
+
+    from lesionlab.inference.bundle import make_bundle
+
+    runs = [make_tiny_checkpoint(tmp_path / "runs" / f"m{i}", seed=i) for i in range(2)]
+    make_bundle(runs, tmp_path / "bundle", threshold=0.15, precision="fp32")
+    app = create_app(tmp_path / "bundle", device="cpu", precision="fp32")
+    ens = app.state.ensemble
+    assert ens.precision == "fp32" and not any(m.cpu_bf16 for m in ens.members)
+    # A 20 ms pause in every forward pass (sleeping releases the GIL) stands in for a bigger model: passes
+    # overlap reliably on any machine, so the old shared-module hooks mixed up 3-6 of 16 heatmaps here.
+    for m in ens.members:
+        m.model.get_submodule("layer1").register_forward_pre_hook(lambda mod, inp: time.sleep(0.02))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=_free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server.started
+        url = f"http://127.0.0.1:{server.config.port}/api/predict"
+        rng = np.random.default_rng(0)
+        images = [_bytes(Image.fromarray(rng.integers(0, 255, (150 + 10 * k, 200, 3), dtype=np.uint8)), "PNG")
+                  for k in range(4)]
+
+        def post(i: int, explain: bool) -> dict:
+            r = httpx.post(url + ("?explain=true" if explain else ""), files={"image": ("x.png", images[i])},
+                           timeout=120)
+            assert r.status_code == 200, r.text
+            return r.json()
+
+        serial = [post(i, True) for i in range(4)]
+        results: dict[tuple[int, int], tuple[int, bool, dict]] = {}
+        errors: list[BaseException] = []
+
+        def client(k: int) -> None:
+            try:
+                for r in range(4):
+                    i, explain = (k + r) % 4, (k + r) % 2 == 0
+                    results[(k, r)] = (i, explain, post(i, explain))
+            except BaseException as e:  # surfaced below; a thread's exception would otherwise vanish
+                errors.append(e)
+
+        clients = [threading.Thread(target=client, args=(k,)) for k in range(8)]
+        for t in clients:
+            t.start()
+        for t in clients:
+            t.join()
+    finally:
+        server.should_exit = True
+        thread.join(30)
+    assert not errors, errors
+    assert len(results) == 32
+    mixed_up = 0
+    for i, explain, body in results.values():
+        assert body["probabilities"] == serial[i]["probabilities"]
+        if explain:
+            mixed_up += body["heatmap"] != serial[i]["heatmap"] or body["heatmap_class"] != serial[i]["heatmap_class"]
+    assert mixed_up == 0, f"{mixed_up} of 16 concurrent heatmaps differ from the serial ones"
+
+
+def test_requests_for_other_settings_than_the_bundles_are_refused(client):
+    h = client.get("/api/health").json()
+    # tiny_bundle: threshold given by hand, no TTA stated, precision not stated
+    assert h["inference"]["tta"] is False and h["inference"]["threshold_chosen_with"] == {"tta": False, "precision": None}
+    assert "precision was not stated" in h["inference"]["note"]
+    im = _bytes(Image.new("RGB", (90, 60), (150, 90, 70)))
+    r = _post(client, im, params="?tta=true")
+    assert r.status_code == 400 and "TTA off" in r.json()["error"] and "TTA on was asked for" in r.json()["error"]
+    r = _post(client, im, params="?tta=false")
+    assert r.status_code == 200 and r.json()["inference"]["tta"] is False
+
+
+def test_service_runs_a_bundle_at_its_recorded_settings(tmp_path):
+    import shutil
+
+    from helpers import make_tiny_checkpoint
+
+    from lesionlab.exceptions import UserError
+    from lesionlab.inference.bundle import make_bundle
+
+    runs = [make_tiny_checkpoint(tmp_path / "runs" / "m0", seed=0)]
+    make_bundle(runs, tmp_path / "tta", threshold=0.2, tta=True, precision="fp32")
+    c = TestClient(create_app(tmp_path / "tta", device="cpu"))
+    h = c.get("/api/health").json()["inference"]
+    assert h == {"tta": True, "precision": "fp32", "threshold_chosen_with": {"tta": True, "precision": "fp32"},
+                 "note": None}
+    im = _bytes(Image.new("RGB", (90, 60), (150, 90, 70)))
+    assert _post(c, im).json()["inference"]["tta"] is True  # TTA on by default: the bundle's setting
+    r = _post(c, im, params="?tta=false")
+    assert r.status_code == 400 and "TTA on at fp32" in r.json()["error"]
+    with pytest.raises(UserError, match="--precision bf16: .*chosen with TTA on at fp32"):
+        create_app(tmp_path / "tta", device="cpu", precision="bf16")
+    # a bundle made before the settings were recorded: TTA assumed off, precision unknown, said so
+    shutil.copytree(tmp_path / "tta", tmp_path / "old")
+    manifest = json.loads((tmp_path / "old" / "manifest.json").read_text())
+    del manifest["inference"]
+    (tmp_path / "old" / "manifest.json").write_text(json.dumps(manifest))
+    c = TestClient(create_app(tmp_path / "old", device="cpu", precision="fp32"))
+    h = c.get("/api/health").json()["inference"]
+    assert h["threshold_chosen_with"] == {"tta": False, "precision": None} and "before inference settings" in h["note"]
+    assert _post(c, im, params="?tta=true").status_code == 400 and _post(c, im).status_code == 200
+
+
+def test_serve_cli_refuses_another_precision_in_one_line(tmp_path, capsys):
+    from helpers import make_tiny_checkpoint
+
+    from lesionlab.cli import main
+    from lesionlab.inference.bundle import make_bundle
+
+    make_bundle([make_tiny_checkpoint(tmp_path / "runs" / "m0", seed=0)], tmp_path / "b", threshold=0.2,
+                precision="bf16")
+    code = main(["serve", "--bundle", str(tmp_path / "b"), "--precision", "fp32", "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and len(err.splitlines()) == 1 and "TTA off at bf16" in err and "Traceback" not in err

@@ -10,7 +10,10 @@ members uses stays at <= 0.25.
 from __future__ import annotations
 
 import contextlib
+import copy
+import itertools
 import threading
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -30,8 +33,56 @@ from lesionlab.labels import CLASS_INDEX, CLASSES
 METHODS = ("gradcam", "guided", "guided-gradcam")
 
 
-# Hooks and ReLU swaps change the model while they run: one explanation at a time per process.
-_LOCK = threading.Lock()
+class _ExplainCopies:
+    """Private copies of one fp32 model for explanations: one checked out per explanation in flight.
+
+    Grad-CAM hooks and guided backprop's ReLU swaps change the module they run on. On the module that
+    predictions share, a concurrent prediction's activations land in another request's heatmap (the hooks
+    fire for every forward pass). Serialising predictions and explanations would make every prediction wait
+    behind a whole forward + backward pass, so instead each explanation runs on a module tree of its own.
+    The copies share the parameter and buffer storage with the original (no extra weight memory; in-place
+    weight changes show through), and their parameters do not require gradients: Grad-CAM needs gradients
+    with respect to activations only, which flow from an input that requires them. Copies go back to the
+    pool after use, so the pool holds as many as explanations ever ran at once.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self._model = weakref.ref(model)
+        self._free: list[torch.nn.Module] = []
+        self._lock = threading.Lock()
+
+    def _new_copy(self) -> torch.nn.Module:
+        model = self._model()
+        memo: dict[int, object] = {}
+        for t in itertools.chain(model.parameters(), model.buffers()):
+            memo[id(t)] = torch.nn.Parameter(t.detach(), requires_grad=False) if isinstance(t, torch.nn.Parameter) else t
+        return copy.deepcopy(model, memo).eval()
+
+    @contextlib.contextmanager
+    def checkout(self) -> Iterator[torch.nn.Module]:
+        with self._lock:
+            m = self._free.pop() if self._free else None
+        m = m if m is not None else self._new_copy()
+        try:
+            yield m
+        finally:
+            with self._lock:
+                self._free.append(m)
+
+
+_POOLS: weakref.WeakKeyDictionary[torch.nn.Module, _ExplainCopies] = weakref.WeakKeyDictionary()
+_POOLS_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def explain_model(predictor: Predictor) -> Iterator[torch.nn.Module]:
+    """A private, weight-sharing copy of the predictor's fp32 model, for hooks and module swaps."""
+    with _POOLS_LOCK:
+        pool = _POOLS.get(predictor.model)
+        if pool is None:
+            pool = _POOLS[predictor.model] = _ExplainCopies(predictor.model)
+    with pool.checkout() as m:
+        yield m
 
 
 @contextlib.contextmanager
@@ -63,18 +114,22 @@ def normalise(a: np.ndarray) -> np.ndarray:
 
 
 def model_maps(predictor: Predictor, x: torch.Tensor, class_idx: int, method: str) -> np.ndarray:
-    """One model's map (S, S) in [0, 1] for a normalised input (1, 3, S, S), in fp32."""
-    model = predictor.model
-    x = x.to(predictor.device)
-    layer = model.get_submodule(predictor.meta["cam_layer"])
-    cam_map = None
-    if method in ("gradcam", "guided-gradcam"):
-        with grad_cam(model, layer) as cam:
-            cam_map = cam(input_tensor=x, targets=[ClassifierOutputTarget(class_idx)])[0]
-        if method == "gradcam":
-            return normalise(cam_map)
-    with guided_backprop(model) as gb:
-        grads = gb(x.clone(), target_category=class_idx)  # (S, S, 3)
+    """One model's map (S, S) in [0, 1] for a normalised input (1, 3, S, S), in fp32.
+
+    Runs on a private copy of the model (`explain_model`), never on the module predictions share.
+    """
+    with explain_model(predictor) as model, torch.enable_grad():
+        # the copy's weights do not require gradients: the input does, so activations get theirs
+        x = x.to(predictor.device).requires_grad_(True)
+        layer = model.get_submodule(predictor.meta["cam_layer"])
+        cam_map = None
+        if method in ("gradcam", "guided-gradcam"):
+            with grad_cam(model, layer) as cam:
+                cam_map = cam(input_tensor=x, targets=[ClassifierOutputTarget(class_idx)])[0]
+            if method == "gradcam":
+                return normalise(cam_map)
+        with guided_backprop(model) as gb:
+            grads = gb(x.detach().clone(), target_category=class_idx)  # (S, S, 3)
     saliency = np.abs(grads).max(axis=2)
     if method == "guided":
         return normalise(saliency)
@@ -115,10 +170,8 @@ def explain_image(
     k = CLASS_INDEX[cls] if cls else int(np.argmax(probs))
     display = display_crop(image, predictors[0].spec.crop_fraction)
     ex = Explanation(image_id=image_id, method=method, cls=CLASSES[k], display=display, probs=probs)
-    with _LOCK, torch.enable_grad():
-        for p in predictors:
-            x = p.prepare([image])
-            ex.members[p.name] = _to_display(model_maps(p, x, k, method), display.shape[:2])
+    for p in predictors:
+        ex.members[p.name] = _to_display(model_maps(p, p.prepare([image]), k, method), display.shape[:2])
     ex.ensemble = np.mean(list(ex.members.values()), axis=0).astype(np.float32)
     return ex
 

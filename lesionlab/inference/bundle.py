@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 
 from lesionlab import __version__
@@ -25,10 +26,54 @@ from lesionlab.io import atomic_write_json, sha256_file
 from lesionlab.labels import CLASS_INDEX, CLASSES, DISPLAY_NAMES
 from lesionlab.models import META_FILE, WEIGHTS_FILE, file_stem, read_meta
 
+log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 
 
 FORMAT_VERSION = 1
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def precision_name(dtype: Any) -> str:
+    """fp32 / bf16 / fp16 for a Predictor's autocast dtype (None = fp32)."""
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+def study_inference_settings(study: Path, *, precision: str | None = None) -> dict[str, Any]:
+    """TTA and precision the study's validation predictions (hence its threshold) were made with.
+
+    Read from the study's config.yaml (`eval.tta`, `train.precision`, `train.device`). A study run at precision
+    `auto` resolved it on its own machine, which the study does not record: `precision` (from the command
+    line) says what it was; otherwise `auto` is resolved here, on the machine that makes the bundle, as the
+    study would have resolved it on the same hardware, and the manifest says so.
+    """
+    from lesionlab import runtime
+    from lesionlab.config import load_config
+
+    cfg_file = study / "config.yaml"
+    if not cfg_file.exists():  # not written by `lesionlab study` (which always saves it): settings unknown
+        log.warning("%s not found: the threshold's TTA is taken as off (the study default) and its precision "
+                    "as unknown", cfg_file)
+        return {"tta": False, "precision": precision, "source": f"{study} has no config.yaml; TTA assumed off"
+                + ("" if precision else ", precision unknown")}
+    cfg = load_config(cfg_file)
+    out = {"tta": bool(cfg.eval.tta), "precision": cfg.train.precision, "source": f"config.yaml of {study}"}
+    if cfg.train.precision != "auto":
+        if precision is not None and precision != cfg.train.precision:
+            raise UserError(f"--precision {precision} differs from the study's train.precision "
+                            f"{cfg.train.precision} ({cfg_file}); leave --precision out")
+        return out
+    if precision is not None:
+        out.update(precision=precision, source=f"config.yaml of {study} (precision auto; stated with --precision)")
+        return out
+    try:
+        dev = runtime.pick_device(cfg.train.device)
+    except UserError:
+        raise UserError(f"{cfg_file}: the study ran at precision auto on device {cfg.train.device!r}, which this "
+                        "machine lacks; pass --precision fp32|bf16|fp16 to say what it resolved to") from None
+    out.update(precision=precision_name(runtime.pick_precision("auto", dev)),
+               source=f"config.yaml of {study} (precision auto, resolved on the machine that made this bundle)")
+    return out
 
 
 def _find_study(checkpoint: Path) -> Path | None:
@@ -71,12 +116,22 @@ def make_bundle(
     threshold: float | None = None,
     target_sensitivity: float = 0.90,
     study: str | Path | None = None,
+    tta: bool | None = None,
+    precision: str | None = None,
 ) -> dict[str, Any]:
-    """Copy the members and write the manifest; returns the manifest."""
+    """Copy the members and write the manifest; returns the manifest.
+
+    The manifest's `inference` records the TTA and precision the threshold was chosen under; predict and the
+    service run exactly those. With a study they come from its config (`tta`/`precision` may only confirm
+    them, or name what precision `auto` resolved to); with a given `threshold` they are what the caller states
+    (default: TTA off, precision unknown).
+    """
     cks = find_checkpoints(runs)
     out = Path(out_dir)
     if (out / MANIFEST).exists():
         raise UserError(f"{out} already holds a bundle; choose another --out")
+    if precision is not None and precision not in PRECISIONS:
+        raise UserError(f"--precision {precision!r} must be one of {', '.join(PRECISIONS)}")
     names = [file_stem(n) for n in unique_names(read_meta(ck).get("arch", ck.name) for ck in cks)]
     study_dir = Path(study) if study else _find_study(cks[0])
     if threshold is None:
@@ -84,10 +139,16 @@ def make_bundle(
             raise UserError("no study folder found beside the runs to choose the melanoma threshold on validation; "
                             "pass --study STUDY_DIR or --threshold X")
         thr = validation_threshold(study_dir, names, target_sensitivity)
+        settings = study_inference_settings(study_dir, precision=precision)
+        if tta is not None and tta != settings["tta"]:
+            raise UserError(f"--{'' if tta else 'no-'}tta differs from the study's eval.tta {settings['tta']} "
+                            f"(its validation predictions, which chose the threshold); leave it out")
     else:
         if not 0 <= threshold <= 1:
             raise UserError(f"--threshold {threshold} must be between 0 and 1")
         thr = {"value": threshold, "target_sensitivity": None, "source": "given on the command line"}
+        settings = {"tta": bool(tta), "precision": precision,
+                    "source": "stated with the threshold" if precision else "stated with the threshold; precision unknown"}
     members = []
     for name, ck in zip(names, cks, strict=True):
         dest = out / "members" / name
@@ -112,7 +173,7 @@ def make_bundle(
     manifest = {
         "format_version": FORMAT_VERSION, "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "lesionlab_version": __version__, "classes": list(CLASSES), "ensemble": "mean of member probabilities",
-        "melanoma_threshold": thr, "members": members, "ensemble_test_metrics": ens_metrics,
+        "melanoma_threshold": thr, "inference": settings, "members": members, "ensemble_test_metrics": ens_metrics,
         "intended_use": "Decision support for trained clinicians; not a diagnosis.",
     }
     atomic_write_json(out / MANIFEST, manifest)
@@ -141,25 +202,73 @@ def verify_bundle(path: str | Path) -> dict[str, Any]:
     return manifest
 
 
-@dataclass
-class BundleInfo:
-    version: str
-    threshold: float
-    members: list[str]
+def bundle_settings(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The inference settings the bundle's threshold was chosen under; bundles made before they were recorded
+    get TTA off (the study's default) and precision None (unknown)."""
+    inf = manifest.get("inference")
+    if inf is None:
+        return {"tta": False, "precision": None, "recorded": False}
+    return {"tta": bool(inf["tta"]), "precision": inf.get("precision"), "recorded": True}
 
 
 class EnsemblePredictor:
-    """A verified bundle loaded once and kept warm: ensemble probabilities, melanoma flag, member agreement."""
+    """A verified bundle loaded once and kept warm: ensemble probabilities, melanoma flag, member agreement.
+
+    Runs at the TTA and precision the bundle's melanoma threshold was chosen under (its validated sensitivity
+    holds only there); asking for other settings is a UserError that names the bundle's.
+    """
 
     def __init__(self, path: str | Path, *, device: str = "auto", precision: str = "auto"):
+        from lesionlab import runtime
+
         self.root = Path(path)
         self.manifest = verify_bundle(self.root)
         self.threshold = float(self.manifest["melanoma_threshold"]["value"])
+        self.threshold_settings = bundle_settings(self.manifest)
+        known = self.threshold_settings["precision"]
+        if precision not in ("auto", "fp32", "bf16"):
+            raise UserError(f"--precision {precision!r} must be auto, fp32 or bf16")
+        if known is not None and precision not in ("auto", known):
+            raise UserError(f"--precision {precision}: {self.describe_settings()}; leave --precision at auto to use it")
+        run_as = precision if known is None else known
+        if run_as == "fp16":  # a threshold chosen on a GPU without bf16: only such a GPU reproduces it
+            dev = runtime.pick_device(device)
+            if dev.type != "cuda" or runtime.pick_precision("auto", dev) is not torch.float16:
+                raise UserError(f"{self.describe_settings()}; this machine ({dev}) does not run fp16 autocast")
+            run_as = "auto"
         self.members: list[Predictor] = load_predictors([self.root / m["dir"] for m in self.manifest["members"]],
-                                                        device=device, precision=precision)
+                                                        device=device, precision=run_as)
         for pr, m in zip(self.members, self.manifest["members"], strict=True):
             pr.name = m["name"]
         self.version = sha256_file(self.root / MANIFEST)[:12]
+        self.precision = precision_name(self.members[0].amp)
+        self.tta = self.threshold_settings["tta"]
+
+    def describe_settings(self) -> str:
+        """One phrase naming the settings the threshold was chosen under."""
+        t = self.threshold_settings
+        prec = t["precision"] or "an unrecorded precision"
+        return (f"bundle {self.root}'s melanoma threshold was chosen with TTA {'on' if t['tta'] else 'off'} "
+                f"at {prec}{'' if t['recorded'] else ' (an older bundle: TTA assumed off)'}")
+
+    def inference_info(self) -> dict[str, Any]:
+        """What predictions run with, and what the threshold was chosen under (for /api/health and answers)."""
+        t = self.threshold_settings
+        info = {"tta": self.tta, "precision": self.precision,
+                "threshold_chosen_with": {"tta": t["tta"], "precision": t["precision"]}, "note": None}
+        if not t["recorded"]:
+            info["note"] = (f"bundle made before inference settings were recorded: TTA assumed off (refused), the "
+                            f"threshold's precision is unknown, running at {self.precision}; re-create the bundle")
+        elif t["precision"] is None:
+            info["note"] = f"the threshold's precision was not stated when the bundle was made; running at {self.precision}"
+        return info
+
+    def resolve_tta(self, tta: bool | None) -> bool:
+        """The bundle's TTA setting; a request for the other one is refused."""
+        if tta is not None and bool(tta) != self.tta:
+            raise UserError(f"TTA {'on' if tta else 'off'} was asked for, but {self.describe_settings()}; "
+                            "leave TTA unset to use the bundle's setting")
+        return self.tta
 
     def warm_up(self) -> None:
         """One dummy prediction per member, so one-off work (TorchScript tracing) happens before the first patient."""
@@ -170,8 +279,9 @@ class EnsemblePredictor:
     def device(self) -> str:
         return str(self.members[0].device)
 
-    def predict(self, images: list[Image.Image], *, tta: bool = False) -> list[dict[str, Any]]:
-        """One result per image (see `result_dict`)."""
+    def predict(self, images: list[Image.Image], *, tta: bool | None = None) -> list[dict[str, Any]]:
+        """One result per image (see `result_dict`); `tta` None = the bundle's setting (any other is refused)."""
+        tta = self.resolve_tta(tta)
         if not images:
             return []
         member_probs = {pr.name: pr.predict_images(images, tta=tta) for pr in self.members}

@@ -101,9 +101,18 @@ def create_app(
     max_pixels: int = 50_000_000,
     audit_log: str | Path | None = None,
     device: str = "auto",
+    precision: str = "auto",
 ) -> FastAPI:
-    """Build the app; the bundle is verified and its models loaded once, here, and kept warm."""
-    ens = bundle if isinstance(bundle, EnsemblePredictor) else EnsemblePredictor(bundle, device=device)
+    """Build the app; the bundle is verified and its models loaded once, here, and kept warm.
+
+    Predictions run at the TTA and precision the bundle's threshold was chosen under (`precision` may only
+    confirm it); explanations run on private copies of the fp32 models (see `explain.gradcam.explain_model`),
+    so concurrent requests never share hooked modules and predictions stay concurrent.
+    """
+    if isinstance(bundle, EnsemblePredictor):
+        ens = bundle
+    else:
+        ens = EnsemblePredictor(bundle, device=device, precision=precision)
     ens.warm_up()
     max_bytes = int(max_upload_mb * 2**20)
     # Starlette spools multipart files above 1 MB to a temporary file on disk; uploads must stay in memory
@@ -131,14 +140,17 @@ def create_app(
     def health() -> dict[str, Any]:
         return {"status": "ok", "lesionlab_version": __version__, "bundle_version": ens.version,
                 "members": [m.name for m in ens.members], "device": ens.device,
-                "melanoma_threshold": ens.threshold, "max_upload_mb": max_upload_mb, "disclaimer": DISCLAIMER}
+                "melanoma_threshold": ens.threshold, "inference": ens.inference_info(),
+                "max_upload_mb": max_upload_mb, "disclaimer": DISCLAIMER}
 
     @app.post("/api/predict")
     def predict(
         image: UploadFile = File(..., description="dermoscopy image (JPEG or PNG)"),
         explain: bool = Query(False, description="add a Grad-CAM heatmap overlay (PNG data URL)"),
-        tta: bool = Query(False, description="average flips and 90-degree rotations"),
+        tta: bool | None = Query(None, description="average flips and 90-degree rotations; only the bundle's own "
+                                 "setting is accepted (see /api/health), since its melanoma threshold holds only there"),
     ) -> dict[str, Any]:
+        tta = ens.resolve_tta(tta)  # another setting than the bundle's: a UserError, answered 400
         data = image.file.read(max_bytes + 1)
         if not data:
             raise HTTPException(400, "empty upload: choose a JPEG or PNG dermoscopy image")
@@ -160,9 +172,10 @@ def create_app(
             result["heatmap_crop"] = _png_data_url(ex.display)
             result["heatmap_class"] = ex.cls
         result.update({"bundle_version": ens.version, "lesionlab_version": __version__, "disclaimer": DISCLAIMER,
-                       "image_size": list(im.size)})
+                       "image_size": list(im.size), "inference": ens.inference_info()})
         if audit:
             audit.write({"image_sha256": digest, "status": "ok", "bundle_version": ens.version, "tta": tta,
+                         "precision": ens.precision,
                          "explain": explain, "probabilities": result["probabilities"], "top": result["top"],
                          "melanoma_flag": result["melanoma_flag"]})
         return result
