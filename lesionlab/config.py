@@ -74,6 +74,10 @@ class TrainConfig:
     compile: bool = False
     deterministic: bool = False
     max_steps_per_epoch: int = 0  # 0 = whole epoch (a smaller number is for quick checks)
+    # metadata fusion (models/fusion.py): table columns joined with the image features, e.g. [age, sex,
+    # localization]; empty = image only. The encoding is fitted on the training split and kept in the sidecar.
+    metadata: list[str] = field(default_factory=list)
+    metadata_hidden: int = 32  # width of the metadata MLP
 
 
 @dataclass
@@ -87,6 +91,10 @@ class EvalConfig:
     fixed_sensitivities: list[float] = field(default_factory=lambda: [0.80, 0.90, 0.95])
     tta: bool = False
     error_class: str = "MEL"
+    # subgroup performance (evaluation/subgroups.py): sex, age bands, localization, dx_type and
+    # fitzpatrick_skin_type when the metadata has them, plus these columns; subgroups under the size are marked
+    subgroup_columns: list[str] = field(default_factory=list)
+    subgroup_min_images: int = 30
 
 
 @dataclass

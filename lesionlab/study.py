@@ -383,7 +383,10 @@ TRAIN_FREE_DATA = ("num_workers", "cache", "cache_dir")
 
 def train_config(cfg: StudyConfig, arch: str) -> dict[str, Any]:
     """The config values one architecture's training reads (not the other architectures, workers or the cache)."""
-    return {"arch": arch, "train": section(cfg.train, drop=("archs",)), "data": section(cfg.data, drop=TRAIN_FREE_DATA)}
+    from lesionlab.models.fusion import fusion_free
+
+    free = tuple(k.split(".", 1)[1] for k in fusion_free(cfg.train.metadata))
+    return {"arch": arch, "train": section(cfg.train, drop=("archs", *free)), "data": section(cfg.data, drop=TRAIN_FREE_DATA)}
 
 
 def run_folder_mismatch(run_dir: Path, cfg: StudyConfig, arch: str, split_hash: str) -> str | None:
@@ -393,10 +396,13 @@ def run_folder_mismatch(run_dir: Path, cfg: StudyConfig, arch: str, split_hash: 
     meta_file = Path(run_dir) / models.META_FILE
     if not meta_file.exists():
         return None
+    from lesionlab.models.fusion import fusion_free
+
     meta = json.loads(meta_file.read_text())
     want = flatten_config(train_config(cfg, arch))
-    had = flatten_config({"arch": meta.get("arch"), "train": {k: v for k, v in meta.get("config", {}).get("train", {}).items()
-                                                              if k != "archs"},
+    had_train = meta.get("config", {}).get("train", {})
+    free = {"archs", *(k.split(".", 1)[1] for k in fusion_free(had_train.get("metadata")))}
+    had = flatten_config({"arch": meta.get("arch"), "train": {k: v for k, v in had_train.items() if k not in free},
                           "data": {k: v for k, v in meta.get("config", {}).get("data", {}).items()
                                    if k not in TRAIN_FREE_DATA}})
     keys = _changed_keys(had, want)
@@ -617,6 +623,18 @@ def run_study(
                                                             cls=cfg.eval.error_class), out / "errors"),
               config={"eval.error_class": cfg.eval.error_class}, upstream=[*prob_steps, "metrics"],
               outputs=[out / "errors"])
+    from lesionlab.evaluation.subgroups import subgroup_columns, write_subgroups
+
+    sub_cols = list(dict.fromkeys([*subgroup_columns(table.df), *cfg.eval.subgroup_columns]))
+    if sub_cols:  # subgroup performance over the metadata columns present (sex, age bands, site, ...)
+        sub_names = [best, *([ENSEMBLE] if ENSEMBLE in all_names else [])]
+        steps.run("subgroups", lambda: write_subgroups(
+            out / "subgroups", yt, {n: pt[n] for n in sub_names}, test_ids, table.df, groups=groups,
+            columns=sub_cols, n_boot=cfg.eval.bootstrap, ci=cfg.eval.ci, min_images=cfg.eval.subgroup_min_images,
+            file_names={n: file_stem(n) for n in sub_names}),
+            config={"eval": section(cfg.eval, keep=("bootstrap", "ci", "subgroup_columns", "subgroup_min_images"))},
+            inputs={"metadata": Path(table.source)}, upstream=["split", *prob_steps, "metrics"],
+            outputs=[out / "subgroups"])
     if cfg.explain.gallery:
         steps.run("gallery", lambda: make_gallery([runs / file_stem(a) for a in archs], te, yt, pt, best, out / "gallery",
                                                   cfg, test_ids),

@@ -155,3 +155,22 @@ def test_cli_names_a_missing_column(tmp_path, capsys):
                str(tmp_path / "meta.csv"), "--out", str(tmp_path / "o"), "--columns", "skin_type"])
     assert rc != 0 and "no column 'skin_type'" in capsys.readouterr().err
     assert len(CLASSES) == 7
+
+
+def test_study_report_section_from_written_subgroups(tmp_path):
+    from lesionlab.evaluation.subgroups import write_subgroups
+    from lesionlab.report.document import Report
+    from lesionlab.report.study_report import subgroups_section
+
+    y, probs, ids, meta = _case(n_per_sex=40)
+    write_subgroups(tmp_path / "subgroups", y, {"timm:resnet18": probs, "ensemble": probs[::-1]}, ids, meta,
+                    groups=meta["lesion_id"].to_numpy(), n_boot=30, file_names={"timm:resnet18": "timm_resnet18"})
+    assert (tmp_path / "subgroups" / "subgroups_timm_resnet18.png").exists()
+    rep = Report("t")
+    subgroups_section(rep, tmp_path)
+    md = "\n".join(rep.md)
+    assert "## Subgroup performance" in md and "subgroups/subgroups_ensemble.png" in md
+    assert "female" in md and "small: 3 images" in md
+    empty = Report("t")
+    subgroups_section(empty, tmp_path / "none")  # no subgroups folder: no section
+    assert not any("Subgroup" in x for x in empty.md)

@@ -27,6 +27,12 @@ HAM_COUNTS = {"MEL": 1113, "NV": 6705, "BCC": 514, "AKIEC": 327, "BKL": 1099, "D
 LOCALIZATIONS = ["back", "lower extremity", "trunk", "upper extremity", "abdomen", "face", "chest", "foot", "scalp", "neck"]
 
 
+# With `metadata_signal` > 0, a lesion's body site is its class's site with that probability (a signal that only a
+# metadata-fusion model can use; tests/test_fusion.py).
+CLASS_SITE = {"MEL": "back", "NV": "lower extremity", "BCC": "face", "AKIEC": "scalp", "BKL": "trunk",
+              "DF": "foot", "VASC": "neck"}
+
+
 # Per class: base RGB colour, secondary colour, radius range (share of the short side), lobes, texture.
 STYLE = {
     "MEL": dict(c1=(45, 25, 20), c2=(70, 80, 120), r=(0.28, 0.38), lobes=7, irregular=0.45, texture="blotch"),
@@ -164,11 +170,17 @@ def make_synthetic(
     size: tuple[int, int] = (600, 450),
     min_per_class: int = 6,
     progress: bool = True,
+    metadata_signal: float = 0.0,
 ) -> pd.DataFrame:
-    """Write `HAM10000_metadata.csv` and `images/<image_id>.jpg` under `out_dir`; return the metadata."""
+    """Write `HAM10000_metadata.csv` and `images/<image_id>.jpg` under `out_dir`; return the metadata.
+
+    Args:
+        metadata_signal: probability that a lesion's body site is its class's `CLASS_SITE` (0: sites at random).
+    """
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
+    site_rng = np.random.default_rng([seed, 1])  # its own stream: datasets without the signal stay as they were
     rows = []
     lesion_no, image_no = 0, 0
     jobs = []
@@ -190,6 +202,8 @@ def make_synthetic(
             sex = str(rng.choice(["male", "female"]))
             age = float(np.clip(round(rng.normal(62 if cls in ("MEL", "BCC", "AKIEC", "BKL") else 45, 14) / 5) * 5, 5, 85))
             loc = str(rng.choice(LOCALIZATIONS))
+            if metadata_signal > 0 and site_rng.random() < metadata_signal:
+                loc = CLASS_SITE[cls]
             dx_type = "histo" if cls in ("MEL", "BCC", "AKIEC") else str(rng.choice(["histo", "follow_up", "consensus"]))
             for v in range(k):
                 image_no += 1

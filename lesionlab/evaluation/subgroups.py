@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import rankdata
 
+from lesionlab.data.metadata import MISSING, clean_values, read_metadata
 from lesionlab.evaluation.bootstrap import bootstrap_ci
 from lesionlab.exceptions import UserError
 from lesionlab.labels import CLASS_INDEX, CLASSES
@@ -38,9 +39,6 @@ AGE_BANDS: tuple[tuple[float, str], ...] = ((0, "<30"), (30, "30-44"), (45, "45-
 # Columns used when present (age becomes `age_band`); any other column can be named explicitly.
 DEFAULT_COLUMNS: tuple[str, ...] = ("sex", "age_band", "localization", "dx_type", "fitzpatrick_skin_type")
 
-MISSING = "unknown"
-_MISSING_VALUES = {"", "nan", "none", "unknown", "na", "n/a", "null"}
-
 OVERALL = "all"
 
 
@@ -57,17 +55,6 @@ def age_band(age: Any) -> str:
         if a >= lo:
             label = name
     return label
-
-
-def clean_values(values: Sequence[Any]) -> np.ndarray:
-    """Category labels as stripped strings; missing values become `MISSING`; numbers like 3.0 become '3'."""
-    out = []
-    for v in values:
-        if isinstance(v, float) and np.isfinite(v) and v.is_integer():
-            v = int(v)
-        s = "" if v is None or (isinstance(v, float) and not np.isfinite(v)) else str(v).strip()
-        out.append(MISSING if s.lower() in _MISSING_VALUES else s)
-    return np.array(out, dtype=object)
 
 
 def _auc(pos: np.ndarray, score: np.ndarray) -> float:
@@ -218,27 +205,6 @@ def subgroup_table(
     return pd.DataFrame(rows)
 
 
-def read_metadata(path: str | Path) -> pd.DataFrame:
-    """A metadata table with an `image_id` (or `image`) column, read as strings (HAM10000_metadata.csv or any)."""
-    p = Path(path)
-    if not p.exists():
-        raise UserError(f"metadata file {p} does not exist")
-    try:
-        df = pd.read_csv(p, dtype=str, keep_default_na=False)
-    except Exception as e:
-        raise UserError(f"{p}: cannot be read as CSV ({str(e).splitlines()[0]})") from None
-    df.columns = [c.strip() for c in df.columns]
-    if "image_id" not in df.columns and "image" in df.columns:
-        df = df.rename(columns={"image": "image_id"})
-    if "image_id" not in df.columns:
-        raise UserError(f"{p}: needs an image_id (or image) column")
-    df["image_id"] = df["image_id"].str.strip()
-    dup = df["image_id"][df["image_id"].duplicated()]
-    if len(dup):
-        raise UserError(f"{p}: image {dup.iloc[0]} appears twice (row {dup.index[0] + 2})")
-    return df
-
-
 def subgroup_files(
     truth: str | Path,
     preds: Sequence[str | Path],
@@ -265,7 +231,6 @@ def subgroup_files(
     from lesionlab.data.isic_csv import align, read_isic_csv
     from lesionlab.evaluation.evaluate import lesion_groups
     from lesionlab.io import atomic_write_csv
-    from lesionlab.report.figures import plot_subgroup_forest
 
     meta = read_metadata(metadata)
     out = Path(out_dir)
@@ -283,15 +248,53 @@ def subgroup_files(
         if groups is None and "lesion_id" in meta.columns:
             lookup = dict(zip(meta["image_id"], meta["lesion_id"], strict=True))
             groups = np.array([lookup.get(i) or i for i in ids], dtype=object)
-        t = subgroup_table(y, p, ids, meta, columns=columns, groups=groups, n_boot=n_boot, ci=ci,
-                           min_images=min_images, mel_threshold=mel_threshold)
-        t.insert(0, "model", name)
-        frames.append(t)
+        frames.append(write_subgroups(out, y, {name: p}, ids, meta, groups=groups, columns=columns, n_boot=n_boot,
+                                      ci=ci, min_images=min_images, mel_threshold=mel_threshold,
+                                      plot_metrics=plot_metrics, csv=False))
         if unknown:
             notes.append(f"{name}: {len(unknown)} of {len(ids)} images have no row in {metadata} "
                          f"(first: {unknown[0]}); they count as '{MISSING}' in every column")
-        plot_subgroup_forest(t, out / f"subgroups_{name}.png", metrics=plot_metrics,
-                             title=f"{name}: subgroups ({int(ci * 100)}% lesion-bootstrap CIs)")
     table = pd.concat(frames, ignore_index=True)
     atomic_write_csv(out / "subgroups.csv", table, float_format="%.4f")
     return table, list(dict.fromkeys(notes))
+
+
+def write_subgroups(
+    out_dir: str | Path,
+    y_true: np.ndarray,
+    probs: dict[str, np.ndarray],
+    image_ids: Sequence[str],
+    meta: pd.DataFrame,
+    *,
+    groups: np.ndarray | None = None,
+    columns: Sequence[str] | None = None,
+    n_boot: int = 1000,
+    ci: float = 0.95,
+    min_images: int = 30,
+    mel_threshold: float | None = None,
+    plot_metrics: Sequence[str] = ("balanced_accuracy", "MEL_sensitivity", "MEL_auc"),
+    csv: bool = True,
+    file_names: dict[str, str] | None = None,
+) -> pd.DataFrame:
+    """`subgroup_table` for each model of `probs` ({name: (N, 7)}): `subgroups.csv` and `subgroups_<name>.png`.
+
+    Args:
+        file_names: name -> file-safe name for the plots (default: the name itself).
+    """
+    from lesionlab.io import atomic_write_csv
+    from lesionlab.report.figures import plot_subgroup_forest
+
+    out = Path(out_dir)
+    frames = []
+    for name, p in probs.items():
+        t = subgroup_table(y_true, p, image_ids, meta, columns=columns, groups=groups, n_boot=n_boot, ci=ci,
+                           min_images=min_images, mel_threshold=mel_threshold)
+        t.insert(0, "model", name)
+        frames.append(t)
+        stem = (file_names or {}).get(name, name)
+        plot_subgroup_forest(t, out / f"subgroups_{stem}.png", metrics=plot_metrics,
+                             title=f"{name}: subgroups ({int(ci * 100)}% lesion-bootstrap CIs)")
+    table = pd.concat(frames, ignore_index=True)
+    if csv:
+        atomic_write_csv(out / "subgroups.csv", table, float_format="%.4f")
+    return table

@@ -24,6 +24,7 @@ from lesionlab.exceptions import UserError
 from lesionlab.inference import engines
 from lesionlab.inference.tta import tta_views
 from lesionlab.labels import CLASSES
+from lesionlab.models.fusion import MetadataDataset, split_inputs
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,12 @@ class Predictor:
         )
         self.transform = build_eval_transform(spec=self.spec)
         self.name = self.meta.get("arch", Path(checkpoint).name)
+        # metadata fusion (models/fusion.py): the head also takes the encoded age / sex / site
+        self.encoding = None
+        if self.meta.get("metadata"):
+            from lesionlab.data.metadata import MetadataEncoding
+
+            self.encoding = MetadataEncoding.from_dict(self.meta["metadata"])
         if list(self.meta["classes"]) != list(CLASSES):
             raise UserError(f"{checkpoint}: class order {self.meta['classes']} differs from {list(CLASSES)}")
         # CPU bf16: a frozen TorchScript copy with bf16 weights (see `_cpu_bf16_model`); `self.model` stays fp32
@@ -167,18 +174,23 @@ class Predictor:
             return self._fast
 
     @torch.inference_mode()
-    def predict_batch(self, x: torch.Tensor, *, tta: bool = False) -> np.ndarray:
-        """Softmax probabilities (N, 7) of a normalised batch; TTA averages flips and 90-degree rotations."""
-        return self.outputs_batch(x, tta=tta, features=False)["probs"]
+    def predict_batch(self, x: torch.Tensor, *, tta: bool = False, meta: torch.Tensor | None = None) -> np.ndarray:
+        """Softmax probabilities (N, 7) of a normalised batch; TTA averages flips and 90-degree rotations.
+
+        `meta`: encoded metadata (N, dim) for a fused model (None: all missing); image-only models ignore it.
+        """
+        return self.outputs_batch(x, tta=tta, features=False, meta=meta)["probs"]
 
     @torch.inference_mode()
-    def outputs_batch(self, x: torch.Tensor, *, tta: bool = False, features: bool = True) -> dict[str, np.ndarray]:
+    def outputs_batch(self, x: torch.Tensor, *, tta: bool = False, features: bool = True,
+                      meta: torch.Tensor | None = None) -> dict[str, np.ndarray]:
         """`probs` (N, 7; averaged over the TTA views), and of the untransformed view `logits` (N, 7) and, with
         `features`, the pooled penultimate `features` (N, D) that out-of-distribution scores look at."""
         x = runtime.to_device(x, self.device, channels_last=self.channels_last)
         views = tta_views(x) if tta else [x]
         acc = None
         out: dict[str, np.ndarray] = {}
+        head_kw = {"meta": meta.to(self.device)} if self.encoding is not None and meta is not None else {}
         for i, v in enumerate(views):
             v = v.contiguous(memory_format=torch.channels_last) if self.channels_last else v
             if self._body_engine is not None:
@@ -190,11 +202,11 @@ class Predictor:
                     feats = self.model.forward_features(v)
             # The head runs in fp32 on both paths (as before: the bf16 path kept the classifier head fp32).
             feats = feats.float()
-            logits = self.model.forward_head(feats).float()
+            logits = self.model.forward_head(feats, **head_kw).float()
             if i == 0:
                 out["logits"] = logits.cpu().numpy()
                 if features:
-                    out["features"] = self.model.forward_head(feats, pre_logits=True).float().cpu().numpy()
+                    out["features"] = self.model.forward_head(feats, pre_logits=True, **head_kw).float().cpu().numpy()
             p = torch.softmax(logits, dim=1)
             acc = p if acc is None else acc + p
         out["probs"] = (acc / len(views)).cpu().numpy()
@@ -204,15 +216,30 @@ class Predictor:
                       progress: bool = True) -> np.ndarray:
         """Probabilities for every row (needs a `path` column)."""
         ds = LesionDataset(df, self.transform)
+        if self.encoding is not None:  # a fused model reads the frame's metadata columns (absent ones: missing)
+            ds = MetadataDataset(ds, self.encoding.encode(df)[0])
         loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=runtime.worker_count(num_workers))
-        out = [self.predict_batch(x, tta=tta) for x, _ in tqdm(loader, desc=f"predict {self.name}", disable=not progress, leave=False)]
+        out = []
+        for x, _ in tqdm(loader, desc=f"predict {self.name}", disable=not progress, leave=False):
+            x, meta = split_inputs(x)
+            out.append(self.predict_batch(x, tta=tta, meta=meta))
         return np.concatenate(out) if out else np.zeros((0, len(CLASSES)))
 
     def prepare(self, images: list[Image.Image]) -> torch.Tensor:
         return torch.stack([self.transform(pil_to_uint8_tensor(im)) for im in images])
 
-    def predict_images(self, images: list[Image.Image], *, tta: bool = False) -> np.ndarray:
-        return self.predict_batch(self.prepare(images), tta=tta) if images else np.zeros((0, len(CLASSES)))
+    def encode_metadata(self, metadata: list[dict] | None, n: int) -> tuple[torch.Tensor | None, list[list[str]]]:
+        """Encoded metadata for `n` images and the fields missing per image; (None, []) for an image-only model."""
+        if self.encoding is None:
+            return None, [[] for _ in range(n)]
+        x, missing = self.encoding.encode(metadata, n=n)
+        return torch.from_numpy(x), missing
+
+    def predict_images(self, images: list[Image.Image], *, tta: bool = False, metadata: list[dict] | None = None) -> np.ndarray:
+        """Probabilities for PIL images; `metadata`: one mapping per image (age, sex, site ...) for a fused model."""
+        if not images:
+            return np.zeros((0, len(CLASSES)))
+        return self.predict_batch(self.prepare(images), tta=tta, meta=self.encode_metadata(metadata, len(images))[0])
 
 
 def infer_table(

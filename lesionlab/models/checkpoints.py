@@ -119,7 +119,12 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu") -> 
     for key in ("timm_id", "classes"):
         if key not in meta:
             raise UserError(f"{path}: sidecar lacks {key!r}; not a LesionLab checkpoint")
-    model = timm.create_model(meta["timm_id"], pretrained=False, num_classes=len(meta["classes"]))
+    if meta.get("metadata"):  # a metadata-fusion model (models/fusion.py)
+        from lesionlab.models.fusion import build_from_meta
+
+        model = build_from_meta(meta)
+    else:
+        model = timm.create_model(meta["timm_id"], pretrained=False, num_classes=len(meta["classes"]))
     try:
         model.load_state_dict(load_file(str(weights)))
     except Exception as e:

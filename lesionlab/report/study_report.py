@@ -99,6 +99,39 @@ def trust_section(rep, out: Path, all_names: list[str], mets: dict[str, dict]) -
         rep.table(pd.DataFrame(ext_rows))
 
 
+def subgroups_section(rep, out: Path) -> None:
+    """The report's "Subgroup performance" section (subgroups/, when the metadata had columns to split by)."""
+    from lesionlab.evaluation.subgroups import METRIC_TITLES
+    from lesionlab.report.document import fmt as _fmt
+
+    f = out / "subgroups" / "subgroups.csv"
+    if not f.exists():
+        return
+    t = pd.read_csv(f, keep_default_na=False, na_values=[""])
+    rep.heading("Subgroup performance")
+    rep.para("Test-split metrics per subgroup of each metadata column (age in bands), with 95% CIs from a bootstrap "
+             "over each subgroup's lesions. Flagged: the subgroup's whole CI lies below the overall value. Small: fewer "
+             "images than eval.subgroup_min_images or no melanoma (shown, not hidden; its CIs are wide or undefined). "
+             "Melanoma sensitivity and specificity at the argmax.")
+    for model in dict.fromkeys(t["model"]):
+        rows = t[t["model"] == model]
+        rep.figure(out / "subgroups" / f"subgroups_{file_stem(model)}.png", f"{model}: subgroups",
+                   md_rel=f"subgroups/subgroups_{file_stem(model)}.png")
+        cells = []
+        for _, r in rows.iterrows():
+            cell = {"model": model, "column": r["column"], "subgroup": r["subgroup"], "images": int(r["n_images"]),
+                    "lesions": int(r["n_lesions"]), "melanomas": int(r["n_MEL"])}
+            for m in ("balanced_accuracy", "MEL_sensitivity", "MEL_auc"):
+                vals = [None if pd.isna(r[k]) else r[k] for k in (m, f"{m}_lo", f"{m}_hi")]
+                cell[METRIC_TITLES[m]] = _fmt(*vals)
+            cell["flagged"] = str(r["flagged"] or "").replace(";", ", ")
+            cell["note"] = r["note"] or ""
+            cells.append(cell)
+        rep.table(pd.DataFrame(cells))
+    flagged = t[t["flagged"].fillna("") != ""]
+    rep.para(f"{len(flagged)} subgroup row(s) flagged; every metric with its CI: subgroups/subgroups.csv.")
+
+
 def robustness_section(rep, out: Path) -> None:
     """The report's "Robustness" section: metric vs severity under acquisition perturbations (robustness/) and
     lesion-level consistency (consistency/), when the study made them."""
@@ -230,6 +263,7 @@ def report_study(out: Path, cfg: StudyConfig, names: list[str], all_names: list[
 
     trust_section(rep, out, all_names, mets)
     robustness_section(rep, out)
+    subgroups_section(rep, out)
 
     rep.heading("Error analysis")
     s = json.loads((out / "errors" / "summary.json").read_text())

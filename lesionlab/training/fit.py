@@ -22,6 +22,7 @@ from lesionlab.evaluation.metrics import balanced_accuracy
 from lesionlab.exceptions import UserError
 from lesionlab.io import atomic_write, atomic_write_csv
 from lesionlab.labels import CLASS_INDEX, CLASSES, NUM_CLASSES
+from lesionlab.models.fusion import FusionModel, MetadataDataset, fusion_free, fusion_meta, split_inputs
 from lesionlab.training.distributed import _rank_world
 from lesionlab.training.early_stopping import EarlyStopping
 from lesionlab.training.losses import class_weights
@@ -59,10 +60,12 @@ def train_one_epoch(
     for step, (x, y) in enumerate(bar):
         if max_steps and step >= max_steps:
             break
+        x, meta = split_inputs(x)  # metadata-fusion batches carry [images, metadata]
         x = runtime.to_device(x, device, channels_last=channels_last)
         y = y.to(device, non_blocking=True)
         with runtime.autocast(device, amp_dtype):
-            loss = criterion(model(x).float(), y)
+            out = model(x) if meta is None else model(x, meta.to(device))
+            loss = criterion(out.float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -87,10 +90,11 @@ def evaluate(
     model.eval()
     probs, targets, total = [], [], 0.0
     for x, y in tqdm(loader, desc="validate", disable=not progress, leave=False):
+        x, meta = split_inputs(x)
         x = runtime.to_device(x, device, channels_last=channels_last)
         y = y.to(device)
         with runtime.autocast(device, amp_dtype):
-            logits = model(x).float()
+            logits = (model(x) if meta is None else model(x, meta.to(device))).float()
         total += float(criterion(logits, y)) * len(y)
         probs.append(torch.softmax(logits, 1).cpu().numpy())
         targets.append(y.cpu().numpy())
@@ -124,7 +128,8 @@ RESUME_FREE = {"data.num_workers", "data.cache", "data.cache_dir", "train.epochs
 
 def resume_record(arch: str, cfg: StudyConfig, split_hash: str) -> dict[str, Any]:
     """What `last.pt` records to refuse a resume under other settings: arch, the data/train config, split hash."""
-    flat = {f"{sec}.{k}": v for sec in ("data", "train") for k, v in getattr(cfg, sec).__dict__.items()}
+    flat = {f"{sec}.{k}": v for sec in ("data", "train") for k, v in getattr(cfg, sec).__dict__.items()
+            if f"{sec}.{k}" not in fusion_free(cfg.train.metadata)}
     return {"arch": arch, "split_sha256": split_hash,
             "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in flat.items()}}
 
@@ -185,6 +190,14 @@ def fit(
     model, spec = models.create_model(arch, pretrained=tc.pretrained, weights=tc.weights or None)
     dspec = spec_from_timm(model, input_size=dc.image_size, crop_fraction=dc.crop_fraction,
                            color_constancy=dc.color_constancy, color_constancy_p=dc.color_constancy_p)
+    cam_layer = models.cam_layer_name(model, spec)
+    encoding = None
+    if tc.metadata:  # metadata fusion: encoding fitted on the training rows, kept in the sidecar
+        from lesionlab.data.metadata import MetadataEncoding
+
+        encoding = MetadataEncoding.fit(train_df, tc.metadata)
+        model = FusionModel(model, encoding, num_classes=NUM_CLASSES, hidden=tc.metadata_hidden)
+        cam_layer = f"backbone.{cam_layer}"  # explanations use the image branch
     model = runtime.prepare_model(model, device, channels_last=tc.channels_last)
 
     train_tf = build_train_transform(spec=dspec, rotation=dc.rotation, hflip=dc.hflip, vflip=dc.vflip, color_jitter=dc.color_jitter)
@@ -194,6 +207,9 @@ def fit(
                             cache_dir=cache, max_pixels=dc.max_image_pixels, progress=progress and rank == 0)
     val_ds = make_dataset(val_df, eval_tf, input_size=dspec.input_size, crop_fraction=dspec.crop_fraction,
                           cache_dir=cache, max_pixels=dc.max_image_pixels, progress=progress and rank == 0)
+    if encoding is not None:
+        train_ds = MetadataDataset(train_ds, encoding.encode(train_df)[0])
+        val_ds = MetadataDataset(val_ds, encoding.encode(val_df)[0])
     if len(train_ds) == 0 or len(val_ds) == 0:
         raise UserError(f"{arch}: the split has {len(train_ds)} training and {len(val_ds)} validation images; need both")
     y_train = np.array([CLASS_INDEX[c] for c in train_df["label"]])
@@ -242,10 +258,11 @@ def fit(
     meta_base = {
         "arch": spec.name, "timm_id": spec.timm_id, "title": spec.title, "classes": list(CLASSES),
         "input_size": dspec.input_size, "mean": list(dspec.mean), "std": list(dspec.std),
-        "crop_fraction": dspec.crop_fraction, "cam_layer": models.cam_layer_name(models.unwrap(model), spec),
+        "crop_fraction": dspec.crop_fraction, "cam_layer": cam_layer,
         "color_constancy": dspec.color_constancy, "color_constancy_p": dspec.color_constancy_p,
         "pretrained": "file:" + Path(tc.weights).name if tc.weights else tc.pretrained,
         "split_sha256": split_hash, "config": cfg.to_dict(), "class_weights": [float(v) for v in w],
+        **(fusion_meta(models.unwrap(model)) if encoding is not None else {}),
     }
     t0 = time.perf_counter()
     epochs_run = 0
