@@ -74,7 +74,9 @@ def test_killed_run_resumes_to_the_same_best_checkpoint(frames, tiny_cfg, tmp_pa
 
 
 def _weights(run) -> dict[str, torch.Tensor]:
-    return load_file(str(run / "model.safetensors"))
+    """The final weights (last.pt: the best epoch in model.safetensors may be an early one) and the best ones."""
+    last = torch.load(run / "last.pt", map_location="cpu", weights_only=True)["model"]
+    return {**{f"last.{k}": v for k, v in last.items()}, **{f"best.{k}": v for k, v in load_file(str(run / "model.safetensors")).items()}}
 
 
 def test_resume_is_exact_with_worker_processes(frames, tiny_cfg, tmp_path):
