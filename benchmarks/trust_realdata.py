@@ -141,20 +141,11 @@ def acceptance(res: dict[str, Any], target: float) -> dict[str, Any]:
             "passed": all(checks.values())}
 
 
-def run(study: Path, out: Path, *, data: Path | None = None, overrides: list[str] | None = None,
-        n_boot: int = 1000) -> dict[str, Any]:
-    """Fit on validation, evaluate on test; writes trust.json, trust_metrics.json and reliability diagrams to out."""
-    t0 = time.perf_counter()
-    study, out = Path(study).expanduser(), Path(out).expanduser()
-    if out.resolve() == study.resolve() or study.resolve() in out.resolve().parents:
-        raise SystemExit(f"--out {out} must lie outside the study folder {study}")
-    cfg = load_config(study / "config.yaml", overrides)
-    models = trained_models(study)
-    if not models:
-        raise SystemExit(f"{study}: no trained model (runs/*/{WEIGHTS_FILE}, or a finished one with predictions/)")
-    sp = pd.read_csv(study / "splits.csv", dtype=str, keep_default_na=False)
-    lesion_of = dict(zip(sp["image_id"], sp["group_id"], strict=True))
-    ys, probs, ids, sources = model_probs(study, out, models, cfg, data)
+def evaluate(ys: dict[str, np.ndarray], probs: dict[str, dict[str, np.ndarray]], ids: dict[str, list[str]],
+             lesion_of: dict[str, str], out: Path, cfg, *, sources: dict[str, Any], source: str, n_boot: int,
+             t0: float) -> dict[str, Any]:
+    """Fit on validation, measure on test; writes trust.json, trust_metrics.json and reliability diagrams to out."""
+    out.mkdir(parents=True, exist_ok=True)
     trust = fit_trust(ys["val"], probs["val"], cfg.trust)
     write_trust(out / TRUST_FILE, trust)
     groups = np.array([lesion_of.get(i, i) for i in ids["test"]])
@@ -166,7 +157,7 @@ def run(study: Path, out: Path, *, data: Path | None = None, overrides: list[str
         plot_trust_reliability(results[name], out / f"reliability_{file_stem(name)}.png", title=f"{name}, test split")
     main_model = ENSEMBLE if ENSEMBLE in results else next(iter(results))
     summary = {
-        "study": str(study), "models": sources, "main_model": main_model, "n_val": len(ys["val"]),
+        "study": source, "models": sources, "main_model": main_model, "n_val": len(ys["val"]),
         "n_test": len(ys["test"]), "trust_config": trust["config"], "ci_level": cfg.eval.ci, "bootstrap": n_boot,
         "table": trust_table(results), "acceptance": acceptance(results[main_model], cfg.trust.coverage),
         "conformal_variants": compare, "results": results,
@@ -176,6 +167,45 @@ def run(study: Path, out: Path, *, data: Path | None = None, overrides: list[str
     }
     atomic_write_json(out / "trust_metrics.json", summary)
     return summary
+
+
+def run(study: Path, out: Path, *, data: Path | None = None, overrides: list[str] | None = None,
+        n_boot: int = 1000) -> dict[str, Any]:
+    """A study folder's models and ensemble (see the module docstring)."""
+    t0 = time.perf_counter()
+    study, out = Path(study).expanduser(), Path(out).expanduser()
+    if out.resolve() == study.resolve() or study.resolve() in out.resolve().parents:
+        raise SystemExit(f"--out {out} must lie outside the study folder {study}")
+    cfg = load_config(study / "config.yaml", overrides)
+    models = trained_models(study)
+    if not models:
+        raise SystemExit(f"{study}: no trained model (runs/*/{WEIGHTS_FILE}, or a finished one with predictions/)")
+    sp = pd.read_csv(study / "splits.csv", dtype=str, keep_default_na=False)
+    lesion_of = dict(zip(sp["image_id"], sp["group_id"], strict=True))
+    ys, probs, ids, sources = model_probs(study, out, models, cfg, data)
+    return evaluate(ys, probs, ids, lesion_of, out, cfg, sources=sources, source=str(study), n_boot=n_boot, t0=t0)
+
+
+def run_members(members: dict[str, tuple[Path, Path]], truth: tuple[Path, Path], splits: Path, out: Path, *,
+                config: Path | None = None, overrides: list[str] | None = None, n_boot: int = 1000,
+                note: str = "given prediction files") -> dict[str, Any]:
+    """Models given as (validation CSV, test CSV) prediction files, e.g. runs trained outside a study folder."""
+    t0 = time.perf_counter()
+    cfg = load_config(config, overrides)
+    sp = pd.read_csv(Path(splits).expanduser(), dtype=str, keep_default_na=False)
+    lesion_of = dict(zip(sp["image_id"], sp["group_id"], strict=True))
+    ys, probs, ids, sources = {}, {"val": {}, "test": {}}, {}, {}
+    for name, files in members.items():
+        for tag, f, t in zip(("val", "test"), files, truth, strict=True):
+            ys[tag], probs[tag][name], ids[tag] = align(read_isic_csv(Path(t).expanduser(), kind="truth"),
+                                                        read_isic_csv(Path(f).expanduser(), kind="prediction"))
+        sources[name] = {"probabilities": f"{files[0]}, {files[1]}", "checkpoint_sha256": None,
+                         "training_finished": True, "epochs_trained": None}
+    if len(members) > 1:
+        for t in probs:
+            probs[t][ENSEMBLE] = mean_probabilities(list(probs[t].values()))
+    return evaluate(ys, probs, ids, lesion_of, Path(out).expanduser(), cfg, sources=sources, source=note,
+                    n_boot=n_boot, t0=t0)
 
 
 def _fmt(v: Any, nd: int = 3) -> str:
@@ -188,13 +218,14 @@ def _ci(d: dict[str, Any], nd: int = 3) -> str:
     return f"{_fmt(d['value'], nd)} ({_fmt(d['lo'], nd)}-{_fmt(d['hi'], nd)})"
 
 
-def markdown(summary: dict[str, Any], command: str, machine_note: str) -> str:
-    """The numbers as Markdown tables (docs/trust-ham10000.md)."""
+def markdown(summary: dict[str, Any], command: str, machine_note: str, note: str = "") -> str:
+    """The numbers as Markdown tables (docs/trust-ham10000.md); `note` goes under the title."""
     acc = summary["acceptance"]
     cfgt = summary["trust_config"]
     lines = [
         "# Trust on real HAM10000 images: calibration and conformal prediction sets",
         "",
+        *([note, ""] if note else []),
         f"Study: `{summary['study']}`; validation split {summary['n_val']} images (fits), test split "
         f"{summary['n_test']} images (measures). Conformal: {cfgt['method'].upper()}"
         f"{', Mondrian (one threshold per class)' if cfgt['mondrian'] else ', marginal'}, target coverage "
@@ -259,13 +290,33 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bootstrap", type=int, default=1000)
     ap.add_argument("--doc", type=Path, default=None, help="write the Markdown summary here (e.g. docs/trust-ham10000.md)")
     ap.add_argument("--machine", default="", help="a line that names the machine, for the doc")
+    ap.add_argument("--note", type=Path, default=None, help="a Markdown file whose text goes under the doc's title")
     ap.add_argument("--check", action="store_true", help="exit 1 when an acceptance check fails")
+    ap.add_argument("--member", action="append", default=[], metavar="NAME=VAL_CSV,TEST_CSV",
+                    help="instead of --study: a model's validation and test predictions (repeatable; 2+ = ensemble)")
+    ap.add_argument("--truth", metavar="VAL_CSV,TEST_CSV", help="with --member: the ground truth of both splits")
+    ap.add_argument("--splits", type=Path, help="with --member: splits.csv (lesion groups for the bootstrap)")
+    ap.add_argument("--config", type=Path, default=None, help="with --member: config YAML (default: built-in)")
+    ap.add_argument("--source", default="given prediction files", help="with --member: what the models are, for the doc")
     args = ap.parse_args(argv)
-    summary = run(args.study, args.out, data=args.data, overrides=args.overrides, n_boot=args.bootstrap)
+    if args.member:
+        if not (args.truth and args.splits):
+            ap.error("--member needs --truth VAL_CSV,TEST_CSV and --splits splits.csv")
+        members = {}
+        for m in args.member:
+            name, _, files = m.partition("=")
+            val, _, test = files.partition(",")
+            members[name] = (Path(val), Path(test))
+        tv, _, tt = args.truth.partition(",")
+        summary = run_members(members, (Path(tv), Path(tt)), args.splits, args.out, config=args.config,
+                              overrides=args.overrides, n_boot=args.bootstrap, note=args.source)
+    else:
+        summary = run(args.study, args.out, data=args.data, overrides=args.overrides, n_boot=args.bootstrap)
     print(json.dumps({"acceptance": summary["acceptance"], "table": summary["table"]}, indent=1))
     if args.doc:
         cmd = "python benchmarks/trust_realdata.py " + " ".join(sys.argv[1:] if argv is None else argv)
-        args.doc.write_text(markdown(summary, cmd, args.machine or f"Machine: {platform.node()}."))
+        note = args.note.read_text().strip() if args.note else ""
+        args.doc.write_text(markdown(summary, cmd, args.machine or f"Machine: {platform.node()}.", note))
         fig = Path(args.out).expanduser() / f"reliability_{file_stem(summary['main_model'])}.png"
         if fig.exists():  # an aggregate figure only, never dataset images
             (args.doc.parent / "figures").mkdir(exist_ok=True)

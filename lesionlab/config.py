@@ -118,6 +118,9 @@ class TrustConfig:
     raps_lambda: float = 0.01  # RAPS penalty per rank beyond raps_k_reg
     raps_k_reg: int = 1
     seed: int = 0  # APS/RAPS randomisation of the validation scores
+    # per-class coverage targets other than `coverage` (needs mondrian), e.g. {MEL: 0.95}: a missed melanoma
+    # costs more than a longer differential
+    class_coverage: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass

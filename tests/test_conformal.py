@@ -154,3 +154,19 @@ def test_bad_input_is_a_user_error():
         cp.fit_conformal(np.full((3, 2), 0.5), np.array([0, 1, 0]), method="nope")
     with pytest.raises(UserError, match="calibrated for 2 classes"):
         cp.fit_conformal(np.full((3, 2), 0.5), np.array([0, 1, 0]), classes=["A", "B"]).sets(np.full((1, 3), 1 / 3))
+
+
+def test_class_coverage_gives_one_class_its_own_target():
+    p_cal = np.array([[0.9, 0.1], [0.8, 0.2], [0.6, 0.4], [0.3, 0.7], [0.4, 0.6], [0.45, 0.55]])
+    y_cal = np.array([0, 0, 0, 1, 1, 1])
+    c = cp.fit_conformal(p_cal, y_cal, coverage=0.5, method="lac", mondrian=True, classes=["A", "B"],
+                         class_coverage={"A": 0.75})
+    # class A at 0.75: ceil(4 * 0.75) = 3rd of 0.1, 0.2, 0.4; class B unchanged at 0.5: 0.4
+    assert c.thresholds == pytest.approx([0.4, 0.4])
+    assert cp.ConformalSets.from_dict(json.loads(json.dumps(c.to_dict()))).class_coverage == {"A": 0.75}
+    with pytest.raises(UserError, match="unknown class C"):
+        cp.fit_conformal(p_cal, y_cal, mondrian=True, classes=["A", "B"], class_coverage={"C": 0.9})
+    with pytest.raises(UserError, match="mondrian"):
+        cp.fit_conformal(p_cal, y_cal, classes=["A", "B"], class_coverage={"A": 0.9})
+    with pytest.raises(UserError, match="map classes"):
+        cp.fit_conformal(p_cal, y_cal, mondrian=True, classes=["A", "B"], class_coverage="A")

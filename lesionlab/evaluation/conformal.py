@@ -25,7 +25,7 @@ what MAPIE's estimator API offers; tests compare the sets with MAPIE's on the sa
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -132,6 +132,7 @@ class ConformalSets:
     seed: int = 0
     raps_lambda: float = 0.0
     raps_k_reg: int = 1
+    class_coverage: dict[str, float] = field(default_factory=dict)  # Mondrian: per-class targets other than coverage
 
     def sets(self, probs: np.ndarray) -> np.ndarray:
         """(N, K) boolean membership of each class in each image's prediction set."""
@@ -172,14 +173,25 @@ def fit_conformal(
     raps_lambda: float = 0.01,
     raps_k_reg: int = 1,
     classes: Sequence[str] = CLASSES,
+    class_coverage: Mapping[str, float] | None = None,
 ) -> ConformalSets:
     """Calibrate a set predictor on held-out (validation) probabilities and labels.
 
     With `mondrian`, class k's threshold comes from the images whose true class is k; a class with fewer than
     ceil(1 / (1 - coverage)) - 1 such images gets an infinite threshold (always in the set), the honest answer.
+    `class_coverage` (Mondrian only) gives some classes their own target, e.g. {"MEL": 0.95} where missing a
+    melanoma costs more than a longer differential.
     """
     if method not in METHODS:
         raise UserError(f"unknown conformal method {method!r}; valid: {', '.join(METHODS)}")
+    if class_coverage is not None and not isinstance(class_coverage, Mapping):
+        raise UserError(f"trust.class_coverage must map classes to coverages (e.g. {{MEL: 0.95}}), got {class_coverage!r}")
+    class_coverage = dict(class_coverage or {})
+    unknown = sorted(set(class_coverage) - set(classes))
+    if unknown:
+        raise UserError(f"trust.class_coverage: unknown class {unknown[0]}; valid: {', '.join(classes)}")
+    if class_coverage and not mondrian:
+        raise UserError("trust.class_coverage needs trust.mondrian=true (one threshold per class)")
     p = _check_probs(probs)
     y = np.asarray(y_true, int)
     if len(p) == 0:
@@ -188,14 +200,14 @@ def fit_conformal(
     s = calibration_scores(p, y, method, seed=seed, raps_lambda=lam, raps_k_reg=raps_k_reg)
     k = p.shape[1]
     if mondrian:
-        thresholds = [conformal_quantile(s[y == c], coverage) for c in range(k)]
+        thresholds = [conformal_quantile(s[y == c], float(class_coverage.get(classes[c], coverage))) for c in range(k)]
         counts = [int((y == c).sum()) for c in range(k)]
     else:
         thresholds = [conformal_quantile(s, coverage)] * k
         counts = [len(y)] * k
     return ConformalSets(method=method, coverage=float(coverage), mondrian=bool(mondrian), thresholds=thresholds,
                          n_calibration=counts, classes=list(classes), seed=int(seed), raps_lambda=float(lam),
-                         raps_k_reg=int(raps_k_reg))
+                         raps_k_reg=int(raps_k_reg), class_coverage={c: float(v) for c, v in class_coverage.items()})
 
 
 def set_metrics(y_true: np.ndarray, sets: np.ndarray, classes: Sequence[str] = CLASSES) -> dict[str, float]:

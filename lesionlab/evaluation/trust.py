@@ -42,7 +42,8 @@ def fit_model_trust(y_val: np.ndarray, probs_val: np.ndarray, cfg: TrustConfig) 
     """Temperature, then conformal thresholds on the scaled probabilities, for one model."""
     t = fit_temperature(log_probs(probs_val), y_val) if cfg.calibration else 1.0
     sets = fit_conformal(calibrate_probs(probs_val, t), y_val, coverage=cfg.coverage, method=cfg.method,
-                         mondrian=cfg.mondrian, seed=cfg.seed, raps_lambda=cfg.raps_lambda, raps_k_reg=cfg.raps_k_reg)
+                         mondrian=cfg.mondrian, seed=cfg.seed, raps_lambda=cfg.raps_lambda, raps_k_reg=cfg.raps_k_reg,
+                         class_coverage=cfg.class_coverage)
     return {"temperature": float(t), "conformal": sets.to_dict()}
 
 
