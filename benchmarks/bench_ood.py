@@ -116,6 +116,7 @@ def main() -> None:
     ap.add_argument("--doc", type=Path, default=ROOT / "docs" / "ood-ham10000.md")
     ap.add_argument("--figure", type=Path, default=ROOT / "docs" / "figures" / "ood-ham10000-hist.png")
     ap.add_argument("--json", type=Path, help="also write the numbers here")
+    ap.add_argument("--note", default="", help="a sentence about the models, written into the document")
     a = ap.parse_args()
 
     from lesionlab.data.split import read_split
@@ -206,6 +207,32 @@ def _figure(hist: dict[str, np.ndarray], threshold: float, path: Path) -> None:
     plt.close(fig)
 
 
+def _reading(res: pd.DataFrame) -> str:
+    """The observations the table supports, with its numbers."""
+    r = res.set_index("set")
+
+    def pct(v: float) -> str:
+        return f"{100 * v:.0f}%"
+
+    q_sets = [k for k in r.index if k.startswith("lesion") or k.startswith("synthetic solid")]
+    q_text = ", ".join(f"{k} {pct(r.loc[k, 'refused by quality'])}" for k in q_sets)
+    ph, no = r.loc["skimage photos"], r.loc["synthetic noise"]
+    return "\n".join([
+        f"- The quality checks refuse what they are built for ({q_text}); on those"
+        " images the OOD score alone is weak (its AUROC on heavy blur and thumbnails is"
+        f" {r.loc['lesion heavy blur', 'AUROC mahalanobis']:.2f} and {r.loc['lesion thumbnail', 'AUROC mahalanobis']:.2f}):"
+        " a blurred lesion still looks like a lesion to the features.",
+        f"- The OOD score refuses the sharp, well exposed non-dermoscopy photos: {pct(ph['refused (quality or OOD)'])} of"
+        f" the scikit-image photos and crops are refused in all, and its AUROC there is {ph['AUROC mahalanobis']:.2f};"
+        f" random noise: {pct(no['refused (quality or OOD)'])} refused.",
+        f"- The energy score and the max-softmax baseline are near chance on the photos (AUROC {ph['AUROC energy']:.2f}"
+        f" and {ph['AUROC msp']:.2f}): these models' logits are as confident on an astronaut as on a lesion, which is"
+        " why bundles use the feature-space Mahalanobis score.",
+        "- These models were trained from random weights at 64 px on a CPU; other models give other features, so"
+        " re-measure with the models a clinic deploys (`bench_ood.py --runs BUNDLE/members`).",
+    ])
+
+
 def _doc(a, s: dict, res: pd.DataFrame, per_photo: pd.DataFrame | None, screened: pd.DataFrame, minutes: float) -> None:
     fmt = res.copy()
     for c in fmt.columns:
@@ -220,6 +247,7 @@ def _doc(a, s: dict, res: pd.DataFrame, per_photo: pd.DataFrame | None, screened
         photos = ("\n\nThe whole scikit-image photos, one by one (score; refused?):\n\n"
                   + ", ".join(f"{r.image} {r.score:.1f} {'refused' if r.refused else '**accepted**'}"
                               + (f" ({r.quality})" if r.quality else "") for r in whole.itertuples()) + ".")
+    reading = _reading(res)
     text = f"""# Refusing unevaluable images on HAM10000
 
 > Decision support, not a diagnosis. A refusal says the models cannot be trusted on this image; an accepted
@@ -231,7 +259,8 @@ Written by `benchmarks/bench_ood.py`. Reproduce with
 {cmd}
 ```
 
-Machine: {machine()}; {minutes:.1f} minutes. Models: {", ".join(s["members"])} from `{a.runs[0]}`.
+Machine: {machine()}; {minutes:.1f} minutes (other jobs shared the machine). Models: {", ".join(s["members"])}
+from `{a.runs[0]}`. {a.note}
 
 ## What refuses an image
 
@@ -264,12 +293,7 @@ Mahalanobis score against the bundle threshold.
 
 ## Reading it
 
-- Blank, solid and noise images and thumbnails are refused by the quality checks before any model runs.
-- The OOD score is what stands between a clinician and a confident diagnosis of a non-dermoscopy photo that is
-  sharp and well exposed; the per-set rows above show how often it catches them with these models.
-- Degraded lesions that still pass the quality checks are the hard case: they look like dermoscopy to the models.
-- These models were trained from random weights at 64 px on a CPU; better models give better features, and the
-  numbers here should be re-measured with the models a clinic deploys (`bench_ood.py --runs BUNDLE/members`).
+{reading}
 """
     a.doc.write_text(text)
 
