@@ -19,8 +19,8 @@ declared `outputs` (paths inside the study folder) are deleted first, unless the
 new or unfinished (training resumes its `last.pt`). A step that re-runs gives its downstream steps a new run id, so
 they re-run too. `steps.json` records per step: fingerprint, status (ran / reused), reason ("new",
 "config changed: train.lr", "input changed: splits.csv", "upstream changed: train resnet101", "outputs missing:
-...", ...), seconds, the flattened config values, input digests, upstream fingerprints and outputs. The log says
-the same. Steps recorded earlier but not part of this run (an architecture dropped from `train.archs`) have their
+...", ...), seconds (of the run that made the outputs, for a reused step too), the flattened config values,
+input digests, upstream fingerprints and outputs. The log says the same. Steps recorded earlier but not part of this run (an architecture dropped from `train.archs`) have their
 outputs removed, so `runs/` and `predictions/` never hold models the report does not describe. `--fresh`
 (`reset_study`) deletes what the study wrote (the outputs recorded in steps.json and the study's own files) and
 nothing else.
@@ -284,11 +284,10 @@ class Steps:
         reason = self._why(rec, new, outs, check)
         base = {**new, "outputs": [self._rel(o) for o in outs]}
         if reason is None:
-            self.state[name] = {"fingerprint": new["fingerprint"], "status": "reused",
-                                "reason": "unchanged", "seconds": round(time.perf_counter() - t, 2),
-                                "ran_seconds": rec.get("ran_seconds", rec.get("seconds")), **base,
-                                "run_id": rec["run_id"]}
-            log.info("step %s: reused (unchanged; ran in %.1fs)", name, self.state[name]["ran_seconds"] or 0)
+            # seconds: what the reused outputs cost when they were made (so totals stay the study's compute time)
+            self.state[name] = {"fingerprint": new["fingerprint"], "status": "reused", "reason": "unchanged",
+                                "seconds": rec.get("seconds"), **base, "run_id": rec["run_id"]}
+            log.info("step %s: reused (unchanged; made in %.1fs)", name, rec.get("seconds") or 0)
             self._save()
             return None
         keep = resumable and (reason.startswith("new") or reason == "did not finish")
@@ -303,7 +302,7 @@ class Steps:
         self._save()
         result = fn()
         secs = round(time.perf_counter() - t, 2)
-        self.state[name].update(status="ran", seconds=secs, ran_seconds=secs)
+        self.state[name].update(status="ran", seconds=secs)
         self._save()
         log.info("step %s: ran in %.1fs", name, secs)
         return result

@@ -326,11 +326,20 @@ def test_single_model_study_reaches_its_report_and_fresh_reruns_everything(tmp_p
     assert "Grad-CAM gallery" in md and json.loads((out / "gallery" / "gallery.json").read_text())
     (out / "my_notes.txt").write_text("not the study's")
     mtime = (out / "runs" / "timm_resnet10t" / "model.safetensors").stat().st_mtime_ns
-    assert main([*args, "--fresh"]) == 0
+    # an external set with absent classes (only NV and MEL, like PH2), made from the study's own synthetic images
+    sp = pd.read_csv(out / "splits.csv")
+    ext = pd.concat([sp[sp["label"] == c].head(3) for c in ("MEL", "NV")])
+    pd.DataFrame({"image": ext["image_id"], **{c: (ext["label"] == c).astype(float) for c in CLASSES}}).to_csv(
+        tmp_path / "gt.csv", index=False)
+    assert main([*args, "--fresh", "--external", f"nvmel={out / 'data'},{tmp_path / 'gt.csv'}"]) == 0
     st = _steps_status(out)
-    assert all(v == ("ran", "new") for k, v in st.items() if k != "report")
+    assert all(v == ("ran", "new") for k, v in st.items() if k != "report") and "external nvmel" in st
     assert (out / "runs" / "timm_resnet10t" / "model.safetensors").stat().st_mtime_ns != mtime
     assert (out / "my_notes.txt").exists()
+    summary = json.loads((out / "external" / "nvmel" / "summary.json").read_text())
+    assert list(summary["models"]) == ["timm:resnet10t"] and summary["classes_absent"] == ["BCC", "AKIEC", "BKL", "DF", "VASC"]
+    md = (out / "report.md").read_text()
+    assert "External validation" in md and "BCC, AKIEC, BKL, DF, VASC" in md
 
 
 def test_study_refuses_an_architecture_given_twice(tmp_path, capsys):

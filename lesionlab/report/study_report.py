@@ -98,7 +98,6 @@ def trust_section(rep, out: Path, all_names: list[str], mets: dict[str, dict]) -
         rep.para("External sets (temperatures and thresholds from the internal validation split, unchanged):")
         rep.table(pd.DataFrame(ext_rows))
 
-
 def subgroups_section(rep, out: Path) -> None:
     """The report's "Subgroup performance" section (subgroups/, when the metadata had columns to split by)."""
     from lesionlab.evaluation.subgroups import METRIC_TITLES
@@ -318,7 +317,7 @@ def report_study(out: Path, cfg: StudyConfig, names: list[str], all_names: list[
     rep.para("Each step is keyed by a fingerprint of the config values and files it reads, its upstream steps and "
              "the package version; it ran when one of them changed, and was reused otherwise (steps.json):")
     rep.table(pd.DataFrame([{"step": k, "status": v.get("status", ""), "reason": v.get("reason", ""),
-                             "seconds": v.get("seconds"), "fingerprint": (v.get("fingerprint") or "")[:12]}
+                             "seconds (when made)": v.get("seconds"), "fingerprint": (v.get("fingerprint") or "")[:12]}
                             for k, v in steps.items()]))
     rep.table(pd.DataFrame([_versions()]))
     rep.para(f"Seeds: split {cfg.split.seed}, training {cfg.train.seed}. Effective configuration (config.yaml):")
