@@ -239,7 +239,7 @@ def markdown(summary: dict[str, Any], command: str, machine_note: str, note: str
     ]
     for name, s in summary["models"].items():
         lines.append(f"| {name} | {'finished' if s['training_finished'] else 'NOT finished: best checkpoint so far'} "
-                     f"| {s['epochs_trained']} | {s['probabilities']} |")
+                     f"| {s['epochs_trained'] if s['epochs_trained'] is not None else '-'} | {s['probabilities']} |")
     lines += ["", f"## Acceptance ({summary['main_model']}, test split)", "",
               "| check | value | result |", "| --- | --- | --- |",
               f"| ECE after temperature scaling <= 0.05 | {_fmt(acc['ece_after'])} | "
