@@ -6,7 +6,8 @@ For every categorical column (and age, cut into bands) each subgroup gets balanc
 sensitivity / specificity / AUC, macro AUC and accuracy, each with a percentile-bootstrap CI that resamples the
 subgroup's lesions (`bootstrap.bootstrap_ci`). A subgroup is *flagged* on a metric when its whole CI lies below
 the overall value of that metric; a subgroup with fewer than `min_images` images or without melanoma cases is
-*marked small* (its CIs are wide or its melanoma metrics undefined), never dropped. Missing values (empty,
+*marked small* (its CIs are wide or its melanoma metrics undefined; also with fewer than `min_melanomas`
+melanomas), never dropped. Missing values (empty,
 NaN, "unknown") form their own subgroup `unknown`, so every image is counted in every column.
 """
 
@@ -157,6 +158,7 @@ def subgroup_table(
     ci: float = 0.95,
     seed: int = 0,
     min_images: int = 30,
+    min_melanomas: int = 5,
     mel_threshold: float | None = None,
 ) -> pd.DataFrame:
     """One row for the whole set (`column == subgroup == "all"`) and one per subgroup of each column.
@@ -165,6 +167,8 @@ def subgroup_table(
         meta: one row per image with `image_id` and the metadata columns (e.g. HAM10000_metadata.csv).
         groups: lesion id per image; the bootstrap resamples lesions within each subgroup (default: images).
         min_images: subgroups with fewer images are marked `small`.
+        min_melanomas: subgroups with melanomas, but fewer than this, are marked `small` too (their melanoma CIs
+            rest on one or a few lesions).
 
     Returns:
         Columns: column, subgroup, n_images, n_lesions, n_MEL, then per metric `<m>`, `<m>_lo`, `<m>_hi`,
@@ -199,6 +203,8 @@ def subgroup_table(
             notes.append(f"small: {r['n_images']} images (< {min_images})")
         if r["n_MEL"] == 0:
             notes.append("no melanoma: melanoma sensitivity and AUC undefined")
+        elif r["n_MEL"] < min_melanomas:
+            notes.append(f"only {r['n_MEL']} melanoma(s): melanoma metrics unreliable")
         r["small"] = bool(notes)
         r["flagged"] = ";".join(below)
         r["note"] = "; ".join(notes)
