@@ -136,3 +136,30 @@ def run_robustness(
     }
     atomic_write_json(out / "robustness.json", info)
     return info
+
+
+def consistency_from_files(truth: Path, preds: list[Path], lesions: Path, out_dir: str | Path, *,
+                           names: list[str] | None = None, ensemble: bool = False, n_boot: int = 1000, ci: float = 0.95,
+                           seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """`write_consistency` from ISIC prediction CSVs and a lesion table (image_id + group_id or lesion_id)."""
+    from lesionlab.data.isic_csv import align, read_isic_csv
+    from lesionlab.inference.ensemble import mean_probabilities
+
+    names = list(names or [Path(p).stem for p in preds])
+    if len(names) != len(preds):
+        raise UserError(f"{len(names)} names given for {len(preds)} prediction files")
+    t = read_isic_csv(truth, kind="truth")
+    probs, y, ids = {}, None, None
+    for n, f in zip(names, preds, strict=True):
+        y, probs[n], ids = align(t, read_isic_csv(f, kind="prediction"), truth_name=str(truth), pred_name=str(f))
+    if ensemble and len(probs) > 1:
+        probs[ENSEMBLE] = mean_probabilities(list(probs.values()))
+    les = pd.read_csv(lesions, dtype=str, keep_default_na=False)
+    col = next((c for c in ("group_id", "lesion_id") if c in les.columns), None)
+    if "image_id" not in les.columns or col is None:
+        raise UserError(f"{lesions}: needs columns image_id and group_id or lesion_id (a split file has them)")
+    group_of = dict(zip(les["image_id"], les[col], strict=True))
+    missing = [i for i in ids if i not in group_of]
+    if missing:
+        raise UserError(f"{lesions}: {len(missing)} predicted images have no lesion id (first: {missing[0]})")
+    return write_consistency(out_dir, np.array([group_of[i] for i in ids]), probs, y, n_boot=n_boot, ci=ci, seed=seed)

@@ -471,6 +471,31 @@ def _robustness(p: argparse.ArgumentParser):
     return run
 
 
+@command("consistency", "lesion consistency and lesion-level metrics from prediction CSVs (no models needed)")
+def _consistency(p: argparse.ArgumentParser):
+    _config_args(p)
+    p.add_argument("--truth", type=Path, required=True)
+    p.add_argument("--pred", type=Path, nargs="+", required=True, help="one ISIC prediction CSV per model")
+    p.add_argument("--names", nargs="+", help="one name per --pred (default: the file names)")
+    p.add_argument("--ensemble", action="store_true", help="add the mean of the given predictions as `ensemble`")
+    p.add_argument("--lesions", type=Path, required=True, help="CSV with image_id and group_id or lesion_id (a split file)")
+    p.add_argument("--bootstrap", type=int, help="bootstrap resamples over lesions (default: eval.bootstrap)")
+    p.add_argument("--out", type=Path, required=True)
+
+    def run(a: argparse.Namespace) -> int:
+        from lesionlab import config
+        from lesionlab.acquisition import consistency_from_files
+
+        cfg = config.load_config(a.config, a.overrides + ([f"eval.bootstrap={a.bootstrap}"] if a.bootstrap is not None else []))
+        cons, _ = consistency_from_files(a.truth, a.pred, a.lesions, a.out, names=a.names, ensemble=a.ensemble,
+                                         n_boot=cfg.eval.bootstrap, ci=cfg.eval.ci)
+        print(cons.round(3).to_string(index=False))
+        print(f"wrote {a.out}/lesion_consistency.csv and lesion_metrics.csv")
+        return 0
+
+    return run
+
+
 # ----------------------------------------------------------------------------- explanations
 
 

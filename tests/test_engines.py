@@ -85,3 +85,24 @@ def test_bad_engine_is_a_one_line_error(ck, tmp_path, capsys):
                "--engine", "tensorrt"])
     err = capsys.readouterr().err.strip()
     assert rc != 0 and len(err.splitlines()) == 1 and "auto, torch, onnxruntime, openvino" in err
+
+
+def test_bundle_carries_the_onnx_body_hashed_and_predicts_with_it(tmp_path, cache, capsys):
+    from lesionlab.inference.bundle import EnsemblePredictor, make_bundle, verify_bundle
+
+    runs = [make_tiny_checkpoint(tmp_path / "runs" / f"m{i}", seed=i) for i in range(2)]
+    m = make_bundle(runs, tmp_path / "b", threshold=0.15, onnx=True)
+    assert all(engines.ONNX_FILE in mem["files"] for mem in m["members"])
+    ref = EnsemblePredictor(tmp_path / "b", device="cpu", precision="fp32")
+    ens = EnsemblePredictor(tmp_path / "b", device="cpu", precision="fp32", engine="onnxruntime")
+    assert {p.engine for p in ens.members} == {"onnxruntime"} and not (cache / "onnx").exists()  # no export needed
+    x = _images(4)
+    for a, b in zip(ref.members, ens.members, strict=True):
+        assert np.abs(a.predict_batch(x) - b.predict_batch(x)).max() < 1e-4
+    rc = main(["predict", str(tmp_path), "--bundle", str(tmp_path / "b"), "--engine", "fast"])
+    err = capsys.readouterr().err.strip()
+    assert rc != 0 and len(err.splitlines()) == 1 and err.startswith("lesionlab predict: error: --engine 'fast'")
+    f = tmp_path / "b" / m["members"][0]["dir"] / engines.ONNX_FILE
+    f.write_bytes(f.read_bytes()[:-8] + b"\0" * 8)
+    with pytest.raises(UserError, match="does not match its manifest hash"):
+        verify_bundle(tmp_path / "b")

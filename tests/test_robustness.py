@@ -325,3 +325,26 @@ def test_robustness_command_writes_tables_plots_and_report_section(synth_dir, sy
     assert main(["robustness", "--data", str(synth_dir), "--split", str(synth_split), "--runs", str(tmp_path / "runs"),
                  "--perturbations", "fisheye", "--out", str(out)]) != 0
     assert "unknown perturbation 'fisheye'" in capsys.readouterr().err
+
+
+def test_consistency_command_from_prediction_csvs(tmp_path, capsys):
+    from lesionlab.cli import main
+    from lesionlab.data.isic_csv import write_isic_csv
+
+    ids = [f"ISIC_{i:07d}" for i in range(6)]
+    truth = pd.DataFrame(np.eye(7)[[1, 1, 0, 0, 0, 3]], columns=list(CLASSES))
+    truth.insert(0, "image", ids)
+    write_isic_csv(tmp_path / "truth.csv", truth)
+    for name, rows in (("a", [1, 1, 0, 0, 2, 3]), ("b", [1, 1, 0, 0, 0, 3])):
+        pred = pd.DataFrame(np.eye(7)[rows] * 0.9 + 0.1 / 7, columns=list(CLASSES))
+        pred.insert(0, "image", ids)
+        write_isic_csv(tmp_path / f"{name}.csv", pred)
+    pd.DataFrame({"image_id": ids, "group_id": ["A", "A", "B", "B", "B", "C"]}).to_csv(tmp_path / "les.csv", index=False)
+    argv = ["consistency", "--truth", str(tmp_path / "truth.csv"), "--pred", str(tmp_path / "a.csv"), str(tmp_path / "b.csv"),
+            "--lesions", str(tmp_path / "les.csv"), "--bootstrap", "20", "--ensemble", "--out", str(tmp_path / "out")]
+    assert main(argv) == 0
+    cons = pd.read_csv(tmp_path / "out" / "lesion_consistency.csv").set_index("model")
+    assert cons.loc["a", "consistent_share"] == 0.5 and cons.loc["b", "consistent_share"] == 1.0
+    assert cons.loc["ensemble", "lesions"] == 2 and "ensemble" in capsys.readouterr().out
+    pd.DataFrame({"image_id": ids[:5], "group_id": ["A", "A", "B", "B", "B"]}).to_csv(tmp_path / "les.csv", index=False)
+    assert main(argv) != 0 and "no lesion id" in capsys.readouterr().err

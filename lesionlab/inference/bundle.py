@@ -118,6 +118,7 @@ def make_bundle(
     study: str | Path | None = None,
     tta: bool | None = None,
     precision: str | None = None,
+    onnx: bool = False,
 ) -> dict[str, Any]:
     """Copy the members and write the manifest; returns the manifest.
 
@@ -156,6 +157,13 @@ def make_bundle(
         for f in (WEIGHTS_FILE, META_FILE):
             shutil.copy2(ck / f, dest / f)
         meta = read_meta(dest)
+        files = [WEIGHTS_FILE, META_FILE]
+        if onnx:  # the body as ONNX for the CPU engines (inference/engines.py), hashed like the weights
+            from lesionlab.inference.engines import ONNX_FILE, export_body_onnx
+            from lesionlab.models import load_checkpoint
+
+            export_body_onnx(load_checkpoint(dest)[0], int(meta["input_size"]), dest / ONNX_FILE)
+            files.append(ONNX_FILE)
         test_metrics = None
         if study_dir is not None and (study_dir / "eval" / name / "metrics.json").exists():
             m = json.loads((study_dir / "eval" / name / "metrics.json").read_text())
@@ -164,7 +172,7 @@ def make_bundle(
             "name": name, "dir": f"members/{name}", "arch": meta.get("arch"), "timm_id": meta.get("timm_id"),
             "source": str(ck.resolve()), "epoch": meta.get("epoch"), "pretrained": meta.get("pretrained"),
             "split_sha256": meta.get("split_sha256"), "test_metrics": test_metrics,
-            "files": {f: sha256_file(dest / f) for f in (WEIGHTS_FILE, META_FILE)},
+            "files": {f: sha256_file(dest / f) for f in files},
         })
     ens_metrics = None
     if study_dir is not None and (study_dir / "eval" / "ensemble" / "metrics.json").exists() and len(members) == 4:
@@ -218,7 +226,7 @@ class EnsemblePredictor:
     holds only there); asking for other settings is a UserError that names the bundle's.
     """
 
-    def __init__(self, path: str | Path, *, device: str = "auto", precision: str = "auto"):
+    def __init__(self, path: str | Path, *, device: str = "auto", precision: str = "auto", engine: str = "torch"):
         from lesionlab import runtime
 
         self.root = Path(path)
@@ -237,7 +245,7 @@ class EnsemblePredictor:
                 raise UserError(f"{self.describe_settings()}; this machine ({dev}) does not run fp16 autocast")
             run_as = "auto"
         self.members: list[Predictor] = load_predictors([self.root / m["dir"] for m in self.manifest["members"]],
-                                                        device=device, precision=run_as)
+                                                        device=device, precision=run_as, engine=engine)
         for pr, m in zip(self.members, self.manifest["members"], strict=True):
             pr.name = m["name"]
         self.version = sha256_file(self.root / MANIFEST)[:12]

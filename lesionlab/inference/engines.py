@@ -190,8 +190,8 @@ def verification_batch(input_size: int, n: int = 8, seed: int = 0) -> torch.Tens
     return ((x.clamp(0, 1) - 0.45) / 0.25).contiguous()
 
 
-def _median_ms(fn: Callable[[], object], repeat: int) -> float:
-    for _ in range(3):  # warm-up: first-call allocation, lazy compilation, TorchScript profiling runs
+def _median_ms(fn: Callable[[], object], repeat: int, warmup: int = 3) -> float:
+    for _ in range(warmup):  # first-call allocation, lazy compilation, TorchScript's profiling runs
         fn()
     times = []
     for _ in range(repeat):
@@ -233,7 +233,7 @@ def trial_engines(
                 one = x[:1].contiguous()
                 with torch.inference_mode():
                     t.ms_one = _median_ms(lambda b=body, o=one: b(o), repeat)
-                    t.ms_batch = _median_ms(lambda b=body: b(x), max(2, repeat // 2))
+                    t.ms_batch = _median_ms(lambda b=body: b(x), max(2, repeat // 2), warmup=1)
         except Exception as e:  # an engine that fails to run is simply not chosen
             t = Trial(name, False, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
         out.append(t)

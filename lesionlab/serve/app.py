@@ -102,6 +102,7 @@ def create_app(
     audit_log: str | Path | None = None,
     device: str = "auto",
     precision: str = "auto",
+    engine: str = "torch",
 ) -> FastAPI:
     """Build the app; the bundle is verified and its models loaded once, here, and kept warm.
 
@@ -112,7 +113,7 @@ def create_app(
     if isinstance(bundle, EnsemblePredictor):
         ens = bundle
     else:
-        ens = EnsemblePredictor(bundle, device=device, precision=precision)
+        ens = EnsemblePredictor(bundle, device=device, precision=precision, engine=engine)
     ens.warm_up()
     max_bytes = int(max_upload_mb * 2**20)
     # Starlette spools multipart files above 1 MB to a temporary file on disk; uploads must stay in memory
