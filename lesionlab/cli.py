@@ -567,12 +567,14 @@ def _bundle(p: argparse.ArgumentParser):
                    help="TTA the threshold was chosen with (default: the study's eval.tta; off for --threshold)")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
                    help="precision the threshold was chosen at (default: the study's; unknown for --threshold)")
+    p.add_argument("--onnx", action="store_true",
+                   help="also carry each member's body exported to ONNX, for --engine onnxruntime / openvino / auto")
 
     def run(a: argparse.Namespace) -> int:
         from lesionlab.inference.bundle import make_bundle
 
         m = make_bundle(a.runs, a.out, threshold=a.threshold, target_sensitivity=a.target_sensitivity, study=a.study,
-                        tta=a.tta, precision=a.precision)
+                        tta=a.tta, precision=a.precision, onnx=a.onnx)
         t, inf = m["melanoma_threshold"], m["inference"]
         print(f"wrote {a.out}: {len(m['members'])} members, melanoma threshold {t['value']:.4f} ({t['source']}); "
               f"predict and serve will run with TTA {'on' if inf['tta'] else 'off'} at {inf['precision'] or 'auto'} "
@@ -618,12 +620,13 @@ def _predict(p: argparse.ArgumentParser):
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="auto = the precision the bundle's threshold was chosen at; another is refused")
     p.add_argument("--batch-size", type=int, default=16)
+    _engine_arg(p)
 
     def run(a: argparse.Namespace) -> int:
         from lesionlab.explain.overlay import overlay, save_png
         from lesionlab.inference.bundle import EnsemblePredictor
 
-        ens = EnsemblePredictor(a.bundle, device=a.device, precision=a.precision)
+        ens = EnsemblePredictor(a.bundle, device=a.device, precision=a.precision, engine=_engine(a.engine))
         a.tta = ens.resolve_tta(a.tta)  # refused before any image is read
         inf = ens.inference_info()
         print(f"lesionlab predict: TTA {'on' if inf['tta'] else 'off'}, {inf['precision']}, as the bundle's threshold "
@@ -662,6 +665,7 @@ def _serve(p: argparse.ArgumentParser):
     p.add_argument("--max-upload-mb", type=float, default=20.0)
     p.add_argument("--audit-log", type=Path, help="append one JSON line per request (time, image hash, outputs; never the image)")
     p.add_argument("--device", default="auto")
+    _engine_arg(p)
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="auto = the precision the bundle's threshold was chosen at; another is refused")
 
@@ -671,7 +675,7 @@ def _serve(p: argparse.ArgumentParser):
         from lesionlab.serve.app import create_app
 
         app = create_app(a.bundle, max_upload_mb=a.max_upload_mb, audit_log=a.audit_log, device=a.device,
-                         precision=a.precision)
+                         precision=a.precision, engine=_engine(a.engine))
         print(f"LesionLab serving {a.bundle} on http://{a.host}:{a.port}/ (API docs at /docs)")
         uvicorn.run(app, host=a.host, port=a.port, log_level="info")
         return 0
