@@ -570,15 +570,26 @@ def _bundle(p: argparse.ArgumentParser):
     p.add_argument("--onnx", action="store_true",
                    help="also carry each member's body exported to ONNX, for --engine onnxruntime / openvino / auto")
 
+    p.add_argument("--data", type=Path, help="the study's images, if not where its dataset.json says (for the OOD model)")
+    p.add_argument("--no-ood", dest="ood", action="store_false",
+                   help="make the bundle without the out-of-distribution refusal (quality checks still apply)")
+
     def run(a: argparse.Namespace) -> int:
         from lesionlab.inference.bundle import make_bundle
 
         m = make_bundle(a.runs, a.out, threshold=a.threshold, target_sensitivity=a.target_sensitivity, study=a.study,
-                        tta=a.tta, precision=a.precision, onnx=a.onnx)
+                        tta=a.tta, precision=a.precision, data=a.data, ood=a.ood, onnx=a.onnx)
         t, inf = m["melanoma_threshold"], m["inference"]
         print(f"wrote {a.out}: {len(m['members'])} members, melanoma threshold {t['value']:.4f} ({t['source']}); "
               f"predict and serve will run with TTA {'on' if inf['tta'] else 'off'} at {inf['precision'] or 'auto'} "
               f"precision ({inf['source']})")
+        trust, ood = m["trust"], m["ood"]
+        conf = trust["models"]["ensemble"]["conformal"] if trust else None
+        print("calibration: " + (f"ensemble temperature {trust['models']['ensemble']['temperature']:.3f}; differential "
+                                 f"at {conf['coverage']:.0%} coverage" if trust else "none (no validation predictions)")
+              + "; out-of-distribution refusal: " + (f"threshold {ood['threshold']:.3f} ({ood['validation_refused']:.1%} "
+                                                    "of validation refused)" if ood else "none")
+              + "; quality checks: on")
         return 0
 
     return run
@@ -596,11 +607,16 @@ def _format_results(rows: list[dict], fmt: str) -> str:
     flat = []
     for r in rows:
         if "error" in r:
-            flat.append({"image": r["image"], "error": r["error"]})
+            flat.append({"image": r["image"], "status": "error", "error": r["error"]})
             continue
-        row = {"image": r["image"], "top": r["top"], "top_probability": round(r["top_probability"], 4),
+        if r["status"] == "unevaluable":
+            flat.append({"image": r["image"], "status": "UNEVALUABLE", "reasons": " ".join(r["reasons"])})
+            continue
+        row = {"image": r["image"], "status": r["status"], "top": r["top"], "top_probability": round(r["top_probability"], 4),
                "melanoma_probability": round(r["melanoma_probability"], 4),
-               "melanoma_flag": "ABOVE threshold" if r["melanoma_flag"] else "below", "agreement": r["agreement"]}
+               "melanoma_flag": "ABOVE threshold" if r["melanoma_flag"] else "below",
+               "differential": " ".join(r["differential"]) if r["differential"] is not None else "",
+               "agreement": r["agreement"]}
         row.update({c: round(r["probabilities"][c], 4) for c in CLASSES})
         row.update({f"member_{n}": m["top"] for n, m in r["members"].items()})
         flat.append(row)
@@ -621,6 +637,12 @@ def _predict(p: argparse.ArgumentParser):
                    help="auto = the precision the bundle's threshold was chosen at; another is refused")
     p.add_argument("--batch-size", type=int, default=16)
     _engine_arg(p)
+    p.add_argument("--research", action="store_true",
+                   help="research use only: also give the models' output for images refused as unevaluable")
+    p.epilog = ("Every image is screened first (quality checks, out-of-distribution score): a refused one is reported "
+                "as unevaluable with the reasons and gets no diagnosis. Exit status: 0 every image evaluated; "
+                "3 at least one image unevaluable (its row says why); 1 at least one file unreadable; "
+                "2 bad input or options.")
 
     def run(a: argparse.Namespace) -> int:
         from lesionlab.explain.overlay import overlay, save_png
@@ -639,9 +661,9 @@ def _predict(p: argparse.ArgumentParser):
         for start in range(0, len(paths), a.batch_size):
             loaded = list(readable_images(paths[start : start + a.batch_size], "predict", failed))
             ok_paths, batch = [p for p, _ in loaded], [im for _, im in loaded]
-            for path, im, res in zip(ok_paths, batch, ens.predict(batch, tta=a.tta), strict=True):
+            for path, im, res in zip(ok_paths, batch, ens.predict(batch, tta=a.tta, research=a.research), strict=True):
                 rows.append({"image": str(path), **res})
-                if a.explain:
+                if a.explain and res["status"] == "ok":
                     ex = ens.explain(im)
                     save_png(overlay(ex.display, ex.ensemble), a.explain / f"{path.stem}_gradcam_{ex.cls}.png")
         rows += [{"image": str(p), "error": err} for p, err in failed]
@@ -652,7 +674,11 @@ def _predict(p: argparse.ArgumentParser):
         if failed:
             total = len(paths) + sum(str(p) not in order for p, _ in failed)
             print(f"lesionlab predict: {len(failed)} of {total} input(s) failed", file=sys.stderr)
-        return 1 if failed else 0
+        refused = sum(r.get("status") == "unevaluable" for r in rows)
+        if refused:
+            print(f"lesionlab predict: {refused} of {len(rows)} image(s) unevaluable: no diagnosis for them "
+                  "(see their reasons; retake in focus, well exposed, the whole lesion in frame)", file=sys.stderr)
+        return 1 if failed else 3 if refused else 0
 
     return run
 

@@ -94,6 +94,7 @@ def trust_study(tmp_path_factory) -> Path:
     members' validation predictions."""
     import json
 
+    from lesionlab.config import load_config, save_config
     from lesionlab.data.isic_csv import probs_frame, truth_frame, write_isic_csv
     from lesionlab.data.split import make_split, read_split, write_split
     from lesionlab.data.subsets import subset_frame
@@ -110,6 +111,7 @@ def trust_study(tmp_path_factory) -> Path:
     runs = [make_tiny_checkpoint(study / "runs" / f"m{i}", seed=i) for i in range(2)]
     (study / "dataset.json").write_text(json.dumps({"source": str(table.source), "layout": table.layout}))
     (study / "steps.json").write_text("{}")
+    save_config(load_config(None, ["train.device=cpu", "train.precision=fp32"]), study / "config.yaml")
     val = subset_frame(table, read_split(study / "splits.csv"), "val")
     (study / "predictions").mkdir()
     probs = infer_table(find_checkpoints(runs), val, device="cpu", precision="fp32", progress=False)

@@ -100,3 +100,76 @@ def test_upload_shows_probabilities_and_heatmap(chromium, server, tmp_path):
             assert "not a readable image" in page.inner_text("#error")
         finally:
             browser.close()
+
+
+@pytest.fixture(scope="module")
+def trust_server(trust_bundle):
+    """The service over a bundle with calibration, the conformal differential and the refusals."""
+    import uvicorn
+
+    from lesionlab.serve.app import create_app
+
+    port = _free_port()
+    srv = uvicorn.Server(uvicorn.Config(create_app(trust_bundle, device="cpu"), host="127.0.0.1", port=port,
+                                        log_level="warning"))
+    t = threading.Thread(target=srv.run, daemon=True)
+    t.start()
+    for _ in range(100):
+        if srv.started:
+            break
+        time.sleep(0.1)
+    yield f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    t.join(timeout=10)
+
+
+def test_calibrated_result_differential_and_refusal_card(chromium, trust_server, trust_study, tmp_path):
+    """Each state of the page: an evaluable image (calibrated probabilities, the differential at its coverage,
+    the melanoma flag against its threshold), an unevaluable one (the refusal card: why and what to do)."""
+    import httpx
+    import pandas as pd
+    from playwright.sync_api import sync_playwright
+
+    sp = pd.read_csv(trust_study / "splits.csv", dtype=str)
+    paths = {p.stem: p for p in (trust_study.parent / "data").rglob("*.jpg")}
+    good, body = None, None
+    for i in sp.loc[sp["split"] == "val", "image_id"]:
+        body = httpx.post(trust_server + "/api/predict", files={"image": ("x.jpg", paths[i].read_bytes())},
+                          timeout=60).json()
+        if body["status"] == "ok":
+            good = paths[i]
+            break
+    assert good is not None
+    thumb = tmp_path / "thumb.jpg"
+    Image.open(good).resize((16, 12)).save(thumb)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            page.goto(trust_server + "/")
+            page.set_input_files("#file", str(good))
+            page.wait_for_selector("#bars .bar", timeout=60_000)
+            assert len(page.query_selector_all("#bars .bar")) == 7
+            assert "calibrated" in page.inner_text("#calibration-note") and "NOT" not in page.inner_text("#calibration-note")
+            assert page.inner_text("#diff-coverage") == "(90% coverage)"
+            chips = [c.get_attribute("data-cls") for c in page.query_selector_all("#differential .chip")]
+            assert chips == body["differential"]
+            assert page.inner_text("#mel-flag") in ("ABOVE the threshold", "below the threshold")
+            assert page.inner_text("#mel-thr") == f"{100 * body['melanoma_threshold']:.1f}%"
+            assert not page.is_visible("#refusal")
+            page.screenshot(path=str(tmp_path / "ok.png"), full_page=True)
+            # an unevaluable image: the refusal card says why and what to do, and no diagnosis is shown
+            page.set_input_files("#file", str(thumb))
+            page.wait_for_selector("#refusal", state="visible", timeout=60_000)
+            assert "too small" in page.inner_text("#refusal-reasons")
+            assert "full resolution" in page.inner_text("#refusal-advice")
+            assert "retake" in page.inner_text("#refusal").lower() and not page.is_visible("#out")
+            page.screenshot(path=str(tmp_path / "refused.png"), full_page=True)
+            # and back to an evaluable image
+            page.set_input_files("#file", str(good))
+            page.wait_for_selector("#out", state="visible", timeout=60_000)
+            assert not page.is_visible("#refusal")
+        finally:
+            browser.close()

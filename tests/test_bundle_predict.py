@@ -5,7 +5,7 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
-from helpers import make_tiny_checkpoint
+from helpers import lesion_like, make_tiny_checkpoint
 from PIL import Image
 
 from lesionlab.exceptions import UserError
@@ -55,9 +55,14 @@ def test_threshold_is_chosen_on_the_study_validation_split(tmp_path):
     frame(mel_a).to_csv(study / "predictions" / "timm_resnet10t_val.csv", index=False)
     frame(mel_b).to_csv(study / "predictions" / "timm_resnet10t-2_val.csv", index=False)
     m = make_bundle(runs, tmp_path / "bundle", target_sensitivity=0.75)
-    # ensemble melanoma scores of the 4 melanomas: 0.8, 0.6, 0.4, 0.2 -> 3 of 4 reached at threshold 0.4
-    assert m["melanoma_threshold"]["value"] == pytest.approx(0.4)
+    # ensemble melanoma scores of the 4 melanomas: 0.8, 0.6, 0.4, 0.2 -> 3 of 4 reached at threshold 0.4, on the
+    # calibrated probabilities (temperature fitted on the same validation predictions; monotone with 2 classes)
+    from lesionlab.evaluation.calibration import calibrate_probs
+
+    t = m["trust"]["models"]["ensemble"]["temperature"]
+    assert m["melanoma_threshold"]["value"] == pytest.approx(calibrate_probs(np.array([[0.4, 0.6, 0, 0, 0, 0, 0]]), t)[0, 0])
     assert m["melanoma_threshold"]["validation_sensitivity"] == 0.75
+    assert m["melanoma_threshold"]["probabilities"] == "calibrated ensemble"
     with pytest.raises(UserError, match="already holds a bundle"):
         make_bundle(runs, tmp_path / "bundle", threshold=0.5)
     with pytest.raises(UserError, match="--threshold"):
@@ -66,7 +71,7 @@ def test_threshold_is_chosen_on_the_study_validation_split(tmp_path):
 
 def test_ensemble_predictor_result(tiny_bundle):
     ens = EnsemblePredictor(tiny_bundle, device="cpu")
-    im = Image.new("RGB", (120, 90), (150, 90, 70))
+    im = lesion_like()
     r = ens.predict([im, im])
     assert len(r) == 2 and r[0]["top"] in CLASSES
     assert sum(r[0]["probabilities"].values()) == pytest.approx(1, abs=1e-4)
@@ -77,8 +82,8 @@ def test_ensemble_predictor_result(tiny_bundle):
 def test_predict_cli_keeps_going_past_bad_files(tiny_bundle, tmp_path):
     d = tmp_path / "imgs"
     d.mkdir()
-    Image.new("RGB", (120, 90), (150, 90, 70)).save(d / "a.jpg")
-    Image.new("L", (90, 90), 120).save(d / "b.png")
+    lesion_like(seed=1).save(d / "a.jpg")
+    lesion_like(seed=2).convert("L").save(d / "b.png")
     (d / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
     r = subprocess.run([sys.executable, "-m", "lesionlab.cli", "predict", str(d), "--bundle", str(tiny_bundle),
                         "--format", "json", "--device", "cpu", "--explain", str(tmp_path / "ex")], capture_output=True, text=True)
@@ -89,7 +94,7 @@ def test_predict_cli_keeps_going_past_bad_files(tiny_bundle, tmp_path):
     assert len(list((tmp_path / "ex").glob("*.png"))) == 2
     r = subprocess.run([sys.executable, "-m", "lesionlab.cli", "predict", str(d / "a.jpg"), "--bundle", str(tiny_bundle),
                         "--format", "csv", "--device", "cpu"], capture_output=True, text=True)
-    assert r.returncode == 0 and r.stdout.startswith("image,top,")
+    assert r.returncode == 0 and r.stdout.startswith("image,status,top,")
 
 
 def test_member_names_follow_one_rule_for_study_files_and_bundles(tmp_path):
@@ -162,7 +167,7 @@ def test_predict_runs_at_the_bundles_settings_and_refuses_others(tmp_path):
     run = make_tiny_checkpoint(tmp_path / "runs" / "a", seed=0)
     make_bundle([run], tmp_path / "tta", threshold=0.3, tta=True, precision="fp32")
     ens = EnsemblePredictor(tmp_path / "tta", device="cpu")
-    im = Image.new("RGB", (120, 90), (150, 90, 70))
+    im = lesion_like()
     ref = Predictor(run, device="cpu", precision="fp32").predict_images([im], tta=True)[0]
     got = ens.predict([im])[0]["probabilities"]
     np.testing.assert_allclose([got[c] for c in CLASSES], ref, atol=1e-6)
@@ -182,7 +187,7 @@ def _cli(capsys, *args) -> tuple[int, str, str]:
 
 
 def test_predict_cli_refuses_other_settings_in_one_line(tiny_bundle, tmp_path, capsys):
-    Image.new("RGB", (120, 90), (150, 90, 70)).save(tmp_path / "a.jpg")
+    lesion_like().save(tmp_path / "a.jpg")
     code, out, err = _cli(capsys, "predict", tmp_path / "a.jpg", "--bundle", tiny_bundle, "--tta", "--device", "cpu")
     assert code != 0 and len(err.strip().splitlines()) == 1 and not out, err
     assert "TTA on was asked for" in err and "chosen with TTA off" in err
@@ -193,3 +198,92 @@ def test_predict_cli_refuses_other_settings_in_one_line(tiny_bundle, tmp_path, c
     code, out, err = _cli(capsys, "predict", tmp_path / "a.jpg", "--bundle", tmp_path / "b", "--format", "json",
                           "--device", "cpu")
     assert code == 0 and "TTA off, fp32" in err and json.loads(out)[0]["top"] in CLASSES
+
+
+def _lesion_images(trust_study, n=6):
+    """Validation images of the trust study's synthetic dataset (160x120: they pass the quality checks)."""
+    import pandas as pd
+
+    sp = pd.read_csv(trust_study / "splits.csv", dtype=str)
+    data = trust_study.parent / "data"
+    paths = {p.stem: p for p in data.rglob("*.jpg")}
+    return [paths[i] for i in sp.loc[sp["split"] == "val", "image_id"][:n]]
+
+
+def test_trust_bundle_carries_calibration_conformal_ood_and_quality(trust_bundle, trust_study, tmp_path):
+    import shutil
+
+    m = verify_bundle(trust_bundle)
+    assert m["inference"]["precision"] == "fp32"
+    t = m["trust"]
+    assert set(t["models"]) == {"timm_resnet10t", "timm_resnet10t-2", "ensemble"}
+    assert all(0.05 <= v["temperature"] <= 20 for v in t["models"].values())
+    assert t["models"]["ensemble"]["conformal"]["coverage"] == 0.9 and t["config"]["mondrian"] is True
+    assert m["ood"]["method"] == "mahalanobis" and m["ood"]["validation_refused"] <= 0.05 + 1e-9
+    assert len(m["ood"]["sha256"]) == 64 and (trust_bundle / m["ood"]["file"]).exists()
+    assert m["quality"]["min_side"] == 100
+    assert m["melanoma_threshold"]["probabilities"] == "calibrated ensemble"
+    # the OOD arrays are hashed like the weights
+    copy = tmp_path / "b"
+    shutil.copytree(trust_bundle, copy)
+    f = copy / m["ood"]["file"]
+    data = bytearray(f.read_bytes())
+    data[-3] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="does not match its manifest hash"):
+        verify_bundle(copy)
+
+
+def test_trust_bundle_predicts_calibrated_with_differential_and_refuses_unevaluable(trust_bundle, trust_study):
+    from lesionlab.evaluation.calibration import calibrate_probs
+
+    ens = EnsemblePredictor(trust_bundle, device="cpu", precision="fp32")
+    ims = [Image.open(p).convert("RGB") for p in _lesion_images(trust_study)]
+    thumb = ims[0].resize((16, 12))
+    res = ens.predict(ims + [thumb])
+    ok = [r for r in res[:-1] if r["status"] == "ok"]
+    assert len(ok) >= 4  # in-distribution images pass (95% of validation does)
+    r = ok[0]
+    assert sum(r["probabilities"].values()) == pytest.approx(1, abs=1e-6) and r["calibrated"] is True
+    assert r["differential_coverage"] == 0.9 and set(r["differential"]) <= set(CLASSES)
+    probs = [r["probabilities"][c] for c in r["differential"]]
+    assert probs == sorted(probs, reverse=True)
+    assert r["melanoma_flag"] == (r["melanoma_probability"] >= r["melanoma_threshold"])
+    # calibrated = softmax(log(mean raw member probabilities) / T_ensemble)
+    raw = np.mean([pr.predict_images([ims[res.index(r)]]) for pr in ens.members], axis=0)
+    t = ens.manifest["trust"]["models"]["ensemble"]["temperature"]
+    np.testing.assert_allclose(calibrate_probs(raw, t)[0], [r["probabilities"][c] for c in CLASSES], atol=1e-5)
+    bad = res[-1]
+    assert bad["status"] == "unevaluable" and bad["reason_codes"] == ["too_small"]
+    assert "16x12" in bad["reasons"][0] and bad["advice"] and "probabilities" not in bad and "top" not in bad
+    research = ens.predict([thumb], research=True)[0]
+    assert research["status"] == "unevaluable" and set(research["research"]["probabilities"]) == set(CLASSES)
+
+
+def test_out_of_distribution_photo_is_refused(trust_bundle):
+    ens = EnsemblePredictor(trust_bundle, device="cpu", precision="fp32")
+    # a sharp, well exposed, non-dermoscopy image: stripes and text-like blocks, far from the training features
+    rng = np.random.default_rng(0)
+    arr = np.zeros((300, 400, 3), np.uint8)
+    arr[:, ::8] = 255
+    arr[::10] = rng.integers(0, 255, (30, 400, 3), dtype=np.uint8)
+    r = ens.predict([Image.fromarray(arr)])[0]
+    assert r["status"] == "unevaluable" and "out_of_distribution" in r["reason_codes"], r
+
+
+def test_predict_cli_reports_unevaluable_with_its_exit_code(trust_bundle, trust_study, tmp_path):
+    d = tmp_path / "imgs"
+    d.mkdir()
+    good = _lesion_images(trust_study, 1)[0]
+    Image.open(good).save(d / "a_lesion.jpg")
+    Image.open(good).resize((16, 12)).save(d / "b_thumb.jpg")
+    cmd = [sys.executable, "-m", "lesionlab.cli", "predict", "--bundle", str(trust_bundle), "--device", "cpu"]
+    r = subprocess.run([*cmd, str(d), "--format", "json"], capture_output=True, text=True)
+    assert r.returncode == 3, r.stderr
+    rows = json.loads(r.stdout)
+    assert rows[1]["status"] == "unevaluable" and "too small" in rows[1]["reasons"][0]
+    assert "Traceback" not in r.stderr and "unevaluable" in r.stderr
+    r = subprocess.run([*cmd, str(d / "b_thumb.jpg")], capture_output=True, text=True)
+    assert r.returncode == 3 and "UNEVALUABLE" in r.stdout and "too small" in r.stdout
+    r = subprocess.run([*cmd, str(d / "a_lesion.jpg"), "--format", "csv"], capture_output=True, text=True)
+    assert r.stdout.startswith("image,status,"), r.stdout

@@ -3,6 +3,7 @@
 import cv2
 import numpy as np
 import pytest
+from helpers import lesion_like
 from PIL import Image, ImageFilter
 from scipy.spatial.distance import mahalanobis
 
@@ -17,16 +18,6 @@ from lesionlab.evaluation.ood import (
     threshold_for_tpr,
 )
 from lesionlab.exceptions import UserError
-
-
-def lesion_like(w=200, h=150, seed=0) -> Image.Image:
-    """A textured skin-coloured image with a darker blob: passes every quality check."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:h, 0:w]
-    blob = np.exp(-(((xx - w / 2) / (w / 5)) ** 2 + ((yy - h / 2) / (h / 5)) ** 2))
-    base = np.array([200, 150, 130]) - 110 * blob[..., None] * np.array([1, 1.1, 1.1])
-    img = base + rng.normal(0, 12, (h, w, 3))
-    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
 
 
 def codes(im, t=None):

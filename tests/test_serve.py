@@ -48,11 +48,14 @@ def test_health_and_page(client):
 
 
 def test_predict_and_explain(client):
-    im = Image.new("RGB", (150, 100), (160, 100, 80))
+    from helpers import lesion_like
+
+    im = lesion_like(150, 100)
     r = _post(client, _bytes(im))
     assert r.status_code == 200
     body = r.json()
     assert set(body["probabilities"]) == {"MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC"}
+    assert body["status"] == "ok" and body["calibrated"] is False and body["differential"] is None  # no study
     assert body["melanoma_flag"] == (body["melanoma_probability"] >= body["melanoma_threshold"])
     assert "heatmap" not in body and "not a diagnosis" in body["disclaimer"]
     r = _post(client, _bytes(im), params="?explain=true")
@@ -98,13 +101,19 @@ def test_bad_inputs_get_4xx_json_and_the_server_keeps_serving(client):
 
 
 def test_audit_log_has_hash_and_outputs_but_no_image(client):
-    data = _bytes(Image.new("RGB", (64, 48), (10, 200, 30)))
-    _post(client, data, name="patient_smith.jpg")
-    lines = [json.loads(x) for x in client.audit.read_text().splitlines()]
     import hashlib
 
+    from helpers import lesion_like
+
+    data = _bytes(lesion_like(seed=5))
+    small = _bytes(Image.new("RGB", (64, 48), (10, 200, 30)))
+    _post(client, data, name="patient_smith.jpg")
+    _post(client, small, name="patient_smith_2.jpg")
+    lines = [json.loads(x) for x in client.audit.read_text().splitlines()]
     rec = [x for x in lines if x.get("image_sha256") == hashlib.sha256(data).hexdigest()][-1]
     assert rec["status"] == "ok" and "probabilities" in rec and "bundle_version" in rec and "time" in rec
+    rec = [x for x in lines if x.get("image_sha256") == hashlib.sha256(small).hexdigest()][-1]
+    assert rec["status"] == "unevaluable" and rec["reasons"] == ["too_small"] and "probabilities" not in rec
     text = client.audit.read_text()
     assert "patient_smith" not in text and len(text) < 100_000
     assert any(x["status"] == "rejected" for x in lines)
@@ -260,3 +269,46 @@ def test_serve_cli_refuses_another_precision_in_one_line(tmp_path, capsys):
     code = main(["serve", "--bundle", str(tmp_path / "b"), "--precision", "fp32", "--device", "cpu"])
     err = capsys.readouterr().err.strip()
     assert code != 0 and len(err.splitlines()) == 1 and "TTA off at bf16" in err and "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def trust_client(trust_bundle):
+    return TestClient(create_app(EnsemblePredictor(trust_bundle, device="cpu", precision="fp32")))
+
+
+def _val_image(trust_study) -> bytes:
+    import pandas as pd
+
+    sp = pd.read_csv(trust_study / "splits.csv", dtype=str)
+    paths = {p.stem: p for p in (trust_study.parent / "data").rglob("*.jpg")}
+    return [paths[i].read_bytes() for i in sp.loc[sp["split"] == "val", "image_id"][:8]]
+
+
+def test_evaluable_answer_has_status_ok_calibrated_probabilities_and_differential(trust_client, trust_study):
+    bodies = [_post(trust_client, b).json() for b in _val_image(trust_study)]
+    ok = [b for b in bodies if b["status"] == "ok"]
+    assert len(ok) >= 6, bodies
+    b = ok[0]
+    assert b["calibrated"] is True and sum(b["probabilities"].values()) == pytest.approx(1, abs=1e-6)
+    assert b["differential_coverage"] == 0.9 and isinstance(b["differential"], list)
+    assert b["melanoma_flag"] == (b["melanoma_probability"] >= b["melanoma_threshold"])
+    h = trust_client.get("/api/health").json()
+    assert h["trust"]["differential_coverage"] == 0.9 and h["trust"]["ood_threshold"] > 0
+    assert h["trust"]["quality"]["min_side"] == 100
+
+
+def test_unevaluable_answer_is_200_with_reasons_and_no_diagnosis(trust_client, trust_study, tmp_path):
+    thumb = _bytes(Image.open(io.BytesIO(_val_image(trust_study)[0])).resize((16, 12)))
+    r = _post(trust_client, thumb, params="?explain=true")
+    assert r.status_code == 200
+    b = r.json()
+    assert b["status"] == "unevaluable" and b["reason_codes"] == ["too_small"] and "16x12" in b["reasons"][0]
+    assert b["advice"] and "not a diagnosis" in b["disclaimer"]
+    for key in ("probabilities", "top", "melanoma_flag", "differential", "heatmap", "research"):
+        assert key not in b
+    blank = _post(trust_client, _bytes(Image.new("RGB", (300, 200), (200, 150, 130)))).json()
+    assert blank["status"] == "unevaluable" and blank["reason_codes"] == ["uniform"]
+    research = _post(trust_client, thumb, params="?research=true").json()
+    assert research["status"] == "unevaluable" and "probabilities" not in research
+    assert set(research["research"]["probabilities"]) == {"MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC"}
+    assert "research" in research["research"]["note"].lower()

@@ -10,6 +10,7 @@ import datetime as dt
 import json
 import logging
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +23,15 @@ from lesionlab.data.isic_csv import read_isic_csv
 from lesionlab.evaluation.operating_points import at_threshold, threshold_for_sensitivity
 from lesionlab.exceptions import UserError
 from lesionlab.inference.predictor import Predictor, find_checkpoints, load_predictors, unique_names
+from lesionlab.inference.trust import BundleTrust, fit_bundle_ood, fit_calibration, study_config
 from lesionlab.io import atomic_write_json, sha256_file
 from lesionlab.labels import CLASS_INDEX, CLASSES, DISPLAY_NAMES
 from lesionlab.models import META_FILE, WEIGHTS_FILE, file_stem, read_meta
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
+RESEARCH_NOTE = ("Research use only: the models' output for an image they refused as unevaluable. Not a diagnosis "
+                 "and not fit to support one.")
 
 
 FORMAT_VERSION = 1
@@ -109,6 +113,18 @@ def validation_threshold(study: Path, names: list[str], target: float) -> dict[s
             "validation_sensitivity": at["sensitivity"], "validation_specificity": at["specificity"]}
 
 
+def calibrated_threshold(y: np.ndarray, cal: np.ndarray, target: float, study: Path) -> dict[str, Any]:
+    """The melanoma threshold on the calibrated ensemble's validation probabilities (what predict shows)."""
+    mel = CLASS_INDEX["MEL"]
+    thr = threshold_for_sensitivity(y == mel, cal[:, mel], target)
+    if thr is None:
+        raise UserError(f"{study}: the validation split has no melanoma; pass --threshold")
+    at = at_threshold(y == mel, cal[:, mel], thr)
+    return {"value": thr, "target_sensitivity": target, "source": f"validation split of {study}",
+            "probabilities": "calibrated ensemble", "validation_sensitivity": at["sensitivity"],
+            "validation_specificity": at["specificity"]}
+
+
 def make_bundle(
     runs: list[str | Path],
     out_dir: str | Path,
@@ -119,6 +135,9 @@ def make_bundle(
     tta: bool | None = None,
     precision: str | None = None,
     onnx: bool = False,
+    data: str | Path | None = None,
+    ood: bool = True,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Copy the members and write the manifest; returns the manifest.
 
@@ -129,6 +148,8 @@ def make_bundle(
     """
     cks = find_checkpoints(runs)
     out = Path(out_dir)
+    # Trust parts (issue 10): quality thresholds, temperatures + conformal thresholds on the study's validation
+    # predictions, the OOD model on its training/validation images. Sections from the study's config.yaml.
     if (out / MANIFEST).exists():
         raise UserError(f"{out} already holds a bundle; choose another --out")
     if precision is not None and precision not in PRECISIONS:
@@ -139,7 +160,9 @@ def make_bundle(
         if study_dir is None:
             raise UserError("no study folder found beside the runs to choose the melanoma threshold on validation; "
                             "pass --study STUDY_DIR or --threshold X")
-        thr = validation_threshold(study_dir, names, target_sensitivity)
+        cfg = study_config(study_dir)
+        trust, y_val, cal_val = fit_calibration(study_dir, names, cfg.trust)
+        thr = calibrated_threshold(y_val, cal_val, target_sensitivity, study_dir)
         settings = study_inference_settings(study_dir, precision=precision)
         if tta is not None and tta != settings["tta"]:
             raise UserError(f"--{'' if tta else 'no-'}tta differs from the study's eval.tta {settings['tta']} "
@@ -148,6 +171,10 @@ def make_bundle(
         if not 0 <= threshold <= 1:
             raise UserError(f"--threshold {threshold} must be between 0 and 1")
         thr = {"value": threshold, "target_sensitivity": None, "source": "given on the command line"}
+        cfg = study_config(study_dir)
+        trust = None
+        if study_dir is not None and (study_dir / "predictions" / "truth_val.csv").exists():
+            trust = fit_calibration(study_dir, names, cfg.trust)[0]
         settings = {"tta": bool(tta), "precision": precision,
                     "source": "stated with the threshold" if precision else "stated with the threshold; precision unknown"}
     members = []
@@ -174,6 +201,14 @@ def make_bundle(
             "split_sha256": meta.get("split_sha256"), "test_metrics": test_metrics,
             "files": {f: sha256_file(dest / f) for f in files},
         })
+    ood_entry = None
+    if ood and study_dir is not None and cfg.ood.method != "none" and (study_dir / "splits.csv").exists():
+        fitted = load_predictors([out / m["dir"] for m in members], device="cpu",
+                                 precision=settings.get("precision") if settings.get("precision") in ("fp32", "bf16") else "auto")
+        for pr, m in zip(fitted, members, strict=True):
+            pr.name = m["name"]
+        ood_entry = fit_bundle_ood(fitted, study_dir, cfg.ood, out, data=Path(data) if data else None)
+        ood_entry["sha256"] = sha256_file(out / ood_entry["file"])
     ens_metrics = None
     if study_dir is not None and (study_dir / "eval" / "ensemble" / "metrics.json").exists() and len(members) == 4:
         m = json.loads((study_dir / "eval" / "ensemble" / "metrics.json").read_text())
@@ -181,7 +216,8 @@ def make_bundle(
     manifest = {
         "format_version": FORMAT_VERSION, "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "lesionlab_version": __version__, "classes": list(CLASSES), "ensemble": "mean of member probabilities",
-        "melanoma_threshold": thr, "inference": settings, "members": members, "ensemble_test_metrics": ens_metrics,
+        "melanoma_threshold": thr, "inference": settings, "quality": asdict(cfg.quality), "trust": trust,
+        "ood": ood_entry, "members": members, "ensemble_test_metrics": ens_metrics,
         "intended_use": "Decision support for trained clinicians; not a diagnosis.",
     }
     atomic_write_json(out / MANIFEST, manifest)
@@ -207,6 +243,12 @@ def verify_bundle(path: str | Path) -> dict[str, Any]:
                 raise UserError(f"bundle file {f} is missing")
             if sha256_file(f) != digest:
                 raise UserError(f"bundle file {f} does not match its manifest hash (corrupted or modified); re-create the bundle")
+    if manifest.get("ood"):
+        f = root / manifest["ood"]["file"]
+        if not f.exists():
+            raise UserError(f"bundle file {f} is missing")
+        if sha256_file(f) != manifest["ood"].get("sha256"):
+            raise UserError(f"bundle file {f} does not match its manifest hash (corrupted or modified); re-create the bundle")
     return manifest
 
 
@@ -249,6 +291,7 @@ class EnsemblePredictor:
         for pr, m in zip(self.members, self.manifest["members"], strict=True):
             pr.name = m["name"]
         self.version = sha256_file(self.root / MANIFEST)[:12]
+        self.screening = BundleTrust(self.root, self.manifest)
         self.precision = precision_name(self.members[0].amp)
         self.tta = self.threshold_settings["tta"]
 
@@ -287,14 +330,35 @@ class EnsemblePredictor:
     def device(self) -> str:
         return str(self.members[0].device)
 
-    def predict(self, images: list[Image.Image], *, tta: bool | None = None) -> list[dict[str, Any]]:
-        """One result per image (see `result_dict`); `tta` None = the bundle's setting (any other is refused)."""
+    def predict(self, images: list[Image.Image], *, tta: bool | None = None, research: bool = False
+                ) -> list[dict[str, Any]]:
+        """One result per image; `tta` None = the bundle's setting (any other is refused).
+
+        An image that fails a quality check or whose OOD score is above the bundle's threshold gets
+        `{"status": "unevaluable", "reasons", "reason_codes", "advice"}` and no diagnosis; with `research` its
+        would-be result is added under `research`. Otherwise `{"status": "ok", ...}` (see `result_dict`) with
+        calibrated probabilities and the conformal `differential`.
+        """
         tta = self.resolve_tta(tta)
         if not images:
             return []
-        member_probs = {pr.name: pr.predict_images(images, tta=tta) for pr in self.members}
-        ens = np.mean(list(member_probs.values()), axis=0)
-        return [self.result_dict(ens[i], {n: p[i] for n, p in member_probs.items()}) for i in range(len(images))]
+        outputs = self.screening.member_outputs(self.members, images, tta=tta)
+        refusals, ood_scores = self.screening.screen(images, outputs)
+        ens, members = self.screening.calibrated(outputs)
+        diffs = self.screening.differential(ens)
+        out = []
+        for i in range(len(images)):
+            full = self.result_dict(ens[i], {n: p[i] for n, p in members.items()})
+            full["differential"] = diffs[i] if diffs is not None else None
+            full["ood_score"] = float(ood_scores[i]) if ood_scores is not None else None
+            if refusals[i] is None:
+                out.append({"status": "ok", **full})
+            else:
+                r = dict(refusals[i])
+                if research:
+                    r["research"] = {**full, "note": RESEARCH_NOTE}
+                out.append(r)
+        return out
 
     def result_dict(self, probs: np.ndarray, members: dict[str, np.ndarray]) -> dict[str, Any]:
         top = int(np.argmax(probs))
@@ -307,6 +371,8 @@ class EnsemblePredictor:
             "top": CLASSES[top], "top_name": DISPLAY_NAMES[CLASSES[top]], "top_probability": float(probs[top]),
             "melanoma_probability": mel, "melanoma_threshold": self.threshold, "melanoma_flag": mel >= self.threshold,
             "members": member_rows, "agreement": f"{agree}/{len(member_rows)}", "members_agreeing": agree,
+            "calibrated": self.screening.trust is not None,
+            "differential_coverage": self.screening.sets.coverage if self.screening.sets is not None else None,
         }
 
     def explain(self, image: Image.Image, *, cls: str | None = None):

@@ -28,10 +28,10 @@ from lesionlab.evaluation.calibration import calibrate_probs
 from lesionlab.evaluation.conformal import ConformalSets
 from lesionlab.evaluation.trust import fit_trust
 from lesionlab.exceptions import UserError
+from lesionlab.inference.ensemble import ENSEMBLE
 from lesionlab.inference.screening import OODModel, fit_ood, image_outputs
 
 log = logging.getLogger(__name__)
-ENSEMBLE = "ensemble"
 
 
 def study_config(study: Path | None) -> StudyConfig:

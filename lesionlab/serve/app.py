@@ -142,12 +142,15 @@ def create_app(
         return {"status": "ok", "lesionlab_version": __version__, "bundle_version": ens.version,
                 "members": [m.name for m in ens.members], "device": ens.device,
                 "melanoma_threshold": ens.threshold, "inference": ens.inference_info(),
+                "trust": ens.screening.describe(),
                 "max_upload_mb": max_upload_mb, "disclaimer": DISCLAIMER}
 
     @app.post("/api/predict")
     def predict(
         image: UploadFile = File(..., description="dermoscopy image (JPEG or PNG)"),
         explain: bool = Query(False, description="add a Grad-CAM heatmap overlay (PNG data URL)"),
+        research: bool = Query(False, description="research use only: for an image refused as unevaluable, add "
+                               "the models' output under `research` (never a diagnosis)"),
         tta: bool | None = Query(None, description="average flips and 90-degree rotations; only the bundle's own "
                                  "setting is accepted (see /api/health), since its melanoma threshold holds only there"),
     ) -> dict[str, Any]:
@@ -164,8 +167,8 @@ def create_app(
             if audit:
                 audit.write({"image_sha256": digest, "status": "rejected", "reason": e.kind, "bundle_version": ens.version})
             raise HTTPException(STATUS_FOR_IMAGE_ERROR.get(e.kind, 400), str(e)) from None
-        result = ens.predict([im], tta=tta)[0]
-        if explain:
+        result = ens.predict([im], tta=tta, research=research)[0]
+        if explain and result["status"] == "ok":
             from lesionlab.explain.overlay import overlay
 
             ex = ens.explain(im)
@@ -175,10 +178,14 @@ def create_app(
         result.update({"bundle_version": ens.version, "lesionlab_version": __version__, "disclaimer": DISCLAIMER,
                        "image_size": list(im.size), "inference": ens.inference_info()})
         if audit:
-            audit.write({"image_sha256": digest, "status": "ok", "bundle_version": ens.version, "tta": tta,
-                         "precision": ens.precision,
-                         "explain": explain, "probabilities": result["probabilities"], "top": result["top"],
-                         "melanoma_flag": result["melanoma_flag"]})
+            rec = {"image_sha256": digest, "status": result["status"], "bundle_version": ens.version, "tta": tta,
+                   "precision": ens.precision, "explain": explain, "research": research}
+            if result["status"] == "ok":
+                rec.update({"probabilities": result["probabilities"], "top": result["top"],
+                            "melanoma_flag": result["melanoma_flag"], "differential": result["differential"]})
+            else:
+                rec["reasons"] = result["reason_codes"]
+            audit.write(rec)
         return result
 
     return app
