@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageEnhance, ImageFilter
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import SHARED_HAM, machine  # noqa: E402
@@ -56,27 +56,6 @@ def skimage_photos(seed: int = 0) -> tuple[list[Image.Image], list[str]]:
             ims.append(im.crop((x, y, x + cw, y + ch)))
             names.append(f"{n}-crop{k}")
     return ims, names
-
-
-def synthetic(n: int = 20, seed: int = 0) -> dict[str, list[Image.Image]]:
-    rng = np.random.default_rng(seed)
-    size = (200, 150)
-    solid = [Image.new("RGB", size, tuple(int(v) for v in rng.integers(0, 256, 3))) for _ in range(n - 2)]
-    solid += [Image.new("RGB", size, (255, 255, 255)), Image.new("RGB", size, (0, 0, 0))]
-    noise = [Image.fromarray(rng.integers(0, 256, (150, 200, 3), dtype=np.uint8)) for _ in range(n // 2)]
-    noise += [Image.fromarray(np.clip(rng.normal(rng.uniform(60, 200), rng.uniform(10, 60), (150, 200, 3)), 0, 255)
-                              .astype(np.uint8)) for _ in range(n - n // 2)]
-    return {"synthetic solid/blank": solid, "synthetic noise": noise}
-
-
-def degraded(paths: list[Path]) -> dict[str, list[Image.Image]]:
-    ims = [Image.open(p).convert("RGB") for p in paths]
-    return {
-        "lesion heavy blur": [im.filter(ImageFilter.GaussianBlur(6)) for im in ims],
-        "lesion over-exposed": [ImageEnhance.Brightness(im).enhance(2.5) for im in ims],
-        "lesion tiny crop": [im.crop((80, 60, 120, 90)) for im in ims],
-        "lesion thumbnail": [im.resize((16, 12), Image.BILINEAR) for im in ims],
-    }
 
 
 def member_outputs(predictors, images: list[Image.Image], batch: int = 64) -> dict[str, dict[str, np.ndarray]]:
@@ -123,7 +102,7 @@ def main() -> None:
     from lesionlab.data.subsets import subset_frame
     from lesionlab.data.tables import read_table
     from lesionlab.inference.predictor import find_checkpoints, load_predictors
-    from lesionlab.inference.screening import fit_ood
+    from lesionlab.inference.screening import degraded_lesions, fit_ood, plot_ood_scores, synthetic_ood_images
 
     t0 = time.perf_counter()
     cfg_ood, cfg_q = OODConfig(), QualityConfig()
@@ -137,10 +116,10 @@ def main() -> None:
     screened = refusals(test_images, in_scores["mahalanobis"], ood.threshold, cfg_q)
 
     photos, photo_names = skimage_photos()
-    groups: dict[str, list[Image.Image]] = {"skimage photos": photos, **synthetic()}
+    groups: dict[str, list[Image.Image]] = {"skimage photos": photos, **synthetic_ood_images()}
     rng = np.random.default_rng(0)
     pick = rng.choice(len(test), size=min(a.degraded, len(test)), replace=False)
-    groups.update(degraded([Path(test["path"].iloc[i]) for i in pick]))
+    groups.update(degraded_lesions([Image.open(test["path"].iloc[i]).convert("RGB") for i in pick]))
 
     rows, hist = [], {"HAM10000 test": in_scores["mahalanobis"]}
     per_photo = None
@@ -178,33 +157,9 @@ def main() -> None:
     if a.json:
         a.json.write_text(json.dumps(summary, indent=2, default=float))
 
-    _figure(hist, ood.threshold, a.figure)
+    plot_ood_scores(hist, ood.threshold, a.figure, first="HAM10000 test")
     _doc(a, summary, res, per_photo, screened, minutes)
     print(f"in-distribution test images refused: {in_refused:.1%} (quality {q_refused:.1%}, OOD {o_refused:.1%})")
-
-
-def _figure(hist: dict[str, np.ndarray], threshold: float, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(8, 4.2))
-    allv = np.concatenate(list(hist.values()))
-    bins = np.logspace(np.log10(max(allv.min(), 1e-3)), np.log10(allv.max()), 50)
-    for k, v in hist.items():
-        ax.hist(np.maximum(v, bins[0]), bins=bins, histtype="step" if k != "HAM10000 test" else "stepfilled",
-                alpha=0.45 if k == "HAM10000 test" else 0.9, density=True, label=f"{k} ({len(v)})", linewidth=1.4)
-    ax.axvline(threshold, color="k", linestyle="--", label="refusal threshold (95% of validation pass)")
-    ax.set_xscale("log")
-    ax.set_xlabel("ensemble OOD score (Mahalanobis distance / validation median)")
-    ax.set_ylabel("density")
-    ax.set_title("Out-of-distribution score: HAM10000 test split vs. images the models should refuse")
-    ax.legend(fontsize=7.5, loc="upper right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def _reading(res: pd.DataFrame) -> str:

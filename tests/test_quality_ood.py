@@ -201,3 +201,33 @@ def test_ood_model_fits_on_a_study_saves_loads_and_screens(trust_study, tmp_path
     assert blank["refused"].iloc[0] and blank["quality"].iloc[0] == "uniform"
     with pytest.raises(UserError, match="ood.method"):
         fit_ood(predictors, train, val, OODConfig(method="energy"))
+
+
+def test_ood_report_for_the_study_report(trust_study, tmp_path):
+    """`screening.ood_report` writes the refusal summary and the OOD histogram the report's Trust section shows."""
+    import json
+
+    from lesionlab.config import OODConfig
+    from lesionlab.data.split import read_split
+    from lesionlab.data.subsets import subset_frame
+    from lesionlab.data.tables import read_table
+    from lesionlab.inference.predictor import find_checkpoints, load_predictors
+    from lesionlab.inference.screening import fit_ood, ood_report
+    from lesionlab.inference.trust import study_frames
+    from lesionlab.report.document import Report
+    from lesionlab.report.study_report import ood_part
+
+    predictors = load_predictors(find_checkpoints([trust_study / "runs"]), device="cpu", precision="fp32")
+    train, val = study_frames(trust_study)
+    test = subset_frame(read_table(trust_study.parent / "data"), read_split(trust_study / "splits.csv"), "test")
+    ood = fit_ood(predictors, train, val, OODConfig(fit_per_class=12), progress=False)
+    s = ood_report(predictors, ood, test, QualityConfig(), tmp_path / "ood", n_degraded=6, progress=False)
+    assert json.loads((tmp_path / "ood" / "ood.json").read_text()) == json.loads(json.dumps(s))
+    assert (tmp_path / "ood" / "ood_scores.png").stat().st_size > 5000
+    sets = {r["set"]: r for r in s["sets"]}
+    assert sets["synthetic solid/blank"]["refused"] == 1 and sets["lesion thumbnail"]["refused"] == 1
+    assert sets["lesion heavy blur"]["refused_by_quality"] == 1 and s["test_images"] == len(test)
+    rep = Report("t")
+    ood_part(rep, tmp_path)
+    md = "\n".join(rep.md)
+    assert "of the" in md and "lesion thumbnail" in md and "ood/ood_scores.png" in md

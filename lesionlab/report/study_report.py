@@ -97,6 +97,25 @@ def trust_section(rep, out: Path, all_names: list[str], mets: dict[str, dict]) -
     if ext_rows:
         rep.para("External sets (temperatures and thresholds from the internal validation split, unchanged):")
         rep.table(pd.DataFrame(ext_rows))
+    ood_part(rep, out)
+
+
+def ood_part(rep, out: Path) -> None:
+    """Refusal of unevaluable images (ood/ood.json and ood/ood_scores.png from `screening.ood_report`), if made."""
+    from lesionlab.report.document import fmt
+
+    f = out / "ood" / "ood.json"
+    if not f.exists():
+        return
+    s = json.loads(f.read_text())
+    rep.para(f"Refusal of unevaluable images (quality checks, then the ensemble's out-of-distribution score against "
+             f"the threshold {s['threshold']:.3f} that 95% of the validation split passes): {s['test_refused']:.1%} of "
+             f"the {s['test_images']} test images are refused ({s['test_refused_by_quality']:.1%} by a quality check, "
+             f"{s['test_refused_by_ood']:.1%} by the OOD score). Images the models should refuse:")
+    rep.table(pd.DataFrame([{"set": r["set"], "images": r["images"], "refused": fmt(r["refused"]),
+                             "by quality": fmt(r["refused_by_quality"]), "by OOD score": fmt(r["refused_by_ood"]),
+                             "OOD AUROC": fmt(r["auroc"]), "FPR at 95% TPR": fmt(r["fpr_at_95_tpr"])} for r in s["sets"]]))
+    rep.figure(out / "ood" / "ood_scores.png", "OOD score: test split vs. images to refuse", md_rel="ood/ood_scores.png")
 
 def subgroups_section(rep, out: Path) -> None:
     """The report's "Subgroup performance" section (subgroups/, when the metadata had columns to split by)."""
