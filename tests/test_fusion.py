@@ -180,7 +180,7 @@ def test_fusion_learns_a_signal_only_the_metadata_carries(tmp_path):
         cfg = load_config("demo", ["data.image_size=16", "data.batch_size=8", "data.num_workers=0", "data.cache=false",
                                    "train.epochs=4", "train.lr=0.01", "train.patience=10", "train.pretrained=none",
                                    "train.device=cpu", "train.precision=fp32", f"train.metadata={fields}"])
-        best[name] = fit("timm:resnet10t", tr, va, cfg, tmp_path / name, progress=False)["best_val_loss"]
+        best[name] = fit("timm:test_resnet", tr, va, cfg, tmp_path / name, progress=False)["best_val_loss"]
     assert best["fused"] < 0.75 * best["image"], best
     meta = models.read_meta(tmp_path / "fused")
     assert meta["metadata"]["fields"] == ["age", "sex", "localization"] and meta["cam_layer"] == "backbone.layer4"
