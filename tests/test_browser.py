@@ -166,6 +166,7 @@ def test_calibrated_result_differential_and_refusal_card(chromium, trust_server,
             assert "too small" in page.inner_text("#refusal-reasons")
             assert "full resolution" in page.inner_text("#refusal-advice")
             assert "retake" in page.inner_text("#refusal").lower() and not page.is_visible("#out")
+            assert not page.is_visible("#toggle-wrap")  # no heatmap of an image that gets no diagnosis
             page.screenshot(path=str(tmp_path / "refused.png"), full_page=True)
             # and back to an evaluable image
             page.set_input_files("#file", str(good))
