@@ -639,14 +639,29 @@ def _predict(p: argparse.ArgumentParser):
     _engine_arg(p)
     p.add_argument("--research", action="store_true",
                    help="research use only: also give the models' output for images refused as unevaluable")
+    p.add_argument("--metadata", type=Path, help="for metadata-fusion bundles: CSV with image_id (file name without "
+                   "extension) and age, sex, localization (or site) columns")
+    p.add_argument("--age", help="patient age for every image given (metadata-fusion bundles)")
+    p.add_argument("--sex", help="patient sex for every image given: male or female")
+    p.add_argument("--site", help="body site for every image given, e.g. back, face, lower extremity")
     p.epilog = ("Every image is screened first (quality checks, out-of-distribution score): a refused one is reported "
                 "as unevaluable with the reasons and gets no diagnosis. Exit status: 0 every image evaluated; "
                 "3 at least one image unevaluable (its row says why); 1 at least one file unreadable; "
                 "2 bad input or options.")
 
     def run(a: argparse.Namespace) -> int:
+        from lesionlab.data.metadata import lookup_rows, read_metadata
         from lesionlab.explain.overlay import overlay, save_png
         from lesionlab.inference.bundle import EnsemblePredictor
+
+        meta_df = read_metadata(a.metadata) if a.metadata else None
+        given = {k: v for k, v in (("age", a.age), ("sex", a.sex), ("localization", a.site)) if v is not None}
+
+        def metadata_for(ps: list[Path]) -> list[dict] | None:
+            if meta_df is None and not given:
+                return None
+            return [{**given, **{k: v for k, v in r.items() if v not in ("", None)}}
+                    for r in lookup_rows(meta_df, [q.stem for q in ps])]
 
         ens = EnsemblePredictor(a.bundle, device=a.device, precision=a.precision, engine=_engine(a.engine))
         a.tta = ens.resolve_tta(a.tta)  # refused before any image is read
@@ -661,10 +676,13 @@ def _predict(p: argparse.ArgumentParser):
         for start in range(0, len(paths), a.batch_size):
             loaded = list(readable_images(paths[start : start + a.batch_size], "predict", failed))
             ok_paths, batch = [p for p, _ in loaded], [im for _, im in loaded]
-            for path, im, res in zip(ok_paths, batch, ens.predict(batch, tta=a.tta, research=a.research), strict=True):
+            results = ens.predict(batch, tta=a.tta, research=a.research, metadata=metadata_for(ok_paths))
+            for path, im, res in zip(ok_paths, batch, results, strict=True):
+                if res.get("metadata", {}).get("note"):
+                    print(f"lesionlab predict: {path}: {res['metadata']['note']}", file=sys.stderr)
                 rows.append({"image": str(path), **res})
                 if a.explain and res["status"] == "ok":
-                    ex = ens.explain(im)
+                    ex = ens.explain(im, cls=res.get("top") if res.get("metadata") else None)  # fused: class from image + metadata
                     save_png(overlay(ex.display, ex.ensemble), a.explain / f"{path.stem}_gradcam_{ex.cls}.png")
         rows += [{"image": str(p), "error": err} for p, err in failed]
         order = {str(p): i for i, p in enumerate(paths)}  # image-less folders (not in paths) first

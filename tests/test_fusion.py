@@ -189,3 +189,59 @@ def test_fusion_learns_a_signal_only_the_metadata_carries(tmp_path):
     assert isinstance(pr.model, FusionModel)
     ex = explain_image([pr], load_image(va["path"].iloc[0]), cls="MEL")  # maps from the image branch
     assert ex.ensemble.shape == ex.display.shape[:2] and np.isfinite(ex.ensemble).all()
+
+
+def _fused_bundle(tmp_path):
+    from lesionlab import models
+    from lesionlab.inference.bundle import make_bundle
+
+    model = _fused(seed=5)
+    run = tmp_path / "runs" / "fused"
+    models.save_checkpoint(model, {"arch": "timm:resnet10t", "timm_id": "resnet10t", "input_size": 32,
+                                   "mean": [0.5] * 3, "std": [0.5] * 3, "crop_fraction": 2 / 3,
+                                   "cam_layer": "backbone.layer4", **fusion_meta(model)}, run)
+    make_bundle([run], tmp_path / "bundle", threshold=0.2, tta=False, precision="fp32")
+    return tmp_path / "bundle"
+
+
+def test_bundle_predict_and_service_take_optional_metadata(tmp_path, tiny_bundle):
+    import contextlib
+    import io
+    import json
+
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from lesionlab.cli import main
+    from lesionlab.inference.bundle import EnsemblePredictor
+    from lesionlab.serve.app import create_app
+
+    bundle = _fused_bundle(tmp_path)
+    ens = EnsemblePredictor(bundle, device="cpu", precision="fp32")
+    im = Image.fromarray(np.random.default_rng(0).integers(0, 255, (150, 200, 3), dtype=np.uint8))
+    bare = ens.predict([im])[0]
+    assert bare["metadata"]["missing"] == ["age", "localization", "sex"] and "missing-value indicators" in bare["metadata"]["note"]
+    full = ens.predict([im], metadata=[{"age": 70, "sex": "male", "site": "back"}])[0]
+    assert full["metadata"]["missing"] == [] and "note" not in full["metadata"]
+    assert full["probabilities"] != bare["probabilities"]
+    # an image-only bundle says that it ignored the metadata, and says nothing when none is given
+    plain = EnsemblePredictor(tiny_bundle, device="cpu", precision="fp32")
+    assert "ignored" in plain.predict([im], metadata=[{"age": 70}])[0]["metadata"]["note"]
+    assert "metadata" not in plain.predict([im])[0]
+
+    img = tmp_path / "ISIC_1.png"  # lossless: the same pixels as `im`
+    im.save(img)
+    (tmp_path / "meta.csv").write_text("image_id,age,sex,localization\nISIC_1,70,male,back\n")
+    for extra in (["--metadata", str(tmp_path / "meta.csv")], ["--age", "70", "--sex", "male", "--site", "back"]):
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            assert main(["predict", str(img), "--bundle", str(bundle), "--format", "json", "--device", "cpu", *extra]) == 0
+        res = json.loads(buf.getvalue())[0]
+        assert res["metadata"]["missing"] == [] and res["probabilities"] == pytest.approx(full["probabilities"], abs=1e-4)
+
+    client = TestClient(create_app(bundle, device="cpu", precision="fp32"))
+    data = img.read_bytes()
+    r = client.post("/api/predict", files={"image": ("x.png", data, "image/png")}, data={"age": "70", "sex": "male", "site": "back"})
+    assert r.status_code == 200 and r.json()["metadata"]["missing"] == []
+    r = client.post("/api/predict?explain=true", files={"image": ("x.png", data, "image/png")})
+    assert r.status_code == 200 and "note" in r.json()["metadata"] and r.json()["heatmap"].startswith("data:image/png")

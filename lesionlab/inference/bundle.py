@@ -330,19 +330,20 @@ class EnsemblePredictor:
     def device(self) -> str:
         return str(self.members[0].device)
 
-    def predict(self, images: list[Image.Image], *, tta: bool | None = None, research: bool = False
-                ) -> list[dict[str, Any]]:
+    def predict(self, images: list[Image.Image], *, tta: bool | None = None, research: bool = False,
+                metadata: list[dict] | None = None) -> list[dict[str, Any]]:
         """One result per image; `tta` None = the bundle's setting (any other is refused).
 
         An image that fails a quality check or whose OOD score is above the bundle's threshold gets
         `{"status": "unevaluable", "reasons", "reason_codes", "advice"}` and no diagnosis; with `research` its
         would-be result is added under `research`. Otherwise `{"status": "ok", ...}` (see `result_dict`) with
-        calibrated probabilities and the conformal `differential`.
+        calibrated probabilities and the conformal `differential`. `metadata`: one mapping per image (age, sex,
+        site) for metadata-fusion members; their results' `metadata` entry says which fields were used or missing.
         """
         tta = self.resolve_tta(tta)
         if not images:
             return []
-        outputs = self.screening.member_outputs(self.members, images, tta=tta)
+        outputs = self.screening.member_outputs(self.members, images, tta=tta, metadata=metadata)
         refusals, ood_scores = self.screening.screen(images, outputs)
         ens, members = self.screening.calibrated(outputs)
         diffs = self.screening.differential(ens)
@@ -351,6 +352,9 @@ class EnsemblePredictor:
             full = self.result_dict(ens[i], {n: p[i] for n, p in members.items()})
             full["differential"] = diffs[i] if diffs is not None else None
             full["ood_score"] = float(ood_scores[i]) if ood_scores is not None else None
+            info = self.metadata_info(metadata[i] if metadata else None)
+            if info:
+                full["metadata"] = info
             if refusals[i] is None:
                 out.append({"status": "ok", **full})
             else:
@@ -359,6 +363,20 @@ class EnsemblePredictor:
                     r["research"] = {**full, "note": RESEARCH_NOTE}
                 out.append(r)
         return out
+
+    def metadata_info(self, row: dict | None) -> dict[str, Any] | None:
+        """What the members made of one image's metadata (None: image-only bundle and no metadata given)."""
+        fused = [pr for pr in self.members if pr.encoding is not None]
+        given = {k: v for k, v in (row or {}).items() if v not in (None, "")}
+        if not fused:
+            return {"used_by": [], "note": "this bundle's models use the image only; the metadata was ignored"} if given else None
+        missing = sorted({f for pr in fused for f in pr.encode_metadata([row or {}], 1)[1][0]})
+        info: dict[str, Any] = {"used_by": [pr.name for pr in fused],
+                                "fields": sorted({f for pr in fused for f in pr.encoding.fields}), "missing": missing}
+        if missing:
+            info["note"] = (f"no usable {', '.join(missing)} for the metadata-fusion model(s): answered with the "
+                            "missing-value indicators set, which is less reliable; give them for a better estimate")
+        return info
 
     def result_dict(self, probs: np.ndarray, members: dict[str, np.ndarray]) -> dict[str, Any]:
         top = int(np.argmax(probs))

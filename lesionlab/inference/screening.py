@@ -44,10 +44,11 @@ def frame_outputs(pr: Predictor, df: pd.DataFrame, *, batch_size: int = 32, num_
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-def image_outputs(pr: Predictor, images: list[Image.Image], *, tta: bool = False) -> dict[str, np.ndarray]:
-    """The same for decoded images (predict, the service)."""
+def image_outputs(pr: Predictor, images: list[Image.Image], *, tta: bool = False,
+                  metadata: list[dict] | None = None) -> dict[str, np.ndarray]:
+    """The same for decoded images (predict, the service); `metadata` (one mapping per image) for fused models."""
     x = torch.stack([pr.transform(pil_to_uint8_tensor(im)) for im in images])
-    return pr.outputs_batch(x, tta=tta)
+    return pr.outputs_batch(x, tta=tta, meta=pr.encode_metadata(metadata, len(images))[0])
 
 
 def balanced_sample(df: pd.DataFrame, per_class: int, seed: int) -> pd.DataFrame:

@@ -116,8 +116,9 @@ class BundleTrust:
     def temperature(self, name: str) -> float:
         return float(self.trust["models"][name]["temperature"]) if self.trust else 1.0
 
-    def member_outputs(self, members: list, images: list[Image.Image], *, tta: bool = False) -> dict[str, dict]:
-        return {pr.name: image_outputs(pr, images, tta=tta) for pr in members}
+    def member_outputs(self, members: list, images: list[Image.Image], *, tta: bool = False,
+                       metadata: list[dict] | None = None) -> dict[str, dict]:
+        return {pr.name: image_outputs(pr, images, tta=tta, metadata=metadata) for pr in members}
 
     def screen(self, images: list[Image.Image], outputs: dict[str, dict]
                ) -> tuple[list[dict[str, Any] | None], np.ndarray | None]:

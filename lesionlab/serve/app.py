@@ -12,7 +12,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
+from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse
 from PIL import Image
 from starlette.formparsers import MultiPartParser
@@ -153,6 +153,9 @@ def create_app(
                                "the models' output under `research` (never a diagnosis)"),
         tta: bool | None = Query(None, description="average flips and 90-degree rotations; only the bundle's own "
                                  "setting is accepted (see /api/health), since its melanoma threshold holds only there"),
+        age: str | None = Form(None, description="patient age in years (optional; used by metadata-fusion bundles)"),
+        sex: str | None = Form(None, description="male or female (optional; metadata-fusion bundles)"),
+        site: str | None = Form(None, description="body site, e.g. back, face (optional; metadata-fusion bundles)"),
     ) -> dict[str, Any]:
         tta = ens.resolve_tta(tta)  # another setting than the bundle's: a UserError, answered 400
         data = image.file.read(max_bytes + 1)
@@ -167,11 +170,12 @@ def create_app(
             if audit:
                 audit.write({"image_sha256": digest, "status": "rejected", "reason": e.kind, "bundle_version": ens.version})
             raise HTTPException(STATUS_FOR_IMAGE_ERROR.get(e.kind, 400), str(e)) from None
-        result = ens.predict([im], tta=tta, research=research)[0]
+        given = {k: v for k, v in (("age", age), ("sex", sex), ("localization", site)) if v not in (None, "")}
+        result = ens.predict([im], tta=tta, research=research, metadata=[given] if given else None)[0]
         if explain and result["status"] == "ok":
             from lesionlab.explain.overlay import overlay
 
-            ex = ens.explain(im)
+            ex = ens.explain(im, cls=result.get("top") if result.get("metadata") else None)
             result["heatmap"] = _png_data_url(overlay(ex.display, ex.ensemble))
             result["heatmap_crop"] = _png_data_url(ex.display)
             result["heatmap_class"] = ex.cls
