@@ -245,3 +245,21 @@ def test_bundle_predict_and_service_take_optional_metadata(tmp_path, tiny_bundle
     assert r.status_code == 200 and r.json()["metadata"]["missing"] == []
     r = client.post("/api/predict?explain=true", files={"image": ("x.png", data, "image/png")})
     assert r.status_code == 200 and "note" in r.json()["metadata"] and r.json()["heatmap"].startswith("data:image/png")
+
+
+def test_ood_features_of_a_fused_model_are_the_image_branch(tmp_path):
+    """Out-of-distribution scores judge the image: a fused model's features do not move with the metadata."""
+    from lesionlab import models
+    from lesionlab.inference.predictor import Predictor
+
+    model = _fused(seed=6)
+    models.save_checkpoint(model, {"arch": "timm:resnet10t", "timm_id": "resnet10t", "input_size": 32,
+                                   "mean": [0.5] * 3, "std": [0.5] * 3, "crop_fraction": 2 / 3,
+                                   "cam_layer": "backbone.layer4", **fusion_meta(model)}, tmp_path)
+    pr = Predictor(tmp_path, device="cpu", precision="fp32")
+    x = torch.randn(2, 3, 32, 32)
+    meta = pr.encode_metadata([{"age": 30, "sex": "male", "localization": "face"}] * 2, 2)[0]
+    a, b = pr.outputs_batch(x), pr.outputs_batch(x, meta=meta)
+    np.testing.assert_allclose(a["features"], b["features"], atol=1e-6)
+    assert a["features"].shape == (2, model.backbone.num_features)
+    assert not np.allclose(a["logits"], b["logits"])

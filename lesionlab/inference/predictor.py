@@ -205,8 +205,9 @@ class Predictor:
             logits = self.model.forward_head(feats, **head_kw).float()
             if i == 0:
                 out["logits"] = logits.cpu().numpy()
-                if features:
-                    out["features"] = self.model.forward_head(feats, pre_logits=True, **head_kw).float().cpu().numpy()
+                if features:  # a fused model's are its image branch's: OOD scores judge the image, whatever metadata came
+                    head = self.model.backbone if self.encoding is not None else self.model
+                    out["features"] = head.forward_head(feats, pre_logits=True).float().cpu().numpy()
             p = torch.softmax(logits, dim=1)
             acc = p if acc is None else acc + p
         out["probs"] = (acc / len(views)).cpu().numpy()
