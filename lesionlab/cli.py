@@ -620,7 +620,7 @@ def _format_results(rows: list[dict], fmt: str) -> str:
         row.update({c: round(r["probabilities"][c], 4) for c in CLASSES})
         row.update({f"member_{n}": m["top"] for n, m in r["members"].items()})
         flat.append(row)
-    df = pd.DataFrame(flat)
+    df = pd.DataFrame(flat).fillna("")  # an unevaluable or failed row has no diagnosis columns: blank, not NaN
     return df.to_csv(index=False).rstrip("\n") if fmt == "csv" else df.to_string(index=False)
 
 
