@@ -166,7 +166,11 @@ def plot_robustness(table: pd.DataFrame, metric: str, path: str | Path, *, title
     for ax, pert in zip(axes.flat, perts, strict=False):
         sub = t[t["perturbation"] == pert]
         for i, m in enumerate(models):
-            s = sub[sub["model"] == m].sort_values("level")
+            s = sub[sub["model"] == m]
+            if "identity" in s and len(s):  # the unperturbed image sits at the identity level: flip 0, delta 0
+                ref = 0.0 if metric == "flip_rate" or metric.startswith("delta_") else s[f"{metric}_clean"].iloc[0]
+                s = pd.concat([s, pd.DataFrame({"level": [float(s["identity"].iloc[0])], metric: [ref]})])
+            s = s.sort_values("level")
             black = m == "ensemble"
             ax.plot(s["level"], s[metric], marker="o", ms=3, lw=2.0 if black else 1.1, c="black" if black else f"C{i}",
                     label=m)
