@@ -348,3 +348,10 @@ def test_consistency_command_from_prediction_csvs(tmp_path, capsys):
     assert cons.loc["ensemble", "lesions"] == 2 and "ensemble" in capsys.readouterr().out
     pd.DataFrame({"image_id": ids[:5], "group_id": ["A", "A", "B", "B", "B"]}).to_csv(tmp_path / "les.csv", index=False)
     assert main(argv) != 0 and "no lesion id" in capsys.readouterr().err
+
+
+def test_robustness_runs_accept_a_bundle_folder(tiny_bundle):
+    from lesionlab.acquisition import model_dirs
+
+    dirs = model_dirs([tiny_bundle])
+    assert len(dirs) == 2 and all(d.parent.name == "members" for d in dirs)
