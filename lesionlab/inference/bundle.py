@@ -203,11 +203,12 @@ def make_bundle(
         })
     ood_entry = None
     if ood and study_dir is not None and cfg.ood.method != "none" and (study_dir / "splits.csv").exists():
-        fitted = load_predictors([out / m["dir"] for m in members], device="cpu",
+        fitted = load_predictors([out / m["dir"] for m in members], device="auto",
                                  precision=settings.get("precision") if settings.get("precision") in ("fp32", "bf16") else "auto")
         for pr, m in zip(fitted, members, strict=True):
             pr.name = m["name"]
-        ood_entry = fit_bundle_ood(fitted, study_dir, cfg.ood, out, data=Path(data) if data else None)
+        ood_entry = fit_bundle_ood(fitted, study_dir, cfg.ood, out, data=Path(data) if data else None,
+                                   progress=progress)
         ood_entry["sha256"] = sha256_file(out / ood_entry["file"])
     ens_metrics = None
     if study_dir is not None and (study_dir / "eval" / "ensemble" / "metrics.json").exists() and len(members) == 4:

@@ -88,12 +88,12 @@ def study_frames(study: Path, data: Path | None = None) -> tuple[pd.DataFrame, p
 
 
 def fit_bundle_ood(predictors: list, study: Path, cfg: OODConfig, out_dir: Path, *,
-                   data: Path | None = None, batch_size: int = 32) -> dict[str, Any] | None:
+                   data: Path | None = None, batch_size: int = 32, progress: bool = True) -> dict[str, Any] | None:
     """Fit the OOD model for the bundle's members and save its arrays in `out_dir`; the manifest entry."""
     if cfg.method == "none":
         return None
     train, val = study_frames(study, data)
-    model = fit_ood(predictors, train, val, cfg, batch_size=batch_size)
+    model = fit_ood(predictors, train, val, cfg, batch_size=batch_size, progress=progress)
     model.save(out_dir)
     return model.manifest_entry()
 
