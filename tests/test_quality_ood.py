@@ -231,3 +231,14 @@ def test_ood_report_for_the_study_report(trust_study, tmp_path):
     ood_part(rep, tmp_path)
     md = "\n".join(rep.md)
     assert "of the" in md and "lesion thumbnail" in md and "ood/ood_scores.png" in md
+
+
+def test_member_probabilities_are_calibrated_under_their_file_stem():
+    """trust.json keys members by file stem; a `timm:` member must still get its own temperature."""
+    from lesionlab.inference.trust import BundleTrust
+
+    bt = BundleTrust.__new__(BundleTrust)  # only the calibration part is exercised
+    bt.trust = {"models": {"timm_resnet10t": {"temperature": 2.0}, "ensemble": {"temperature": 1.0}}, "config": {}}
+    p = np.array([[0.70, 0.10, 0.05, 0.05, 0.04, 0.03, 0.03]])
+    _, members = bt.calibrated({"timm:resnet10t": {"probs": p}})
+    assert members["timm:resnet10t"][0, 0] < 0.6  # T = 2 softens the top class; uncalibrated it would stay 0.70

@@ -30,6 +30,7 @@ from lesionlab.evaluation.trust import fit_trust
 from lesionlab.exceptions import UserError
 from lesionlab.inference.ensemble import ENSEMBLE
 from lesionlab.inference.screening import OODModel, fit_ood, image_outputs
+from lesionlab.models.registry import file_stem
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +138,9 @@ class BundleTrust:
         """Calibrated ensemble probabilities (N, 7) and calibrated member probabilities."""
         raw = {n: o["probs"] for n, o in outputs.items()}
         ens = calibrate_probs(np.mean(list(raw.values()), axis=0), self.temperature(ENSEMBLE))
-        members = {n: calibrate_probs(p, self.temperature(n)) if self.trust and n in self.trust["models"] else p
-                   for n, p in raw.items()}
+        # trust.json keys members by file stem (`timm:resnet18` -> `timm_resnet18`), as the study's prediction files
+        members = {n: calibrate_probs(p, self.temperature(file_stem(n))) if self.trust and file_stem(n) in
+                   self.trust["models"] else p for n, p in raw.items()}
         return ens, members
 
     def differential(self, probs: np.ndarray) -> list[list[str]] | None:
