@@ -187,10 +187,10 @@ class StudyConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     explain: ExplainConfig = field(default_factory=ExplainConfig)
-    quality: QualityConfig = field(default_factory=QualityConfig)
-    ood: OODConfig = field(default_factory=OODConfig)
     trust: TrustConfig = field(default_factory=TrustConfig)
     robustness: RobustnessConfig = field(default_factory=RobustnessConfig)
+    quality: QualityConfig = field(default_factory=QualityConfig)
+    ood: OODConfig = field(default_factory=OODConfig)
     synth_images: int = 0  # > 0: the demo makes a synthetic dataset of this many images
     synth_size: list[int] = field(default_factory=lambda: [600, 450])
     external: list[ExternalSet] = field(default_factory=list)

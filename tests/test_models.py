@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from lesionlab import models
-from lesionlab.models import registry
 from lesionlab.exceptions import UserError, WeightsUnavailable
+from lesionlab.models import registry
 
 
 @pytest.mark.parametrize("name", models.PAPER_ARCHS)
