@@ -662,6 +662,20 @@ def run_study(
                   config={"robustness": cfg.robustness, "data.max_image_pixels": cfg.data.max_image_pixels,
                           "train.device": cfg.train.device, "train.precision": cfg.train.precision},
                   upstream=["split", *train_steps], outputs=[out / "robustness"])
+    if cfg.ood.method != "none":  # refusal of unevaluable images: OOD scores in / out for the report's Trust section
+        def do_ood():
+            from lesionlab.inference.predictor import load_predictors
+            from lesionlab.inference.screening import fit_ood, ood_report
+
+            preds = load_predictors([runs / file_stem(a) for a in archs], device=cfg.train.device,
+                                    precision=cfg.train.precision)
+            ood = fit_ood(preds, tr, va, cfg.ood, batch_size=cfg.data.batch_size, progress=progress)
+            ood_report(preds, ood, te, cfg.quality, out / "ood", n_degraded=min(100, len(te)),
+                       batch_size=cfg.data.batch_size, progress=progress)
+
+        steps.run("ood", do_ood, config={"ood": cfg.ood, "quality": cfg.quality, "train.device": cfg.train.device,
+                                         "train.precision": cfg.train.precision},
+                  upstream=["split", *train_steps], outputs=[out / "ood"])
     steps.prune(keep=[Path(data)])
     t = time.perf_counter()
     steps.record("report", "ran", "always runs (cheap; shows this run's step statuses)", 0.0)

@@ -18,7 +18,9 @@ from lesionlab.labels import CLASSES
 def small_study(tmp_path_factory):
     out = tmp_path_factory.mktemp("study")
     cfg = load_config("demo", ["synth_images=90", "synth_size=[80,60]", "data.image_size=32", "train.epochs=1",
-                               "eval.bootstrap=20", "train.precision=fp32", "data.batch_size=16"])
+                               "eval.bootstrap=20", "train.precision=fp32", "data.batch_size=16",
+                               # the robustness step's own tests cover every perturbation; here two keep it cheap
+                               "robustness.perturbations=[brightness,rotation]", "robustness.max_levels=1"])
     html = study.run_study(cfg, out, progress=False)
     return out, html
 

@@ -127,6 +127,9 @@ def test_study_fits_trust_on_validation_and_reports_it(tmp_path):
         assert (out / "eval" / stem / "reliability.png").exists()
     md = (out / "report.md").read_text()
     assert "Trust: calibrated probabilities and prediction sets" in md and "ECE after" in md and "MEL coverage" in md
+    ood = json.loads((out / "ood" / "ood.json").read_text())  # the OOD step: scores in / out and their histogram
+    assert 0 <= ood["test_refused"] <= 1 and (out / "ood" / "ood_scores.png").exists()
+    assert "Refusal of unevaluable images" in md and "ood/ood_scores.png" in md
     study.run_study(load_config("demo", [*TINY_STUDY, "trust.method=aps"]), out, progress=False)
     st = {k: v.get("status") for k, v in json.loads((out / "steps.json").read_text()).items()}
     assert st["trust"] == "ran" and st["metrics"] == "ran"

@@ -113,13 +113,3 @@ def check_quality(image: Image.Image, t: QualityConfig | None = None) -> list[Qu
         issues.append(QualityIssue("blurred", "The image is blurred (too little fine detail to see the lesion's "
                                    "structures).", m["sharpness"], t.min_sharpness))
     return issues
-    if m["mean"] < t.min_mean or m["dark_fraction"] > t.max_dark_fraction:
-        issues.append(QualityIssue("under_exposed", f"The image is too dark (under-exposed: {m['dark_fraction']:.0%} "
-                                   "of it is nearly black).", m["dark_fraction"], t.max_dark_fraction))
-    elif m["mean"] > t.max_mean or m["bright_fraction"] > t.max_bright_fraction:
-        issues.append(QualityIssue("over_exposed", f"The image is too bright (over-exposed: {m['bright_fraction']:.0%} "
-                                   "of it is nearly white).", m["bright_fraction"], t.max_bright_fraction))
-    if m["sharpness"] < t.min_sharpness:
-        issues.append(QualityIssue("blurred", "The image is blurred (too little fine detail to see the lesion's "
-                                   "structures).", m["sharpness"], t.min_sharpness))
-    return issues

@@ -19,7 +19,6 @@ import torch
 from PIL import Image
 
 from lesionlab import __version__
-from lesionlab.data.isic_csv import read_isic_csv
 from lesionlab.evaluation.operating_points import at_threshold, threshold_for_sensitivity
 from lesionlab.exceptions import UserError
 from lesionlab.inference.predictor import Predictor, find_checkpoints, load_predictors, unique_names
@@ -86,31 +85,6 @@ def _find_study(checkpoint: Path) -> Path | None:
         if (parent / "steps.json").exists() and (parent / "predictions").is_dir():
             return parent
     return None
-
-
-def validation_threshold(study: Path, names: list[str], target: float) -> dict[str, Any]:
-    """Melanoma threshold for the ensemble of `names`, chosen on the study's validation predictions."""
-    from lesionlab.data.isic_csv import align
-    from lesionlab.inference.ensemble import mean_probabilities
-
-    pred_dir = study / "predictions"
-    truth = read_isic_csv(pred_dir / "truth_val.csv", kind="truth")
-    probs = []
-    y = None
-    for n in names:
-        f = pred_dir / f"{n}_val.csv"
-        if not f.exists():
-            raise UserError(f"{f} not found: cannot choose the threshold on validation; pass --threshold")
-        y, p, _ = align(truth, read_isic_csv(f, kind="prediction"))
-        probs.append(p)
-    ens = mean_probabilities(probs)
-    mel = CLASS_INDEX["MEL"]
-    thr = threshold_for_sensitivity(y == mel, ens[:, mel], target)
-    if thr is None:
-        raise UserError(f"{study}: the validation split has no melanoma; pass --threshold")
-    at = at_threshold(y == mel, ens[:, mel], thr)
-    return {"value": thr, "target_sensitivity": target, "source": f"validation split of {study}",
-            "validation_sensitivity": at["sensitivity"], "validation_specificity": at["specificity"]}
 
 
 def calibrated_threshold(y: np.ndarray, cal: np.ndarray, target: float, study: Path) -> dict[str, Any]:

@@ -117,6 +117,7 @@ def ood_part(rep, out: Path) -> None:
                              "OOD AUROC": fmt(r["auroc"]), "FPR at 95% TPR": fmt(r["fpr_at_95_tpr"])} for r in s["sets"]]))
     rep.figure(out / "ood" / "ood_scores.png", "OOD score: test split vs. images to refuse", md_rel="ood/ood_scores.png")
 
+
 def subgroups_section(rep, out: Path) -> None:
     """The report's "Subgroup performance" section (subgroups/, when the metadata had columns to split by)."""
     from lesionlab.evaluation.subgroups import METRIC_TITLES
