@@ -20,14 +20,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tiny_bundle):
+def _serve(bundle):
+    """The service over `bundle` on a free loopback port, in a thread; yields its URL."""
     import uvicorn
 
     from lesionlab.serve.app import create_app
 
     port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(create_app(tiny_bundle, device="cpu"), host="127.0.0.1", port=port, log_level="warning"))
+    srv = uvicorn.Server(uvicorn.Config(create_app(bundle, device="cpu"), host="127.0.0.1", port=port, log_level="warning"))
     t = threading.Thread(target=srv.run, daemon=True)
     t.start()
     for _ in range(100):
@@ -37,6 +37,11 @@ def server(tiny_bundle):
     yield f"http://127.0.0.1:{port}"
     srv.should_exit = True
     t.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_bundle):
+    yield from _serve(tiny_bundle)
 
 
 def require_chromium(chromium: str | None, ci: str | None) -> str:
@@ -105,22 +110,7 @@ def test_upload_shows_probabilities_and_heatmap(chromium, server, tmp_path):
 @pytest.fixture(scope="module")
 def trust_server(trust_bundle):
     """The service over a bundle with calibration, the conformal differential and the refusals."""
-    import uvicorn
-
-    from lesionlab.serve.app import create_app
-
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(create_app(trust_bundle, device="cpu"), host="127.0.0.1", port=port,
-                                        log_level="warning"))
-    t = threading.Thread(target=srv.run, daemon=True)
-    t.start()
-    for _ in range(100):
-        if srv.started:
-            break
-        time.sleep(0.1)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    t.join(timeout=10)
+    yield from _serve(trust_bundle)
 
 
 def test_calibrated_result_differential_and_refusal_card(chromium, trust_server, trust_study, tmp_path):
