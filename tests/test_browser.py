@@ -44,6 +44,13 @@ def server(tiny_bundle):
     yield from _serve(tiny_bundle)
 
 
+def _launch(playwright, chromium: str):
+    """Headless Debian Chromium with nothing reaching the network."""
+    return playwright.chromium.launch(executable_path=chromium, args=[
+        "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync"])
+
+
 def require_chromium(chromium: str | None, ci: str | None) -> str:
     """The Chromium to drive; without one the test skips, except under CI=true, where it fails."""
     if chromium is None:
@@ -76,9 +83,7 @@ def test_upload_shows_probabilities_and_heatmap(chromium, server, tmp_path):
     img = tmp_path / "lesion.jpg"
     Image.fromarray(np.random.default_rng(0).integers(60, 200, (150, 200, 3), dtype=np.uint8)).save(img)
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
+        browser = _launch(p, chromium)
         try:
             page = browser.new_page(viewport={"width": 1200, "height": 900})
             page.goto(server + "/")
@@ -133,9 +138,7 @@ def test_calibrated_result_differential_and_refusal_card(chromium, trust_server,
     thumb = tmp_path / "thumb.jpg"
     Image.open(good).resize((16, 12)).save(thumb)
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
+        browser = _launch(p, chromium)
         try:
             page = browser.new_page(viewport={"width": 1200, "height": 900})
             page.goto(trust_server + "/")
