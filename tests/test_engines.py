@@ -106,3 +106,40 @@ def test_bundle_carries_the_onnx_body_hashed_and_predicts_with_it(tmp_path, cach
     f.write_bytes(f.read_bytes()[:-8] + b"\0" * 8)
     with pytest.raises(UserError, match="does not match its manifest hash"):
         verify_bundle(tmp_path / "b")
+
+
+_SIGNAL_AFTER_OPENVINO = r"""
+import faulthandler, gc, os, signal, sys
+import numpy as np, timm
+from lesionlab.inference import engines
+faulthandler.enable()
+if sys.argv[2] == "unguarded":  # what OpenVINO does to a thread without LesionLab's guard
+    class _NoGuard:
+        def __enter__(self): return self
+        def __exit__(self, *exc): return False
+    engines.keep_signal_stack = _NoGuard
+before = engines._SignalStack(); engines.keep_signal_stack._libc = None
+import ctypes; libc = ctypes.CDLL(None); libc.sigaltstack(None, ctypes.byref(before))
+path = engines.export_body_onnx(timm.create_model("resnet10t", num_classes=7).eval(), 32, sys.argv[1])
+a = engines.OpenVinoBody(path); a(np.zeros((1, 3, 32, 32), np.float32))
+b = engines.OpenVinoBody(path); b(np.zeros((1, 3, 32, 32), np.float32))
+del a; gc.collect(); del b; gc.collect()  # released out of order
+after = engines._SignalStack(); libc.sigaltstack(None, ctypes.byref(after))
+got = []
+signal.signal(signal.SIGUSR1, lambda *_: got.append(1))
+os.kill(os.getpid(), signal.SIGUSR1)  # handled on the thread's alternate stack
+print("same stack" if (after.ss_sp, after.ss_size) == (before.ss_sp, before.ss_size) else "stack moved", got)
+"""
+
+
+@pytest.mark.skipif(not engines.available("openvino"), reason="openvino not installed")
+def test_openvino_leaves_the_threads_signal_stack_alone(tmp_path):
+    """OpenVINO's CPU plugin swaps the thread's alternate signal stack and, with two models released out of order,
+    leaves it on unmapped memory: the next signal killed the whole test run with SIGSEGV (CI, 26 Nov 2026)."""
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-c", _SIGNAL_AFTER_OPENVINO, str(tmp_path / "m.onnx"), "guarded"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip().splitlines()[-1] == "same stack [1]"
