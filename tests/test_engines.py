@@ -143,3 +143,57 @@ def test_openvino_leaves_the_threads_signal_stack_alone(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.strip().splitlines()[-1] == "same stack [1]"
+
+
+def _smooth_images(n: int, seed: int) -> list:
+    """Image-like PIL images (smooth colour fields plus noise), 80x60."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        low = rng.uniform(0, 255, (3, 4, 3)).astype(np.uint8)
+        im = Image.fromarray(low).resize((80, 60), Image.BICUBIC)
+        a = np.asarray(im, dtype=np.int16) + rng.integers(-8, 9, (60, 80, 3))
+        out.append(Image.fromarray(a.clip(0, 255).astype(np.uint8)))
+    return out
+
+
+@pytest.mark.parametrize("floor", [0.0, 1.01])
+def test_int8_body_is_shipped_only_above_the_agreement_floor(ck, tmp_path, cache, monkeypatch, floor):
+    """The int8 body is ONNX Runtime's static quantisation calibrated on given images; it is kept (and usable as
+    --engine onnxruntime-int8, and by auto) only at the agreement floor; otherwise the engine is refused in one line."""
+    import json
+    import shutil
+
+    from lesionlab.inference.bundle import _int8_member
+
+    d = tmp_path / "member"
+    shutil.copytree(ck, d)
+    ref = Predictor(d, device="cpu", precision="fp32")
+    engines.export_body_onnx(ref.model, 64, d / engines.ONNX_FILE)
+    monkeypatch.setattr(engines, "INT8_MIN_AGREEMENT", floor)
+    record, files = _int8_member(d, "m", _smooth_images(16, 0), _smooth_images(40, 1), progress=False)
+    assert json.loads((d / engines.INT8_RECORD).read_text()) == record and record["images"] == 40
+    assert 0 <= record["top1_agreement"] <= 1 and record["calibration_images"] == 16
+    if floor > 1:
+        assert not record["accepted"] and files == [engines.INT8_RECORD] and not (d / engines.INT8_FILE).exists()
+        with pytest.raises(UserError, match="no accepted int8 model"):
+            Predictor(d, device="cpu", precision="fp32", engine=engines.INT8)
+        return
+    assert record["accepted"] and files == [engines.INT8_FILE, engines.INT8_RECORD]
+    pr = Predictor(d, device="cpu", precision="fp32", engine=engines.INT8)
+    x = _images(8)
+    got, want = pr.predict_batch(x), ref.predict_batch(x)
+    assert got.shape == want.shape and np.allclose(got.sum(1), 1, atol=1e-5)
+    assert np.abs(got - want).max() < 0.2  # int8 is close to fp32, not equal (hence the agreement floor)
+    auto = Predictor(d, device="cpu", precision="fp32", engine="auto")
+    assert engines.INT8 in {t["engine"] for t in auto.engine_trials}
+
+
+def test_int8_bundle_needs_the_studys_validation_images(tmp_path):
+    from lesionlab.inference.bundle import make_bundle
+
+    runs = [make_tiny_checkpoint(tmp_path / "runs" / "m0", seed=0)]
+    with pytest.raises(UserError, match="--int8 calibrates on the study's validation images"):
+        make_bundle(runs, tmp_path / "b", threshold=0.15, int8=True)

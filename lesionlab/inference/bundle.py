@@ -22,7 +22,7 @@ from lesionlab import __version__
 from lesionlab.evaluation.operating_points import at_threshold, threshold_for_sensitivity
 from lesionlab.exceptions import UserError
 from lesionlab.inference.predictor import Predictor, find_checkpoints, load_predictors, unique_names
-from lesionlab.inference.trust import BundleTrust, fit_bundle_ood, fit_calibration, study_config
+from lesionlab.inference.trust import BundleTrust, fit_bundle_ood, fit_calibration, study_config, study_frames
 from lesionlab.io import atomic_write_json, sha256_file
 from lesionlab.labels import CLASS_INDEX, CLASSES, DISPLAY_NAMES
 from lesionlab.models import META_FILE, WEIGHTS_FILE, file_stem, read_meta
@@ -99,6 +99,64 @@ def calibrated_threshold(y: np.ndarray, cal: np.ndarray, target: float, study: P
             "validation_specificity": at["specificity"]}
 
 
+INT8_CALIBRATION_IMAGES = 64  # ONNX Runtime's quantiser needs tens of images for activation ranges
+INT8_CHECK_IMAGES = 500  # further validation images the int8 body must agree with fp32 on
+
+
+def _int8_images(study_dir: Path | None, data: str | Path | None) -> tuple[list[Image.Image], list[Image.Image]]:
+    """Validation images of the study: a calibration set and a disjoint agreement-check set (fixed seed)."""
+    from lesionlab.data.images import load_image
+
+    if study_dir is None or not (study_dir / "splits.csv").exists():
+        raise UserError("--int8 calibrates on the study's validation images; pass --study STUDY_DIR")
+    _, val = study_frames(study_dir, Path(data) if data else None)
+    order = np.random.default_rng(0).permutation(len(val))
+    n_cal = INT8_CALIBRATION_IMAGES
+    n_check = min(INT8_CHECK_IMAGES, len(val) - n_cal)
+    if n_check < 100:
+        raise UserError(f"--int8: the study's validation split has {len(val)} images; it needs at least "
+                        f"{n_cal + 100} (calibration + agreement check)")
+    paths = val["path"].to_numpy()
+    return ([load_image(paths[i]) for i in order[:n_cal]], [load_image(paths[i]) for i in order[n_cal:n_cal + n_check]])
+
+
+def _int8_member(dest: Path, name: str, calibration: list[Image.Image], check: list[Image.Image], *,
+                 progress: bool = True) -> tuple[dict[str, Any], list[str]]:
+    """Quantise one member's body to int8 on validation images; keep it only at >= 99% top-1 agreement with fp32.
+
+    Returns the record (also written as int8.json beside the member) and the files to hash."""
+    from lesionlab.inference import engines
+
+    engines.require(engines.INT8)
+    pr = Predictor(dest, device="cpu", precision="fp32", engine="torch")
+    if pr.encoding is not None:
+        raise UserError(f"--int8: member {name} also reads metadata; int8 bodies are made for image-only members")
+    x_cal = pr.prepare(calibration).numpy()
+    engines.quantize_int8(dest / engines.ONNX_FILE, x_cal, dest / engines.INT8_FILE)
+    body = engines.load_body(engines.INT8, dest / engines.INT8_FILE)
+    ref, got = [], []
+    with torch.inference_mode():
+        for i in range(0, len(check), 32):
+            x = pr.prepare(check[i:i + 32])
+            ref.append(torch.softmax(pr._head(pr._fp32_body(x)), 1).numpy())
+            got.append(torch.softmax(pr._head(torch.from_numpy(body(x.numpy()))), 1).numpy())
+    ref_p, got_p = np.concatenate(ref), np.concatenate(got)
+    agreement = engines.top1_agreement(ref_p, got_p)
+    accepted = agreement >= engines.INT8_MIN_AGREEMENT
+    record = {"accepted": bool(accepted), "top1_agreement": round(agreement, 4), "images": len(check),
+              "min_agreement": engines.INT8_MIN_AGREEMENT, "calibration_images": len(calibration),
+              "calibrated_on": "validation split", "max_prob_diff": float(np.abs(ref_p - got_p).max()),
+              "method": "ONNX Runtime static quantisation, QDQ, per-channel int8 weights, uint8 activations (MinMax)"}
+    del body
+    if not accepted:
+        (dest / engines.INT8_FILE).unlink()
+    atomic_write_json(dest / engines.INT8_RECORD, record)
+    if progress:
+        print(f"{name}: int8 top-1 agreement with fp32 {agreement:.2%} on {len(check)} validation images -> "
+              + ("shipped" if accepted else f"not shipped (below {engines.INT8_MIN_AGREEMENT:.0%})"))
+    return record, ([engines.INT8_FILE] if accepted else []) + [engines.INT8_RECORD]
+
+
 def make_bundle(
     runs: list[str | Path],
     out_dir: str | Path,
@@ -111,6 +169,7 @@ def make_bundle(
     onnx: bool = False,
     data: str | Path | None = None,
     ood: bool = True,
+    int8: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Copy the members and write the manifest; returns the manifest.
@@ -130,6 +189,7 @@ def make_bundle(
         raise UserError(f"--precision {precision!r} must be one of {', '.join(PRECISIONS)}")
     names = [file_stem(n) for n in unique_names(read_meta(ck).get("arch", ck.name) for ck in cks)]
     study_dir = Path(study) if study else _find_study(cks[0])
+    int8_images = _int8_images(study_dir, data) if int8 else None
     if threshold is None:
         if study_dir is None:
             raise UserError("no study folder found beside the runs to choose the melanoma threshold on validation; "
@@ -159,12 +219,16 @@ def make_bundle(
             shutil.copy2(ck / f, dest / f)
         meta = read_meta(dest)
         files = [WEIGHTS_FILE, META_FILE]
-        if onnx:  # the body as ONNX for the CPU engines (inference/engines.py), hashed like the weights
+        if onnx or int8:  # the body as ONNX for the CPU engines (inference/engines.py), hashed like the weights
             from lesionlab.inference.engines import ONNX_FILE, export_body_onnx
             from lesionlab.models import load_checkpoint
 
             export_body_onnx(load_checkpoint(dest)[0], int(meta["input_size"]), dest / ONNX_FILE)
             files.append(ONNX_FILE)
+        int8_record = None
+        if int8_images is not None:
+            int8_record, int8_files = _int8_member(dest, name, *int8_images, progress=progress)
+            files += int8_files
         test_metrics = None
         if study_dir is not None and (study_dir / "eval" / name / "metrics.json").exists():
             m = json.loads((study_dir / "eval" / name / "metrics.json").read_text())
@@ -172,7 +236,7 @@ def make_bundle(
         members.append({
             "name": name, "dir": f"members/{name}", "arch": meta.get("arch"), "timm_id": meta.get("timm_id"),
             "source": str(ck.resolve()), "epoch": meta.get("epoch"), "pretrained": meta.get("pretrained"),
-            "split_sha256": meta.get("split_sha256"), "test_metrics": test_metrics,
+            "split_sha256": meta.get("split_sha256"), "test_metrics": test_metrics, "int8": int8_record,
             "files": {f: sha256_file(dest / f) for f in files},
         })
     ood_entry = None

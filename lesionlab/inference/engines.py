@@ -43,13 +43,17 @@ from lesionlab.io import atomic_write, atomic_write_json, sha256_file
 
 log = logging.getLogger(__name__)
 
-ENGINES = ("auto", "torch", "onnxruntime", "openvino")
-EXPORTED = ("onnxruntime", "openvino")  # engines that run the exported ONNX body
+INT8 = "onnxruntime-int8"  # ONNX Runtime on a statically quantised body; only where a bundle carries one accepted
+ENGINES = ("auto", "torch", "onnxruntime", "openvino", INT8)
+EXPORTED = ("onnxruntime", "openvino")  # engines that run the exported fp32 ONNX body
 ONNX_FILE = "model.onnx"
+INT8_FILE = "model.int8.onnx"
+INT8_RECORD = "int8.json"  # how the int8 body was calibrated and how often its top-1 agreed with fp32
+INT8_MIN_AGREEMENT = 0.99  # an int8 body is shipped only at >= 99% top-1 agreement with fp32 on real images
 ONNX_OPSET = 17
 # fp32 engines must reproduce fp32 torch up to reordered sums: probabilities within 1e-3 and the same top-1.
 TOLERANCE = 1e-3
-_PACKAGES = {"onnxruntime": "onnxruntime", "openvino": "openvino"}
+_PACKAGES = {"onnxruntime": "onnxruntime", "openvino": "openvino", INT8: "onnxruntime"}
 
 
 def check_engine(name: str) -> str:
@@ -118,6 +122,66 @@ def onnx_for(checkpoint: str | Path, model: torch.nn.Module, input_size: int) ->
         log.info("exporting %s to ONNX (%s), once per model", ck_dir, path)
         export_body_onnx(model, input_size, path)
     return path
+
+
+def int8_for(checkpoint: str | Path) -> Path | None:
+    """The accepted int8 body beside a (bundle member) checkpoint, else None."""
+    ck = Path(checkpoint)
+    ck_dir = ck if ck.is_dir() else ck.parent
+    model, record = ck_dir / INT8_FILE, ck_dir / INT8_RECORD
+    if not (model.exists() and record.exists()):
+        return None
+    try:
+        return model if json.loads(record.read_text()).get("accepted") else None
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def quantize_int8(onnx_fp32: str | Path, calibration: np.ndarray, out: str | Path, *, batch: int = 16) -> Path:
+    """Static post-training int8 quantisation of an exported body with ONNX Runtime's quantiser.
+
+    QDQ format, per-channel signed int8 weights, unsigned int8 activations whose ranges come from `calibration`
+    (preprocessed images, N x 3 x S x S float32; LesionLab uses validation images). The graph is first run through
+    ONNX Runtime's `quant_pre_process` (shape inference, fusions), as its documentation recommends. Whether the
+    result may be used is decided by its top-1 agreement with fp32 (see `top1_agreement`), not here.
+    """
+    import tempfile
+
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quant_pre_process,
+        quantize_static,
+    )
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._batches = iter([np.ascontiguousarray(calibration[i:i + batch], dtype=np.float32)
+                                  for i in range(0, len(calibration), batch)])
+
+        def get_next(self):
+            x = next(self._batches, None)
+            return None if x is None else {"image": x}
+
+    out = Path(out)
+    with tempfile.TemporaryDirectory() as tmp:
+        pre = Path(tmp) / "pre.onnx"
+        quant_pre_process(str(onnx_fp32), str(pre), skip_symbolic_shape=True)
+
+        def write(dest: Path) -> None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                quantize_static(str(pre), str(dest), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+
+        atomic_write(out, write)
+    return out
+
+
+def top1_agreement(reference: np.ndarray, other: np.ndarray) -> float:
+    """Share of rows whose arg-max class is the same in two probability (or logit) arrays."""
+    return float((np.asarray(reference).argmax(1) == np.asarray(other).argmax(1)).mean())
 
 
 class OnnxRuntimeBody:
@@ -215,7 +279,7 @@ class OpenVinoBody:
 
 
 BODIES: dict[str, Callable[..., Callable[[np.ndarray], np.ndarray]]] = {
-    "onnxruntime": OnnxRuntimeBody, "openvino": OpenVinoBody,
+    "onnxruntime": OnnxRuntimeBody, "openvino": OpenVinoBody, INT8: OnnxRuntimeBody,
 }
 
 
@@ -334,9 +398,11 @@ def cpu_flags() -> list[str]:
     return []
 
 
-def choose_cached(onnx_path: Path, run_trials: Callable[[], list[Trial]]) -> tuple[str, list[dict]]:
-    """The `auto` choice for this exported model on this machine: from the cache, else measured and cached."""
-    key = hashlib.sha256(f"{sha256_file(onnx_path)}|{cpu_key()}".encode()).hexdigest()[:24]
+def choose_cached(onnx_path: Path, run_trials: Callable[[], list[Trial]], *, also: Path | None = None
+                  ) -> tuple[str, list[dict]]:
+    """The `auto` choice for this exported model (and `also`, an int8 body) on this machine: cached, else measured."""
+    extra = sha256_file(also) if also is not None else ""
+    key = hashlib.sha256(f"{sha256_file(onnx_path)}|{extra}|{cpu_key()}".encode()).hexdigest()[:24]
     path = cache_root() / "engines.json"
     try:
         cache = json.loads(path.read_text()) if path.exists() else {}

@@ -106,12 +106,19 @@ class Predictor:
             return
         if engine != "auto":
             engines.require(engine)
+        int8 = engines.int8_for(checkpoint) if engines.available(engines.INT8) else None
+        if engine == engines.INT8 and int8 is None:
+            raise UserError(f"--engine {engines.INT8}: {checkpoint} has no accepted int8 model; make the bundle with "
+                            "--int8 (it ships one only at >= 99% top-1 agreement with fp32) or use another engine")
         candidates = [e for e in engines.EXPORTED if engines.available(e)] if engine == "auto" else [engine]
+        if engine == "auto" and int8 is not None:
+            candidates.append(engines.INT8)
         if not candidates:
             return
         onnx = engines.onnx_for(checkpoint, self.model, self.spec.input_size)
+        path_of = {name: int8 if name == engines.INT8 else onnx for name in candidates}
         if engine != "auto":
-            self._body_engine = engines.load_body(engine, onnx)
+            self._body_engine = engines.load_body(engine, path_of[engine])
             self.engine = engine
             return
 
@@ -119,16 +126,18 @@ class Predictor:
             bodies = {"torch": self._torch_body}
             for name in candidates:
                 try:
-                    run = engines.load_body(name, onnx)
+                    run = engines.load_body(name, path_of[name])
                 except Exception as e:  # noqa: BLE001 - an engine that cannot load is not chosen
                     log.info("%s: engine %s unavailable (%s)", self.name, name, e)
                     continue
                 bodies[name] = lambda x, run=run: torch.from_numpy(run(x.float().contiguous().numpy()))
-            return engines.trial_engines(self._fp32_body, bodies, set(candidates), self._head, self.spec.input_size)
+            # fp32 engines are held to the tolerance; int8 (accepted on real images) and bf16 torch to the top-1
+            exact = set(candidates) - {engines.INT8}
+            return engines.trial_engines(self._fp32_body, bodies, exact, self._head, self.spec.input_size)
 
-        choice, self.engine_trials = engines.choose_cached(onnx, run_trials)
+        choice, self.engine_trials = engines.choose_cached(onnx, run_trials, also=int8)
         if choice != "torch":
-            self._body_engine = engines.load_body(choice, onnx)
+            self._body_engine = engines.load_body(choice, path_of[choice])
         self.engine = choice
         log.info("%s: inference engine %s (auto)", self.name, choice)
 
