@@ -50,3 +50,33 @@ def test_bf16_matches_fp32_on_real_images(shared_ham, real_runs):
         agree = np.mean(a.argmax(1) == b.argmax(1))
         print(f"top-1 agreement {agree:.4f}, largest probability difference {np.abs(a - b).max():.4f}")
         assert agree >= 0.99
+
+
+def test_int8_bodies_are_shipped_only_at_99_percent_agreement(shared_ham, tmp_path):
+    """Issue 12's optional int8: `bundle --int8` on the project's real-data study (LESIONLAB_TRUST_STUDY, default
+    ~/lesionlab-runs/ham10000-cpu). Each member is quantised on 64 validation images and shipped only at >= 99% top-1
+    agreement with fp32 on 500 further validation images; a shipped one must also agree on the test split."""
+    import pandas as pd
+
+    from lesionlab.inference import engines
+    from lesionlab.inference.bundle import make_bundle
+    from lesionlab.inference.predictor import Predictor
+
+    study = Path(os.environ.get("LESIONLAB_TRUST_STUDY", "~/lesionlab-runs/ham10000-cpu")).expanduser()
+    if not list((study / "runs").glob("*/model.safetensors")):
+        pytest.skip(f"no trained real-data study at {study} (set LESIONLAB_TRUST_STUDY)")
+    m = make_bundle([study / "runs"], tmp_path / "b", study=study, data=shared_ham, int8=True, ood=False)
+    sp = pd.read_csv(study / "splits.csv", dtype=str)
+    test = read_table(shared_ham).df.merge(sp.loc[sp["split"] == "test", ["image_id"]], on="image_id")
+    for mem in m["members"]:
+        r = mem["int8"]
+        assert r["accepted"] == (r["top1_agreement"] >= engines.INT8_MIN_AGREEMENT)
+        line = f"{mem['name']}: int8 agreement {r['top1_agreement']:.4f} on {r['images']} validation images"
+        if r["accepted"]:
+            d = tmp_path / "b" / mem["dir"]
+            a = Predictor(d, device="cpu", precision="fp32").predict_frame(test, progress=False)
+            b = Predictor(d, device="cpu", precision="fp32", engine=engines.INT8).predict_frame(test, progress=False)
+            agree = float(np.mean(a.argmax(1) == b.argmax(1)))
+            line += f", {agree:.4f} on the {len(test)} test images"
+            assert agree >= 0.98, line
+        print(line + (" -> shipped" if r["accepted"] else " -> not shipped"))
