@@ -676,9 +676,9 @@ def run_study(
         steps.run("ood", do_ood, config={"ood": cfg.ood, "quality": cfg.quality, "train.device": cfg.train.device,
                                          "train.precision": cfg.train.precision},
                   upstream=["split", *train_steps], outputs=[out / "ood"])
-    steps.prune(keep=[Path(data)])
     t = time.perf_counter()
     steps.record("report", "ran", "always runs (cheap; shows this run's step statuses)", 0.0)
+    steps.prune(keep=[Path(data)])  # after the report's record: it is part of every study, never "removed"
     html_path = report_study(out, cfg, names, all_names, best, mets)
     steps.record("report", "ran", "always runs (cheap; shows this run's step statuses)", time.perf_counter() - t)
     return html_path

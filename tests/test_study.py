@@ -249,11 +249,13 @@ def _weights_mtimes(out):
     return {p.parent.name: p.stat().st_mtime_ns for p in sorted((out / "runs").glob("*/model.safetensors"))}
 
 
-def test_rerun_unchanged_reuses_every_step(tiny_study, tmp_path):
+def test_rerun_unchanged_reuses_every_step(tiny_study, tmp_path, caplog):
     out = _copy(tiny_study, tmp_path)
     before = _weights_mtimes(out)
     assert len(before) == 2
-    study.run_study(load_config("demo", TINY + TWO), out, progress=False)
+    with caplog.at_level("INFO", logger="lesionlab.study"):
+        study.run_study(load_config("demo", TINY + TWO), out, progress=False)
+    assert "no longer part of this study" not in caplog.text  # the report step was "removed" on every rerun
     st = _steps_status(out)
     assert {k: v for k, v in st.items() if k != "report"} == {k: ("reused", "unchanged") for k in st if k != "report"}
     assert {"train timm:resnet10t", "infer timm:resnet14t", "ensemble", "metrics", "errors"} <= set(st)
