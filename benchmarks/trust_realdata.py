@@ -229,7 +229,9 @@ def markdown(summary: dict[str, Any], command: str, machine_note: str, note: str
         f"Study: `{summary['study']}`; validation split {summary['n_val']} images (fits), test split "
         f"{summary['n_test']} images (measures). Conformal: {cfgt['method'].upper()}"
         f"{', Mondrian (one threshold per class)' if cfgt['mondrian'] else ', marginal'}, target coverage "
-        f"{cfgt['coverage']:.2f}. CIs: {summary['ci_level']:.0%} percentile bootstrap over lesions, "
+        f"{cfgt['coverage']:.2f}"
+        + "".join(f", {c} {v:.2f}" for c, v in (cfgt.get("class_coverage") or {}).items())
+        + f". CIs: {summary['ci_level']:.0%} percentile bootstrap over lesions, "
         f"{summary['bootstrap']} resamples.",
         "",
         "## Models used",
