@@ -30,6 +30,16 @@ def speed(batches: list[int], repeat: int, warmup: int, size: int) -> list[str]:
 
     cks = dict(zip(models.PAPER_ARCHS, untrained_checkpoints(Path(tempfile.mkdtemp()), size), strict=True))
     inputs = {b: torch.randn(b, 3, size, size) for b in batches}
+    if engines.available(engines.INT8):
+        # For speed only: int8 bodies of the random-weight members, calibrated on image-like inputs and marked
+        # accepted by hand; on real models `bundle --int8` decides acceptance by agreement (make realdata checks it).
+        calib = engines.verification_batch(size, n=16, seed=5).numpy()
+        for arch, ck in cks.items():
+            print(f"int8: quantising {arch}", flush=True)
+            pr = Predictor(ck, device="cpu", precision="fp32")
+            engines.export_body_onnx(pr.model, size, ck / engines.ONNX_FILE)
+            engines.quantize_int8(ck / engines.ONNX_FILE, calib, ck / engines.INT8_FILE)
+            (ck / engines.INT8_RECORD).write_text('{"accepted": true, "note": "speed benchmark only"}')
     cols = ["timm fp32 eager"] + [e for e in engines.ENGINES if engines.available(e) or e == "auto"]
     res: dict[tuple[str, int, str], float] = {}
     picked: dict[str, str] = {}
@@ -78,7 +88,9 @@ def speed(batches: list[int], repeat: int, warmup: int, size: int) -> list[str]:
             "", f"Median of {repeat} runs after {warmup} warm-up(s), per member; the ensemble row is the sum of its "
             "members (they run one after another). Speed-ups against timm fp32 eager in the same run. `torch` is "
             "the Predictor's own path (bf16 TorchScript body where the CPU has AMX / AVX512-BF16, else fp32 eager); "
-            "onnxruntime and openvino run the fp32 ONNX export of the body, the head stays in torch; `auto` verifies "
+            "onnxruntime and openvino run the fp32 ONNX export of the body, the head stays in torch; "
+            "onnxruntime-int8 runs its static int8 quantisation (calibrated here on 16 image-like inputs: speed only, "
+            "its agreement is not meaningful on random weights); `auto` verifies "
             "each against fp32 and keeps the fastest single-image latency (lesionlab/inference/engines.py). Random "
             "weights: speed does not depend on them."]
 
