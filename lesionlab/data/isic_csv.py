@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from lesionlab.data.tables import read_csv_checked
 from lesionlab.exceptions import UserError
 from lesionlab.io import atomic_write_csv
 from lesionlab.labels import CLASS_INDEX, CLASSES
@@ -35,12 +36,7 @@ def write_isic_csv(path: str | Path, frame: pd.DataFrame) -> None:
 def read_isic_csv(path: str | Path, *, kind: str) -> pd.DataFrame:
     """Read an ISIC-format CSV (image + 7 class columns), checking values; `kind` is 'truth' or 'prediction'."""
     path = Path(path)
-    if not path.exists():
-        raise UserError(f"{kind} file {path} does not exist")
-    try:
-        df = pd.read_csv(path, dtype={"image": str})
-    except Exception as e:
-        raise UserError(f"{path}: cannot be read as CSV ({str(e).splitlines()[0]})") from None
+    df = read_csv_checked(path, kind, dtype={"image": str})
     missing = [c for c in ("image", *CLASSES) if c not in df.columns]
     if missing:
         raise UserError(f"{path}: missing columns {', '.join(missing)}; expected image,{','.join(CLASSES)}")

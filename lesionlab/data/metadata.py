@@ -53,13 +53,10 @@ def _number(s: str) -> float | None:
 
 def read_metadata(path: str | Path) -> pd.DataFrame:
     """A metadata table with an `image_id` (or `image`) column, read as strings (HAM10000_metadata.csv or any)."""
+    from lesionlab.data.tables import read_csv_checked
+
     p = Path(path)
-    if not p.exists():
-        raise UserError(f"metadata file {p} does not exist")
-    try:
-        df = pd.read_csv(p, dtype=str, keep_default_na=False)
-    except Exception as e:
-        raise UserError(f"{p}: cannot be read as CSV ({str(e).splitlines()[0]})") from None
+    df = read_csv_checked(p, "metadata", dtype=str, keep_default_na=False)
     df.columns = [c.strip() for c in df.columns]
     if "image_id" not in df.columns and "image" in df.columns:
         df = df.rename(columns={"image": "image_id"})

@@ -60,6 +60,17 @@ def _find_metadata(data_dir: Path) -> Path:
     )
 
 
+def read_csv_checked(path: str | Path, what: str, **read_csv: object) -> pd.DataFrame:
+    """A user's CSV file read with pandas, or a one-line UserError naming it (missing, or not readable as CSV)."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{what} file {path} does not exist")
+    try:
+        return pd.read_csv(path, **read_csv)
+    except Exception as e:
+        raise UserError(f"{path}: cannot be read as CSV ({str(e).splitlines()[0]})") from None
+
+
 def read_table(
     data_dir: str | Path | None = None,
     metadata: str | Path | None = None,
@@ -82,12 +93,7 @@ def read_table(
     if data_dir is not None and not Path(data_dir).is_dir():
         raise UserError(f"data folder {data_dir} does not exist")
     meta_path = Path(metadata) if metadata else _find_metadata(Path(data_dir))
-    if not meta_path.exists():
-        raise UserError(f"metadata file {meta_path} does not exist")
-    try:
-        raw = pd.read_csv(meta_path, dtype=str, keep_default_na=False)
-    except Exception as e:
-        raise UserError(f"{meta_path}: cannot be read as CSV ({str(e).splitlines()[0]})") from None
+    raw = read_csv_checked(meta_path, "metadata", dtype=str, keep_default_na=False)
     raw.columns = [c.strip() for c in raw.columns]
     notes: list[str] = []
     if set(HAM_REQUIRED) <= set(raw.columns):
