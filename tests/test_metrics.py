@@ -1,5 +1,7 @@
 """Metrics on small cases worked out by hand, cross-checked against scikit-learn."""
 
+import warnings
+
 import numpy as np
 import pytest
 from sklearn.metrics import f1_score, precision_score, recall_score, roc_auc_score
@@ -11,6 +13,7 @@ from lesionlab.evaluation.metrics import (
     balanced_accuracy,
     confusion,
     per_class_from_confusion,
+    rank_auc,
     summarize,
 )
 from lesionlab.evaluation.operating_points import (
@@ -80,6 +83,33 @@ def test_degenerate_inputs():
     assert const["confusion"][1][0] == 2
     ties = auc_one_vs_rest(np.array([0, 0, 1, 1]), np.array([[0.5, 0.5], [0.5, 0.5], [0.5, 0.5], [0.9, 0.1]]))
     assert ties[0] == pytest.approx(roc_auc_score([1, 1, 0, 0], [0.5, 0.5, 0.5, 0.9]))
+
+
+def test_hand_written_metrics_match_sklearn_with_ties_and_absent_classes():
+    """confusion, balanced_accuracy, rank_auc and auc_one_vs_rest are numpy versions of sklearn's (for speed)."""
+    from sklearn.metrics import balanced_accuracy_score, confusion_matrix
+
+    rng = np.random.default_rng(0)
+    for trial in range(30):
+        n = int(rng.integers(5, 80))
+        y = rng.integers(0, 7 if trial % 3 else 4, n)  # some trials leave classes out of the truth
+        p = np.round(rng.dirichlet(np.ones(7), n), 1)  # rounding makes many ties
+        pred = p.argmax(1)
+        assert (confusion(y, pred) == confusion_matrix(y, pred, labels=np.arange(7))).all()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert balanced_accuracy(y, pred) == pytest.approx(balanced_accuracy_score(y, pred))
+        auc = auc_one_vs_rest(y, p)
+        for k in range(7):
+            pos = y == k
+            if pos.any() and (~pos).any():
+                assert auc[k] == pytest.approx(roc_auc_score(pos, p[:, k]))
+                assert rank_auc(pos, p[:, k]) == pytest.approx(roc_auc_score(pos, p[:, k]))
+            else:
+                assert np.isnan(auc[k]) and np.isnan(rank_auc(pos, p[:, k]))
+    assert np.isnan(balanced_accuracy(np.array([], int), np.array([], int)))
+    with pytest.raises(ValueError, match="0..6"):
+        confusion(np.array([0, 7]), np.array([0, 1]))
 
 
 def test_operating_points_by_hand():

@@ -9,13 +9,11 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
-from sklearn.metrics import roc_auc_score
 
 from lesionlab.data.isic_csv import probs_frame, write_isic_csv
 from lesionlab.evaluation.metrics import flat_metrics
 from lesionlab.evaluation.subgroups import (
     MISSING,
-    _auc,
     age_band,
     clean_values,
     subgroup_columns,
@@ -25,16 +23,6 @@ from lesionlab.evaluation.subgroups import (
 from lesionlab.labels import CLASS_INDEX, CLASSES
 
 MEL = CLASS_INDEX["MEL"]
-
-
-def test_rank_auc_matches_sklearn_with_ties():
-    rng = np.random.default_rng(0)
-    for _ in range(20):
-        pos = rng.random(50) < 0.3
-        score = np.round(rng.random(50), 1)  # many ties
-        if pos.any() and (~pos).any():
-            assert _auc(pos, score) == pytest.approx(roc_auc_score(pos, score))
-    assert np.isnan(_auc(np.ones(4, bool), np.arange(4.0)))
 
 
 def test_stat_matches_the_study_metrics():

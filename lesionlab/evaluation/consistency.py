@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from lesionlab.evaluation.bootstrap import bootstrap_ci
+from lesionlab.evaluation.metrics import rank_auc
 from lesionlab.evaluation.robustness import condition_metrics
 from lesionlab.exceptions import UserError
 from lesionlab.labels import CLASS_INDEX, CLASSES
@@ -92,11 +93,8 @@ def lesion_level(lesion_ids: np.ndarray, y_true: np.ndarray, probs: np.ndarray) 
 
 def key_metrics(y_true: np.ndarray, probs: np.ndarray) -> dict[str, float]:
     """Balanced accuracy, MEL sensitivity, macro AUC and MEL AUC (the bootstrap statistic here)."""
-    from sklearn.metrics import roc_auc_score
-
     out = condition_metrics(y_true, probs)
-    pos = np.asarray(y_true) == CLASS_INDEX["MEL"]
-    out["mel_auc"] = float(roc_auc_score(pos, probs[:, CLASS_INDEX["MEL"]])) if 0 < pos.sum() < len(pos) else float("nan")
+    out["mel_auc"] = rank_auc(np.asarray(y_true) == CLASS_INDEX["MEL"], np.asarray(probs)[:, CLASS_INDEX["MEL"]])
     return out
 
 
