@@ -263,3 +263,35 @@ def test_ood_features_of_a_fused_model_are_the_image_branch(tmp_path):
     np.testing.assert_allclose(a["features"], b["features"], atol=1e-6)
     assert a["features"].shape == (2, model.backbone.num_features)
     assert not np.allclose(a["logits"], b["logits"])
+
+
+def test_perturbed_inference_gives_a_fused_model_each_images_metadata(tmp_path):
+    """`lesionlab robustness` on a fused model: every perturbed copy carries its image's metadata."""
+    from PIL import Image
+
+    from lesionlab import models
+    from lesionlab.data.perturbations import conditions
+    from lesionlab.inference.perturbed import predict_perturbed
+    from lesionlab.inference.predictor import load_predictors
+
+    model = _fused(seed=7)
+    models.save_checkpoint(model, {"arch": "timm:resnet10t", "timm_id": "resnet10t", "input_size": 32,
+                                   "mean": [0.5] * 3, "std": [0.5] * 3, "crop_fraction": 2 / 3,
+                                   "cam_layer": "backbone.layer4", **fusion_meta(model)}, tmp_path / "m")
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(5):
+        paths.append(str(tmp_path / f"img{i}.jpg"))
+        Image.fromarray(rng.integers(0, 255, (45, 60, 3), dtype=np.uint8)).save(paths[-1])
+    df = pd.DataFrame({"path": paths, "age": [20, 80, np.nan, 45, 60],
+                       "sex": ["male", "female", "male", "unknown", "female"],
+                       "localization": ["face", "back", "trunk", "face", "back"]})
+    (pr,) = load_predictors([tmp_path / "m"], device="cpu", precision="fp32")
+    conds = conditions(["hflip"], max_levels=1)
+    clean, pert = predict_perturbed([pr], df, conds, seed=0, chunk=2, progress=False)
+    np.testing.assert_allclose(clean[pr.name], pr.predict_frame(df, progress=False), atol=1e-5)
+    no_meta = pr.predict_frame(df[["path"]], progress=False)
+    assert np.abs(clean[pr.name] - no_meta).max() > 1e-3  # the metadata reached the model
+    recs = df.drop(columns="path").to_dict("records")
+    flipped = pr.predict_images([Image.open(p).transpose(Image.FLIP_LEFT_RIGHT) for p in paths], metadata=recs)
+    np.testing.assert_allclose(pert[pr.name][("hflip", 1.0)], flipped, atol=1e-5)

@@ -57,7 +57,8 @@ def predict_perturbed(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     progress: bool = True,
 ) -> tuple[dict[str, np.ndarray], dict[str, dict[tuple[str, float], np.ndarray]]]:
-    """Clean and perturbed probabilities of every predictor for the rows of `df` (needs a `path` column).
+    """Clean and perturbed probabilities of every predictor for the rows of `df` (needs a `path` column; a fused
+    model also reads its metadata columns, as `Predictor.predict_frame` does).
 
     Args:
         conditions: (name, level index, level) triples, e.g. from `perturbations.conditions()`.
@@ -77,13 +78,20 @@ def predict_perturbed(
     loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=runtime.worker_count(num_workers))
     bar = tqdm(total=len(ds), desc=f"robustness ({len(keys)} conditions)", unit="img", disable=not progress)
     pending: list[list[torch.Tensor]] = []
+    # A fused model reads the rows' metadata (age, sex, site ...; absent columns count as missing): a perturbed
+    # photograph is still of the same patient, so every copy of an image gets that image's metadata.
+    meta = {pr.name: torch.from_numpy(pr.encoding.encode(df)[0]) for pr in predictors if pr.encoding is not None}
+    done = 0
 
     def flush() -> None:
+        nonlocal done
         for pr in predictors:
             u = specs.index(pr.spec)
             x = torch.stack([item[u] for item in pending], dim=1)  # (S, B, 3, h, w)
+            m = meta[pr.name][done:done + len(pending)] if pr.name in meta else None
             for s in range(len(keys)):
-                parts[pr.name][s].append(pr.predict_batch(x[s], tta=tta))
+                parts[pr.name][s].append(pr.predict_batch(x[s], tta=tta, meta=m))
+        done += len(pending)
         bar.update(len(pending))
         pending.clear()
 
