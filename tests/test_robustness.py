@@ -245,6 +245,12 @@ def test_predict_perturbed_matches_plain_inference(tmp_path):
     t = robustness_table(np.array([CLASS_INDEX[c] for c in df["label"]]), clean, pert)
     assert len(t) == 1 + len(conds) and set(t["model"]) == {name}
     assert len(CLASSES) == clean[name].shape[1]
+    # --tta: the clean and every perturbed copy go through the same TTA views as `infer --tta`.
+    clean_t, pert_t = predict_perturbed(preds, df, conds, seed=1, chunk=2, tta=True, progress=False)
+    np.testing.assert_allclose(clean_t[name], preds[0].predict_frame(df, tta=True, progress=False), atol=1e-5)
+    assert np.abs(clean_t[name] - clean[name]).max() > 1e-4
+    flipped_t = preds[0].predict_images([Image.open(p).transpose(Image.FLIP_LEFT_RIGHT) for p in paths], tta=True)
+    np.testing.assert_allclose(pert_t[name][("hflip", 1.0)], flipped_t, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- colour constancy, train to inference
@@ -310,6 +316,12 @@ def test_robustness_command_writes_tables_plots_and_report_section(synth_dir, sy
     assert list(cons["model"]) == ["timm:resnet10t", "timm:resnet10t-2", "ensemble"] and (cons["lesions"] >= 1).all()
     assert set(pd.read_csv(out / "lesion_metrics.csv")["level"]) == {"image", "lesion"}
     assert json.loads((out / "robustness.json").read_text())["perturbed_images"] == 8
+    assert not t["tta"].any()
+    rc = main(["robustness", "--data", str(synth_dir), "--split", str(synth_split), "--runs", str(tmp_path / "runs" / "m0"),
+               "--perturbations", "hflip", "--max-levels", "1", "--max-images", "4", "--device", "cpu", "--tta",
+               "--precision", "fp32", "--set", "eval.bootstrap=20", "--set", "data.num_workers=0", "--out", str(out / "tta")])
+    assert rc == 0 and json.loads((out / "tta" / "robustness.json").read_text())["tta"] is True
+    assert pd.read_csv(out / "tta" / "robustness.csv")["tta"].all()
     # The study report's section reads the same files (the study writes consistency/ beside robustness/).
     (tmp_path / "study" / "consistency").mkdir(parents=True)
     (out).rename(tmp_path / "study" / "robustness")

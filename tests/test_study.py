@@ -39,6 +39,18 @@ def test_study_report_has_all_models_and_the_ensemble(small_study):
     for section in ("Melanoma operating points", "Error analysis", "Grad-CAM gallery", "Reproducibility", "paper: ResNeXt-101"):
         assert section in md
     assert (out / "errors" / "agreement.csv").exists() and (out / "splits.csv").exists()
+    # The steps that measure the study's named limits reach the report with their files.
+    for section in ("Robustness: acquisition and lesion consistency", "Subgroup performance",
+                    "Trust: calibrated probabilities and prediction sets"):
+        assert f"## {section}" in md
+    rob = pd.read_csv(out / "robustness" / "robustness.csv")
+    assert {"brightness", "rotation", "none"} <= set(rob["perturbation"]) and "ensemble" in set(rob["model"])
+    cons = pd.read_csv(out / "consistency" / "lesion_consistency.csv")
+    assert "ensemble" in set(cons["model"]) and (cons["consistent_share"].between(0, 1)).all()
+    lm = pd.read_csv(out / "consistency" / "lesion_metrics.csv")
+    assert set(lm["level"]) == {"image", "lesion"}
+    sub = pd.read_csv(out / "subgroups" / "subgroups.csv")
+    assert {"sex", "age_band"} <= set(sub["column"]) and (sub["n_images"] > 0).all()
     ens = pd.read_csv(out / "predictions" / "ensemble_test.csv")
     members = [pd.read_csv(out / "predictions" / f"{n}_test.csv") for n in ("resnet101", "resnext101_32x4d", "seresnet101", "seresnext101_32x4d")]
     assert np.allclose(ens[list(CLASSES)].to_numpy(), np.mean([m[list(CLASSES)].to_numpy() for m in members], axis=0), atol=2e-6)
