@@ -100,6 +100,14 @@ def test_columns_must_exist():
     assert subgroup_columns(meta, ["age_band"]) == ["age_band"]
     with pytest.raises(UserError, match="no column 'fitzpatrick_skin_type'"):
         subgroup_columns(meta, ["fitzpatrick_skin_type"])
+    # Every other categorical column present is a subgroup too; identifiers, labels, numbers and free text are not.
+    wide = pd.DataFrame({"image_id": list("abcd"), "lesion_id": list("wxyz"), "dx": ["mel", "nv", "nv", "bkl"],
+                         "sex": ["male", "female", "male", "female"], "age": [40, 50, 60, 70],
+                         "dataset": ["vidir", "rosendahl", "vidir", "vam"], "scanner_id": list("pqrs"),
+                         "note": [f"free text {i}" for i in range(4)], "constant": ["x"] * 4,
+                         "thickness_mm": [0.5, 1.0, 2.0, 0.1], "path": list("1234")})
+    assert subgroup_columns(wide) == ["sex", "age_band", "dataset", "note"]
+    assert "note" not in subgroup_columns(wide.loc[wide.index.repeat(6)].assign(note=[f"t{i}" for i in range(24)]))
 
 
 def test_cli_writes_csv_and_forest_plot_without_torch(tmp_path):

@@ -85,15 +85,38 @@ def subgroup_stat(y_true: np.ndarray, probs: np.ndarray, *, mel_threshold: float
         }
 
 
+# Never subgroups: identifiers, file names, and the diagnosis itself (or columns derived from it).
+NOT_SUBGROUPS = frozenset({"image_id", "image", "lesion_id", "group_id", "patient_id", "path", "file", "filename",
+                           "dx", "diagnosis", "label", "target", "benign_malignant", "split", "age", "age_approx"})
+MAX_LEVELS = 20  # more distinct values than this is a free-text or identifier column, not a category
+
+
+def categorical_columns(meta: pd.DataFrame, max_levels: int = MAX_LEVELS) -> list[str]:
+    """Every other categorical column of a metadata table: text (or boolean) values with 2..max_levels distinct
+    non-missing values, e.g. an acquisition site, a scanner or a `dataset` column; not identifiers or labels."""
+    out = []
+    for c in meta.columns:
+        if c in NOT_SUBGROUPS or c in DEFAULT_COLUMNS or str(c).endswith("_id"):
+            continue
+        col = meta[c]
+        if pd.api.types.is_numeric_dtype(col) and not pd.api.types.is_bool_dtype(col):
+            continue  # numbers are measurements (name a numeric category with --columns)
+        values = set(clean_values(col.tolist())) - {MISSING}
+        if 2 <= len(values) <= max_levels:
+            out.append(str(c))
+    return out
+
+
 def subgroup_columns(meta: pd.DataFrame, columns: Sequence[str] | None = None) -> list[str]:
-    """The columns to split by: `columns` if given (each must exist; `age_band` needs `age`), else the defaults present."""
+    """The columns to split by: `columns` if given (each must exist; `age_band` needs `age`), else the defaults
+    present (sex, age bands, site, dx_type, Fitzpatrick type) followed by every other categorical column."""
     have = set(meta.columns) | ({"age_band"} if "age" in meta.columns else set())
     if columns:
         missing = [c for c in columns if c not in have]
         if missing:
             raise UserError(f"metadata has no column {missing[0]!r}; columns: {', '.join(sorted(have))}")
         return list(dict.fromkeys(columns))
-    return [c for c in DEFAULT_COLUMNS if c in have]
+    return [c for c in DEFAULT_COLUMNS if c in have] + categorical_columns(meta)
 
 
 def metadata_values(meta: pd.DataFrame, image_ids: Sequence[str], column: str) -> np.ndarray:
