@@ -1,6 +1,6 @@
 """Markdown tables from benchmarks/mitigations.sh's four robustness folders (colour constancy x TTA).
 
-    python benchmarks/mitigations_summary.py OUT_DIR [--command "the command that made OUT_DIR"] > mitigations.md
+    python benchmarks/mitigations_summary.py OUT_DIR [--command "the command that made OUT_DIR"] [--plot PNG] > mitigations.md
 
 Reads OUT_DIR/robustness-{none,shades_of_gray}[-tta]/ (lesion_metrics.csv, lesion_consistency.csv,
 robustness_summary.csv, robustness.json) and OUT_DIR/runs/*/<model>/history.csv. Pure pandas; no torch.
@@ -85,10 +85,34 @@ def training_table(out: Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def plot_flip_rates(table: pd.DataFrame, path: Path) -> None:
+    """Grouped bars: the ensemble's mean flip rate per perturbation, one bar per arm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(10, 4))
+    x = np.arange(len(table.index))
+    width = 0.8 / len(table.columns)
+    for i, col in enumerate(table.columns):
+        ax.bar(x + (i - (len(table.columns) - 1) / 2) * width, table[col], width, label=col)
+    ax.set_xticks(x, [str(i).replace("_", " ") for i in table.index], rotation=30, ha="right")
+    ax.set_ylabel("flip rate (mean over severities)")
+    ax.set_title("Ensemble of 3 seeds: share of test images whose diagnosis changes under each perturbation")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out", type=Path)
     ap.add_argument("--command", default="")
+    ap.add_argument("--plot", type=Path, help="also draw the ensemble's flip rates per perturbation and arm here")
     a = ap.parse_args()
     folders = arm_folders(a.out)
     info = json.loads((folders[0][1] / "robustness.json").read_text())
@@ -100,7 +124,10 @@ def main() -> None:
     print("### Ensemble of the seeds (mean probability), clean test images\n")
     print(clean_table(folders, ENSEMBLE).set_index("arm").T.to_markdown() + "\n")
     print("### Ensemble flip rate per perturbation\n")
-    print(flip_table(folders, ENSEMBLE).to_markdown() + "\n")
+    flips = flip_table(folders, ENSEMBLE)
+    print(flips.to_markdown() + "\n")
+    if a.plot:
+        plot_flip_rates(flips, a.plot)
     print("### Single models (per seed), clean test images\n")
     print(seed_table(folders).set_index("arm").T.to_markdown() + "\n")
     tr = training_table(a.out)
