@@ -98,11 +98,13 @@ def main() -> None:
     ap.add_argument("--note", default="", help="a sentence about the models, written into the document")
     a = ap.parse_args()
 
+    from lesionlab.data.ood_images import degraded_lesions, synthetic_ood_images
     from lesionlab.data.split import read_split
     from lesionlab.data.subsets import subset_frame
     from lesionlab.data.tables import read_table
     from lesionlab.inference.predictor import find_checkpoints, load_predictors
-    from lesionlab.inference.screening import degraded_lesions, fit_ood, plot_ood_scores, synthetic_ood_images
+    from lesionlab.inference.screening import fit_ood
+    from lesionlab.report.figures import plot_ood_scores
 
     t0 = time.perf_counter()
     cfg_ood, cfg_q = OODConfig(), QualityConfig()

@@ -240,11 +240,10 @@ def _infer(p: argparse.ArgumentParser):
     _engine_arg(p)
 
     def run(a: argparse.Namespace) -> int:
-        from lesionlab.data.isic_csv import probs_frame, truth_frame, write_isic_csv
         from lesionlab.data.subsets import load_split_tables, subset_frame
         from lesionlab.data.validation import load_valid_table
+        from lesionlab.inference.infer_csv import write_probability_csvs
         from lesionlab.inference.predictor import find_checkpoints, infer_table
-        from lesionlab.models import file_stem
 
         _engine(a.engine)
         cks = find_checkpoints(a.run)
@@ -257,16 +256,10 @@ def _infer(p: argparse.ArgumentParser):
             df = table.df
         probs = infer_table(cks, df, device=a.device, precision=a.precision, tta=a.tta, batch_size=a.batch_size,
                             engine=a.engine)
-        single = len(probs) == 1 and a.out.suffix == ".csv"
-        if len(probs) > 1 and a.out.suffix == ".csv":
-            raise UserError(f"--run holds {len(probs)} models; give a folder as --out (one CSV per model)")
-        for name, pr in probs.items():
-            dest = a.out if single else a.out / f"{file_stem(name)}.csv"
-            write_isic_csv(dest, probs_frame(df["image_id"], pr))
+        written, truth = write_probability_csvs(probs, df, a.out)
+        for dest in written:
             print(f"wrote {dest} ({len(df)} images)")
-        if (df["label"] != "").all():
-            truth = a.out.with_name(a.out.stem + "_truth.csv") if single else a.out / "truth.csv"
-            write_isic_csv(truth, truth_frame(df))
+        if truth is not None:
             print(f"wrote {truth}")
         return 0
 
@@ -499,27 +492,9 @@ def _consistency(p: argparse.ArgumentParser):
 # ----------------------------------------------------------------------------- explanations
 
 
-def expand_images(items: list[Path], command: str, failures: list[tuple[Path, str]]) -> list[Path]:
-    """Image files, with folders expanded to the JPEG/PNG files below them; an image-less folder is reported."""
-    from lesionlab.data.images import expand_image_paths
-
-    paths, problems = expand_image_paths(items)
-    for path, msg in problems:
-        print(f"lesionlab {command}: error: {msg}", file=sys.stderr)
-        failures.append((path, msg))
-    return paths
-
-
-def readable_images(paths: list[Path], command: str, failures: list[tuple[Path, str]]):
-    """Yield (path, RGB image) for each file that decodes; report each bad one on stderr and record it."""
-    from lesionlab.data.images import load_image
-
-    for path in paths:
-        try:
-            yield path, load_image(path)
-        except UserError as e:
-            print(f"lesionlab {command}: skipped {e}", file=sys.stderr)
-            failures.append((path, str(e)))
+def _warner(command: str) -> Callable[[str], None]:
+    """Print a library's problem line on stderr after the command's name."""
+    return lambda msg: print(f"lesionlab {command}: {msg}", file=sys.stderr)
 
 
 @command("explain", "Grad-CAM / guided backprop / Guided Grad-CAM overlays for images")
@@ -533,6 +508,7 @@ def _explain(p: argparse.ArgumentParser):
     p.add_argument("--device", default="auto")
 
     def run(a: argparse.Namespace) -> int:
+        from lesionlab.data.image_files import expand_images, readable_images
         from lesionlab.explain.gradcam import explain_image
         from lesionlab.explain.overlay import write_explanation
         from lesionlab.inference.predictor import find_checkpoints, load_predictors
@@ -542,7 +518,8 @@ def _explain(p: argparse.ArgumentParser):
             raise UserError(f"--class {a.cls!r} must be one of {', '.join(CLASSES)}")
         predictors = load_predictors(find_checkpoints(a.run), device=a.device, precision="fp32")
         failed: list[tuple[Path, str]] = []
-        for path, image in readable_images(expand_images(a.images, "explain", failed), "explain", failed):
+        warn = _warner("explain")
+        for path, image in readable_images(expand_images(a.images, failed, warn), failed, warn):
             ex = explain_image(predictors, image, image_id=path.stem, method=a.method, cls=a.cls and a.cls.upper())
             files = write_explanation(ex, a.out, save_raw=a.save_raw)
             print(f"{path}: {ex.cls} ({ex.probs.max():.2f}) -> {len(files)} files in {a.out}")
@@ -599,35 +576,6 @@ def _bundle(p: argparse.ArgumentParser):
     return run
 
 
-def _format_results(rows: list[dict], fmt: str) -> str:
-    import json
-
-    import pandas as pd
-
-    from lesionlab.labels import CLASSES
-
-    if fmt == "json":
-        return json.dumps(rows, indent=2)
-    flat = []
-    for r in rows:
-        if "error" in r:
-            flat.append({"image": r["image"], "status": "error", "error": r["error"]})
-            continue
-        if r["status"] == "unevaluable":
-            flat.append({"image": r["image"], "status": "UNEVALUABLE", "reasons": " ".join(r["reasons"])})
-            continue
-        row = {"image": r["image"], "status": r["status"], "top": r["top"], "top_probability": round(r["top_probability"], 4),
-               "melanoma_probability": round(r["melanoma_probability"], 4),
-               "melanoma_flag": "ABOVE threshold" if r["melanoma_flag"] else "below",
-               "differential": " ".join(r["differential"]) if r["differential"] is not None else "",
-               "agreement": r["agreement"]}
-        row.update({c: round(r["probabilities"][c], 4) for c in CLASSES})
-        row.update({f"member_{n}": m["top"] for n, m in r["members"].items()})
-        flat.append(row)
-    df = pd.DataFrame(flat).fillna("")  # an unevaluable or failed row has no diagnosis columns: blank, not NaN
-    return df.to_csv(index=False).rstrip("\n") if fmt == "csv" else df.to_string(index=False)
-
-
 @command("predict", "ensemble diagnosis for images with a bundle (decision support, not a diagnosis)")
 def _predict(p: argparse.ArgumentParser):
     p.add_argument("images", type=Path, nargs="+", help="image files or folders")
@@ -654,53 +602,27 @@ def _predict(p: argparse.ArgumentParser):
                 "2 bad input or options.")
 
     def run(a: argparse.Namespace) -> int:
-        from lesionlab.data.metadata import lookup_rows, read_metadata
-        from lesionlab.explain.overlay import overlay, save_png
         from lesionlab.inference.bundle import EnsemblePredictor
+        from lesionlab.inference.predict_files import metadata_lookup, predict_files
+        from lesionlab.report.results_table import format_results
 
-        meta_df = read_metadata(a.metadata) if a.metadata else None
         given = {k: v for k, v in (("age", a.age), ("sex", a.sex), ("localization", a.site)) if v is not None}
-
-        def metadata_for(ps: list[Path]) -> list[dict] | None:
-            if meta_df is None and not given:
-                return None
-            return [{**given, **{k: v for k, v in r.items() if v not in ("", None)}}
-                    for r in lookup_rows(meta_df, [q.stem for q in ps])]
-
+        metadata_for = metadata_lookup(a.metadata, given)
         ens = EnsemblePredictor(a.bundle, device=a.device, precision=a.precision, engine=_engine(a.engine))
-        a.tta = ens.resolve_tta(a.tta)  # refused before any image is read
+        tta = ens.resolve_tta(a.tta)  # refused before any image is read
         inf = ens.inference_info()
         print(f"lesionlab predict: TTA {'on' if inf['tta'] else 'off'}, {inf['precision']}, as the bundle's threshold "
               f"was chosen" + (f" (note: {inf['note']})" if inf["note"] else ""), file=sys.stderr)
-        failed: list[tuple[Path, str]] = []
-        paths = expand_images(a.images, "predict", failed)
-        if not paths:
-            raise UserError("no images found in the given paths")
-        rows: list[dict] = []
-        for start in range(0, len(paths), a.batch_size):
-            loaded = list(readable_images(paths[start : start + a.batch_size], "predict", failed))
-            ok_paths, batch = [p for p, _ in loaded], [im for _, im in loaded]
-            results = ens.predict(batch, tta=a.tta, research=a.research, metadata=metadata_for(ok_paths))
-            for path, im, res in zip(ok_paths, batch, results, strict=True):
-                if res.get("metadata", {}).get("note"):
-                    print(f"lesionlab predict: {path}: {res['metadata']['note']}", file=sys.stderr)
-                rows.append({"image": str(path), **res})
-                if a.explain and res["status"] == "ok":
-                    ex = ens.explain(im, cls=res.get("top") if res.get("metadata") else None)  # fused: class from image + metadata
-                    save_png(overlay(ex.display, ex.ensemble), a.explain / f"{path.stem}_gradcam_{ex.cls}.png")
-        rows += [{"image": str(p), "error": err} for p, err in failed]
-        order = {str(p): i for i, p in enumerate(paths)}  # image-less folders (not in paths) first
-        rows.sort(key=lambda r: order.get(r["image"], -1))
-        print(_format_results(rows, a.format))
+        res = predict_files(ens, a.images, batch_size=a.batch_size, tta=tta, research=a.research,
+                            metadata_for=metadata_for, explain_dir=a.explain, warn=_warner("predict"))
+        print(format_results(res.rows, a.format))
         print("Decision support, not a diagnosis: a clinician must examine every lesion.", file=sys.stderr)
-        if failed:
-            total = len(paths) + sum(str(p) not in order for p, _ in failed)
-            print(f"lesionlab predict: {len(failed)} of {total} input(s) failed", file=sys.stderr)
-        refused = sum(r.get("status") == "unevaluable" for r in rows)
-        if refused:
-            print(f"lesionlab predict: {refused} of {len(rows)} image(s) unevaluable: no diagnosis for them "
+        if res.failed:
+            print(f"lesionlab predict: {len(res.failed)} of {res.inputs} input(s) failed", file=sys.stderr)
+        if res.refused:
+            print(f"lesionlab predict: {res.refused} of {len(res.rows)} image(s) unevaluable: no diagnosis for them "
                   "(see their reasons; retake in focus, well exposed, the whole lesion in frame)", file=sys.stderr)
-        return 1 if failed else 3 if refused else 0
+        return res.exit_code
 
     return run
 

@@ -1,26 +1,10 @@
 """The whole protocol as fingerprinted steps: synth -> validate -> split -> train -> infer -> ensemble -> metrics ->
 errors -> gallery -> external -> report.
 
-Steps keyed by what they depend on
-----------------------------------
-Every step runs through `Steps.run`, which decides from a fingerprint whether the step's outputs on disk still
-match what it depends on. A step's fingerprint is the SHA-256 of
-
-- the config values it reads (`config=`: a mapping from a prefix to a config section, a dict or a value;
-  flattened into dotted keys such as `train.lr`, which are stored, so a reason can name the key that changed),
-- the SHA-256 of its input files (`inputs=`: paths, or a mapping label -> path / list of paths for large sets
-  such as every image; content hashes are memoised by (size, mtime) in `.hashes.json`, as DVC does),
-- the fingerprints of its upstream steps (`upstream=`: names of steps already run or reused in this run),
-- the package version (`lesionlab.__version__`).
-
-A step whose fingerprint equals the recorded one, whose recorded run finished, whose upstream steps were not re-run
-since, whose outputs all exist and whose `check` (if any) has no objection is reused. Otherwise it runs: its
-declared `outputs` (paths inside the study folder) are deleted first, unless the step is `resumable` and merely
-new or unfinished (training resumes its `last.pt`). A step that re-runs gives its downstream steps a new run id, so
-they re-run too. `steps.json` records per step: fingerprint, status (ran / reused), reason ("new",
-"config changed: train.lr", "input changed: splits.csv", "upstream changed: train resnet101", "outputs missing:
-...", ...), seconds (of the run that made the outputs, for a reused step too), the flattened config values,
-input digests, upstream fingerprints and outputs. The log says the same. Steps recorded earlier but not part of this run (an architecture dropped from `train.archs`) have their
+Every step runs through `lesionlab.steps.Steps`: a step is reused while its outputs still match the config
+values, input files and upstream steps it depends on, and re-run otherwise, with the reason in `steps.json`,
+the log and the report (how fingerprints and reasons work, and why no pipeline library: lesionlab.steps).
+Steps recorded earlier but not part of this run (an architecture dropped from `train.archs`) have their
 outputs removed, so `runs/` and `predictions/` never hold models the report does not describe. `--fresh`
 (`reset_study`) deletes what the study wrote (the outputs recorded in steps.json and the study's own files) and
 nothing else.
@@ -40,31 +24,19 @@ Pass only the config sections (or keys, via `section(..., keep=/drop=)`) the ste
 would re-run it needlessly, a key it reads but does not declare would let a stale result through. The report
 (`lesionlab.report.study_report`) reads the outputs; it runs on every call (it is cheap and shows this run's
 step statuses).
-
-Why not a library: joblib.Memory caches a function's return value keyed on its arguments, not files written into
-a study folder, and cannot say which config key changed; doit's `config_changed`/`file_dep` give a yes/no
-(keeping state in a dbm file beside the dodo loader) and no per-key reason; pytask has no "explain why" yet
-(pytask-dev/pytask#466); DVC and pydra are pipeline engines with their own CLI/YAML or workflow graph that would
-take over the study's control flow. What is needed here is ~150 lines over hashlib and JSON.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import logging
-import os
-import shutil
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from lesionlab import __version__
 from lesionlab.config import StudyConfig, save_config
 from lesionlab.data.split import (
     check_split,
@@ -93,11 +65,19 @@ from lesionlab.io import atomic_write_csv, atomic_write_json, sha256_file
 from lesionlab.labels import CLASS_INDEX, CLASSES
 from lesionlab.models import file_stem
 from lesionlab.report.study_report import report_study
+from lesionlab.steps import (
+    HASHES_FILE,
+    STEPS_FILE,
+    Steps,
+    changed_keys,
+    flatten_config,
+    name_list,
+    remove_path,
+    section,
+)
 
 log = logging.getLogger(__name__)
 
-STEPS_FILE = "steps.json"
-HASHES_FILE = ".hashes.json"
 # Files and folders that only `run_study` writes into a study folder; `reset_study` removes these (and the
 # outputs recorded in steps.json), never anything else. `data` is removed only when the study made it (synth).
 STUDY_FILES = ("steps.json", HASHES_FILE, "config.yaml", "report.html", "report.md", "figures", "dataset.json",
@@ -105,244 +85,7 @@ STUDY_FILES = ("steps.json", HASHES_FILE, "config.yaml", "report.html", "report.
                "gallery", "external", "cache")
 
 
-# ----------------------------------------------------------------------------- fingerprinted steps
-
-
-def section(obj: Any, *, keep: Iterable[str] | None = None, drop: Iterable[str] = ()) -> dict[str, Any]:
-    """A config section (dataclass or dict) as a dict, restricted to `keep` keys or without `drop` keys."""
-    d = dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else dict(obj)
-    if keep is not None:
-        d = {k: d[k] for k in keep}
-    return {k: v for k, v in d.items() if k not in set(drop)}
-
-
-def flatten_config(config: Mapping[str, Any] | None, prefix: str = "") -> dict[str, Any]:
-    """{'train': TrainConfig(...), 'arch': 'x'} -> {'train.lr': 0.001, ..., 'arch': 'x'} (JSON-ready values)."""
-    out: dict[str, Any] = {}
-    for k, v in (config or {}).items():
-        key = f"{prefix}{k}"
-        if dataclasses.is_dataclass(v) and not isinstance(v, type):
-            v = dataclasses.asdict(v)
-        if isinstance(v, Mapping):
-            out.update(flatten_config(v, key + "."))
-        else:
-            out[key] = json.loads(json.dumps(v, default=str))  # tuples -> lists, Paths -> str
-    return out
-
-
-class FileHashes:
-    """SHA-256 of files, memoised by (size, mtime_ns) so unchanged images are not read again (DVC's state db)."""
-
-    def __init__(self, file: Path):
-        self.file = file
-        self.memo: dict[str, list] = json.loads(file.read_text()) if file.exists() else {}
-        self.dirty = False
-
-    def sha(self, path: Path) -> str:
-        p = Path(path)
-        try:
-            st = p.stat()
-        except FileNotFoundError:
-            return "missing"
-        key = str(p.resolve())
-        hit = self.memo.get(key)
-        if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
-            return hit[2]
-        digest = sha256_file(p)
-        self.memo[key] = [st.st_size, st.st_mtime_ns, digest]
-        self.dirty = True
-        return digest
-
-    def save(self) -> None:
-        if self.dirty:
-            atomic_write_json(self.file, self.memo)
-            self.dirty = False
-
-
-def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _changed_keys(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    return sorted(k for k in set(old) | set(new) if old.get(k, "<absent>") != new.get(k, "<absent>"))
-
-
-def _names(keys: list[str], limit: int = 4) -> str:
-    return ", ".join(keys[:limit]) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
-
-
-class Steps:
-    """Run steps keyed by a fingerprint of what they depend on; see the module docstring."""
-
-    def __init__(self, out: Path, *, version: str = __version__):
-        self.out = Path(out)
-        self.file = self.out / STEPS_FILE
-        self.version = version
-        state = json.loads(self.file.read_text()) if self.file.exists() else {}
-        self.recorded: dict[str, dict[str, Any]] = state
-        self.state: dict[str, dict[str, Any]] = {}  # this run's records, in run order
-        self.hashes = FileHashes(self.out / HASHES_FILE)
-
-    # -- paths
-    def _rel(self, p: Path) -> str:
-        p = Path(p)
-        try:
-            return str(p.resolve().relative_to(self.out.resolve()))
-        except ValueError:
-            return str(p)
-
-    def _inside(self, p: Path) -> Path:
-        rp = Path(p).resolve()
-        if not rp.is_relative_to(self.out.resolve()) or rp == self.out.resolve():
-            raise ValueError(f"step output {p} is not inside the study folder {self.out}")  # a bug in a step
-        return rp
-
-    def _input_digests(self, inputs: Sequence[Path] | Mapping[str, Path | Sequence[Path]]) -> dict[str, str]:
-        items = inputs.items() if isinstance(inputs, Mapping) else ((self._rel(p), p) for p in inputs)
-        out = {}
-        for label, paths in items:
-            if isinstance(paths, str | Path):
-                out[label] = self.hashes.sha(Path(paths))
-            else:  # a set of files: one digest over (relative name, content hash), order-independent
-                out[label] = _digest(sorted((self._rel(p), self.hashes.sha(Path(p))) for p in paths))
-        return out
-
-    def _why(self, rec: dict[str, Any] | None, new: dict[str, Any], outputs: list[Path],
-             check: Callable[[], str | None] | None) -> str | None:
-        if rec is None:
-            return "new"
-        if "fingerprint" not in rec:
-            return "new (steps.json from an older LesionLab has no fingerprints)"
-        reasons = []
-        if rec.get("status") not in ("ran", "reused"):
-            reasons.append("did not finish")
-        if rec.get("version") != new["version"]:
-            reasons.append(f"package version changed: {rec.get('version')} -> {new['version']}")
-        keys = _changed_keys(rec.get("config", {}), new["config"])
-        if keys:
-            reasons.append(f"config changed: {_names(keys)}")
-        files = _changed_keys(rec.get("inputs", {}), new["inputs"])
-        if files:
-            reasons.append(f"input changed: {_names(files)}")
-        ups = _changed_keys(rec.get("upstream", {}), new["upstream"])
-        if ups:
-            reasons.append(f"upstream changed: {_names(ups)}")
-        else:
-            reran = _changed_keys(rec.get("upstream_runs", {}), new["upstream_runs"])
-            if reran:
-                reasons.append(f"upstream re-ran: {_names(reran)}")
-        if not reasons and rec.get("fingerprint") != new["fingerprint"]:
-            reasons.append("fingerprint changed")
-        if reasons:
-            return "; ".join(reasons)
-        missing = [self._rel(o) for o in outputs if not Path(o).exists()]
-        if missing:
-            return f"outputs missing: {_names(missing)}"
-        return check() if check else None
-
-    def run(
-        self,
-        name: str,
-        fn: Callable[[], Any],
-        *,
-        config: Mapping[str, Any] | None = None,
-        inputs: Sequence[Path] | Mapping[str, Path | Sequence[Path]] = (),
-        upstream: Sequence[str] = (),
-        outputs: Sequence[Path] = (),
-        check: Callable[[], str | None] | None = None,
-        resumable: bool = False,
-    ) -> Any:
-        """Run `fn` unless its recorded outputs still match what it depends on; returns fn's result (None if reused).
-
-        Args:
-            config: the config values the step reads, e.g. `{"train": section(cfg.train, drop=("archs",))}`.
-            inputs: files the step reads that no upstream step wrote (content-hashed).
-            upstream: names of the steps (already run or reused in this run) whose outputs it reads.
-            outputs: files/folders it writes, inside the study folder (checked for existence, deleted before a re-run).
-            check: extra test of the outputs; returns a reason to re-run, or None.
-            resumable: keep the outputs when the step is only new or unfinished (`fn` resumes from them).
-        """
-        if name in self.state:
-            raise ValueError(f"step {name!r} given twice")
-        unknown = [u for u in upstream if u not in self.state]
-        if unknown:
-            raise ValueError(f"step {name!r}: upstream step(s) {unknown} have not run yet")
-        outs = [Path(o) for o in outputs]
-        for o in outs:
-            self._inside(o)
-        new = {
-            "config": flatten_config(config),
-            "inputs": self._input_digests(inputs),
-            "upstream": {u: self.state[u]["fingerprint"] for u in upstream},
-            "upstream_runs": {u: self.state[u]["run_id"] for u in upstream},
-            "version": self.version,
-        }
-        new["fingerprint"] = _digest({k: new[k] for k in ("config", "inputs", "upstream", "version")})
-        self.hashes.save()
-        rec = self.recorded.get(name)
-        t = time.perf_counter()
-        reason = self._why(rec, new, outs, check)
-        base = {**new, "outputs": [self._rel(o) for o in outs]}
-        if reason is None:
-            # seconds: what the reused outputs cost when they were made (so totals stay the study's compute time)
-            self.state[name] = {"fingerprint": new["fingerprint"], "status": "reused", "reason": "unchanged",
-                                "seconds": rec.get("seconds"), **base, "run_id": rec["run_id"]}
-            log.info("step %s: reused (unchanged; made in %.1fs)", name, rec.get("seconds") or 0)
-            self._save()
-            return None
-        keep = resumable and (reason.startswith("new") or reason == "did not finish")
-        if not keep:
-            for o in outs:
-                _remove(self._inside(o))
-        log.info("step %s: running (%s)", name, reason)
-        run_id = _digest([new["fingerprint"], time.time_ns(), os.getpid()])[:16]
-        self.state[name] = {"fingerprint": new["fingerprint"], "status": "running", "reason": reason, "seconds": None,
-                            **base, "run_id": run_id}
-        self.recorded[name] = self.state[name]
-        self._save()
-        result = fn()
-        secs = round(time.perf_counter() - t, 2)
-        self.state[name].update(status="ran", seconds=secs)
-        self._save()
-        log.info("step %s: ran in %.1fs", name, secs)
-        return result
-
-    def record(self, name: str, status: str, reason: str, seconds: float) -> None:
-        """Record a step that is not fingerprinted (the report, which always runs)."""
-        self.state[name] = {"status": status, "reason": reason, "seconds": round(seconds, 2)}
-        self._save()
-
-    def prune(self, *, keep: Iterable[Path] = ()) -> list[str]:
-        """Remove the outputs and records of steps recorded earlier but not part of this run.
-
-        Args:
-            keep: paths still in use (e.g. a synthetic data folder now given as --data): never removed.
-        """
-        kept = [Path(k).resolve() for k in keep]
-        gone = [n for n in self.recorded if n not in self.state]
-        for n in gone:
-            for o in self.recorded[n].get("outputs", []):
-                p = (self.out / o).resolve()
-                if any(k == p or k.is_relative_to(p) for k in kept):
-                    continue
-                if p.is_relative_to(self.out.resolve()) and p != self.out.resolve():
-                    _remove(p)
-            log.info("step %s: no longer part of this study; removed its outputs", n)
-        self.recorded = {n: r for n, r in self.recorded.items() if n in self.state}
-        self._save()
-        return gone
-
-    def _save(self) -> None:
-        # this run's records first (in run order), then earlier records not (yet) seen in this run
-        merged = {**self.state, **{n: r for n, r in self.recorded.items() if n not in self.state}}
-        atomic_write_json(self.file, merged)
-
-
-def _remove(p: Path) -> None:
-    if p.is_dir() and not p.is_symlink():
-        shutil.rmtree(p)
-    elif p.exists() or p.is_symlink():
-        p.unlink()
+# ----------------------------------------------------------------------------- --fresh
 
 
 def reset_study(out: str | Path) -> list[str]:
@@ -366,7 +109,7 @@ def reset_study(out: str | Path) -> list[str]:
         if not p.resolve().is_relative_to(out.resolve()) or p.resolve() == out.resolve():
             continue
         if p.exists() or p.is_symlink():
-            _remove(p)
+            remove_path(p)
             removed.append(n)
     log.info("--fresh: removed %s from %s", ", ".join(removed) or "nothing", out)
     return removed
@@ -404,9 +147,9 @@ def run_folder_mismatch(run_dir: Path, cfg: StudyConfig, arch: str, split_hash: 
     had = flatten_config({"arch": meta.get("arch"), "train": {k: v for k, v in had_train.items() if k not in free},
                           "data": {k: v for k, v in meta.get("config", {}).get("data", {}).items()
                                    if k not in TRAIN_FREE_DATA}})
-    keys = _changed_keys(had, want)
+    keys = changed_keys(had, want)
     if keys:
-        return f"run folder trained with another config: {_names(keys)}"
+        return f"run folder trained with another config: {name_list(keys)}"
     if meta.get("split_sha256") != split_hash:
         return "run folder trained on another split (split SHA-256 differs)"
     return None
@@ -550,12 +293,12 @@ def run_study(
                     why = str(e)
             if why:  # a leftover from another config (or an older LesionLab): start this model over
                 log.info("train %s: %s; starting over", a, why)
-                _remove(d)
+                remove_path(d)
             return fit(a, tr, va, cfg, d, cache_dir=cache_dir, resume=True, split_hash=split_hash, progress=progress)
 
         def check_train(a=arch, d=run_dir):
             if not (d / models.WEIGHTS_FILE).exists():
-                return f"outputs missing: {steps._rel(d / models.WEIGHTS_FILE)}"
+                return f"outputs missing: {steps.rel(d / models.WEIGHTS_FILE)}"
             return run_folder_mismatch(d, cfg, a, split_hash)
 
         steps.run(f"train {arch}", do_train, config=train_config(cfg, arch), upstream=["split"], outputs=[run_dir],
@@ -665,7 +408,8 @@ def run_study(
     if cfg.ood.method != "none":  # refusal of unevaluable images: OOD scores in / out for the report's Trust section
         def do_ood():
             from lesionlab.inference.predictor import load_predictors
-            from lesionlab.inference.screening import fit_ood, ood_report
+            from lesionlab.inference.screening import fit_ood
+            from lesionlab.report.ood_report import ood_report
 
             preds = load_predictors([runs / file_stem(a) for a in archs], device=cfg.train.device,
                                     precision=cfg.train.precision)

@@ -204,7 +204,7 @@ def test_ood_model_fits_on_a_study_saves_loads_and_screens(trust_study, tmp_path
 
 
 def test_ood_report_for_the_study_report(trust_study, tmp_path):
-    """`screening.ood_report` writes the refusal summary and the OOD histogram the report's Trust section shows."""
+    """`report.ood_report` writes the refusal summary and the OOD histogram the report's Trust section shows."""
     import json
 
     from lesionlab.config import OODConfig
@@ -212,9 +212,10 @@ def test_ood_report_for_the_study_report(trust_study, tmp_path):
     from lesionlab.data.subsets import subset_frame
     from lesionlab.data.tables import read_table
     from lesionlab.inference.predictor import find_checkpoints, load_predictors
-    from lesionlab.inference.screening import fit_ood, ood_report
+    from lesionlab.inference.screening import fit_ood
     from lesionlab.inference.trust import study_frames
     from lesionlab.report.document import Report
+    from lesionlab.report.ood_report import ood_report
     from lesionlab.report.study_report import ood_part
 
     predictors = load_predictors(find_checkpoints([trust_study / "runs"]), device="cpu", precision="fp32")

@@ -87,3 +87,15 @@ def test_readme_path_exists_in_a_clone(path):
     p = REPO / path
     assert p.exists(), f"README names {path}, which does not exist (or is a dangling link)"
     assert not _ignored_by_git(path), f"README names {path}, which git ignores: a fresh clone would lack it"
+
+
+def test_readme_layout_covers_the_package_and_links_every_doc():
+    """The other direction: nothing in the package goes unmentioned, and every results page is reachable."""
+    listed = set(layout_paths())
+    pkg = REPO / "lesionlab"
+    entries = [f"lesionlab/{p.name}/" for p in pkg.iterdir() if p.is_dir() and not p.name.startswith("__")]
+    entries += [f"lesionlab/{p.name}" for p in pkg.glob("*.py") if p.name not in ("__init__.py", "__main__.py")]
+    missing = sorted(e for e in entries if e not in listed)
+    assert not missing, f"README's Layout section does not list {missing}"
+    unlinked = sorted(d.name for d in (REPO / "docs").glob("*.md") if f"docs/{d.name}" not in README)
+    assert not unlinked, f"README links no docs/{unlinked}"

@@ -140,7 +140,7 @@ def _steps_status(out):
 
 
 def test_steps_reasons_name_what_changed(tmp_path):
-    from lesionlab.study import Steps
+    from lesionlab.steps import Steps
 
     out = tmp_path / "s"
     out.mkdir()
@@ -172,7 +172,7 @@ def test_steps_reasons_name_what_changed(tmp_path):
 
 
 def test_steps_unfinished_step_reruns_and_resumable_keeps_outputs(tmp_path):
-    from lesionlab.study import Steps
+    from lesionlab.steps import Steps
 
     out = tmp_path / "s"
     (out / "run").mkdir(parents=True)
@@ -199,7 +199,8 @@ def test_steps_unfinished_step_reruns_and_resumable_keeps_outputs(tmp_path):
 
 
 def test_steps_refuse_outputs_outside_the_study_and_fresh_deletes_only_the_study(tmp_path):
-    from lesionlab.study import Steps, reset_study
+    from lesionlab.steps import Steps
+    from lesionlab.study import reset_study
 
     out = tmp_path / "s"
     out.mkdir()
@@ -218,7 +219,7 @@ def test_steps_refuse_outputs_outside_the_study_and_fresh_deletes_only_the_study
 
 
 def test_steps_prune_removes_steps_no_longer_in_the_study(tmp_path):
-    from lesionlab.study import Steps
+    from lesionlab.steps import Steps
 
     out = tmp_path / "s"
     out.mkdir()

@@ -1,4 +1,5 @@
-"""Explanations: Grad-CAM, guided backpropagation and Guided Grad-CAM (pytorch-grad-cam), overlays, ensembles.
+"""Explanation maps: Grad-CAM, guided backpropagation and Guided Grad-CAM (pytorch-grad-cam), per model and for
+the ensemble (overlays, PNG/NPY output and panels: lesionlab.explain.overlay).
 
 Maps are computed on the image the model sees (centre crop, resized to the input size) and shown on that
 crop of the original image at its own resolution ("display image"): red = most important, blue = least.

@@ -79,7 +79,8 @@ def cache_root() -> Path:
 
 
 class Body(torch.nn.Module):
-    """A timm model's `forward_features` as a module of its own (what the engines run)."""
+    """A timm model's body (`forward_features`) as a module of its own, so it can be exported, fused, cast and
+    traced without the head (what the engines and the Predictor's CPU bf16 path run)."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()

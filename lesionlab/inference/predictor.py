@@ -1,4 +1,4 @@
-"""Probabilities for images: checkpoint loading, batching, TTA, device/precision choice, ISIC CSV I/O."""
+"""Probabilities for images: checkpoint loading, batching, TTA, device / precision / engine choice."""
 
 from __future__ import annotations
 
@@ -45,17 +45,6 @@ def find_checkpoints(paths: Iterable[str | Path]) -> list[Path]:
         else:
             raise UserError(f"run {p} does not exist")
     return out
-
-
-class _Features(torch.nn.Module):
-    """A timm model's body as a module of its own, so it can be fused, cast and traced without the head."""
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.forward_features(x)
 
 
 class Predictor:
@@ -166,7 +155,7 @@ class Predictor:
 
         with self._fast_lock:
             if self._fast is None:
-                body = _Features(copy.deepcopy(self.model)).eval()
+                body = engines.Body(copy.deepcopy(self.model)).eval()
                 try:
                     body = fx_opt.fuse(body)
                 except Exception:  # not FX-traceable: BatchNorm stays unfolded

@@ -1,10 +1,14 @@
-"""Screening before diagnosis: run the ensemble members for logits and features, and fit the OOD refusal.
+"""Screening before diagnosis: the members' logits and features, the OOD refusal fitted on them, and the
+quality + OOD decision for images and tables (what predict and the service refuse).
 
 `fit_ood` draws a class-balanced sample of the training split, fits one Mahalanobis model per member on its
 penultimate features (lesionlab.evaluation.ood), scales each member's score by its validation median so that
 members weigh alike, averages them into the ensemble score, and picks the threshold on the validation split
 that lets `target_tpr` of its images pass. `OODModel` holds all that and is stored in bundles (arrays in one
 safetensors file, numbers in the manifest).
+
+Measuring the refusal: images the models should refuse in lesionlab.data.ood_images, the study's summary and
+histogram in lesionlab.report.ood_report.
 """
 
 from __future__ import annotations
@@ -159,99 +163,3 @@ def screen_frame(predictors: list[Predictor], ood: OODModel | None, df: pd.DataF
         part.insert(0, "image_id", rows["image_id"].to_numpy())
         parts.append(part)
     return pd.concat(parts, ignore_index=True)
-
-
-# ----------------------------------------------------------------------------- images the models should refuse
-
-
-def synthetic_ood_images(n: int = 20, seed: int = 0, size: tuple[int, int] = (200, 150)) -> dict[str, list[Image.Image]]:
-    """Blank / solid-colour images and noise images (uniform and Gaussian), seeded."""
-    rng = np.random.default_rng(seed)
-    w, h = size
-    solid = [Image.new("RGB", size, tuple(int(v) for v in rng.integers(0, 256, 3))) for _ in range(n - 2)]
-    solid += [Image.new("RGB", size, (255, 255, 255)), Image.new("RGB", size, (0, 0, 0))]
-    noise = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for _ in range(n // 2)]
-    noise += [Image.fromarray(np.clip(rng.normal(rng.uniform(60, 200), rng.uniform(10, 60), (h, w, 3)), 0, 255)
-                              .astype(np.uint8)) for _ in range(n - n // 2)]
-    return {"synthetic solid/blank": solid, "synthetic noise": noise}
-
-
-def degraded_lesions(images: list[Image.Image]) -> dict[str, list[Image.Image]]:
-    """Lesion images made unevaluable: heavy blur, over-exposure, a tiny central crop, a 16x12 thumbnail."""
-    from PIL import ImageEnhance, ImageFilter
-
-    def crop(im: Image.Image) -> Image.Image:
-        w, h = im.size
-        return im.crop((w * 2 // 5, h * 2 // 5, w * 3 // 5, h * 3 // 5))
-
-    return {
-        "lesion heavy blur": [im.filter(ImageFilter.GaussianBlur(max(2.0, min(im.size) / 25))) for im in images],
-        "lesion over-exposed": [ImageEnhance.Brightness(im).enhance(2.5) for im in images],
-        "lesion tiny crop": [crop(im) for im in images],
-        "lesion thumbnail": [im.resize((16, 12), Image.BILINEAR) for im in images],
-    }
-
-
-def plot_ood_scores(scores: dict[str, np.ndarray], threshold: float, path: Path, *, first: str) -> Path:
-    """Histograms of the ensemble OOD score per set (log scale), the in-distribution set `first` filled."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    allv = np.concatenate([np.asarray(v, float) for v in scores.values()])
-    lo = max(float(allv[allv > 0].min()) if (allv > 0).any() else 1e-3, 1e-3)
-    bins = np.logspace(np.log10(lo), np.log10(max(float(allv.max()), lo * 10)), 50)
-    fig, ax = plt.subplots(figsize=(8, 4.2))
-    for k, v in scores.items():
-        ax.hist(np.clip(v, bins[0], bins[-1]), bins=bins, density=True, label=f"{k} ({len(v)})", linewidth=1.4,
-                histtype="stepfilled" if k == first else "step", alpha=0.45 if k == first else 0.9)
-    ax.axvline(threshold, color="k", linestyle="--", label="refusal threshold (95% of validation pass)")
-    ax.set_xscale("log")
-    ax.set_xlabel("ensemble OOD score (Mahalanobis distance / validation median)")
-    ax.set_ylabel("density")
-    ax.set_title(f"Out-of-distribution score: {first} vs. images the models should refuse")
-    ax.legend(fontsize=7.5, loc="upper right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def ood_report(predictors: list[Predictor], ood: OODModel, test_df: pd.DataFrame, quality: QualityConfig,
-               out_dir: Path, *, n_degraded: int = 100, seed: int = 0, batch_size: int = 64,
-               progress: bool = True) -> dict[str, Any]:
-    """Refusals on the test split and on synthetic / degraded images; `ood.json` and `ood_scores.png` in out_dir.
-
-    For the study report's Trust section (and benchmarks/bench_ood.py, which adds non-medical photos).
-    """
-    from lesionlab.data.images import load_image
-    from lesionlab.evaluation.ood import ood_metrics
-    from lesionlab.io import atomic_write_json
-
-    out_dir = Path(out_dir)
-    test = screen_frame(predictors, ood, test_df, quality, batch_size=batch_size, progress=progress)
-    rng = np.random.default_rng(seed)
-    pick = rng.choice(len(test_df), size=min(n_degraded, len(test_df)), replace=False)
-    groups = {**synthetic_ood_images(seed=seed),
-              **degraded_lesions([load_image(test_df["path"].iloc[i]) for i in pick])}
-    scores = {"test split": test["ood_score"].to_numpy()}
-    sets = []
-    for g, ims in groups.items():
-        scr = pd.concat([screen_images(predictors, ood, ims[i:i + batch_size], quality)
-                         for i in range(0, len(ims), batch_size)], ignore_index=True)
-        scores[g] = scr["ood_score"].to_numpy()
-        m = ood_metrics(scores["test split"], scores[g])
-        sets.append({"set": g, "images": len(ims), "refused": float(scr["refused"].mean()),
-                     "refused_by_quality": float((scr["quality"] != "").mean()),
-                     "refused_by_ood": float(scr["ood_refused"].mean()), "auroc": m["auroc"],
-                     "fpr_at_95_tpr": m["fpr_at_tpr"]})
-    summary = {"threshold": ood.threshold, "test_images": len(test), "test_refused": float(test["refused"].mean()),
-               "test_refused_by_quality": float((test["quality"] != "").mean()),
-               "test_refused_by_ood": float(test["ood_refused"].mean()),
-               "validation_refused": ood.info.get("validation_refused"), "sets": sets}
-    plot_ood_scores(scores, ood.threshold, out_dir / "ood_scores.png", first="test split")
-    atomic_write_json(out_dir / "ood.json", summary)
-    return summary

@@ -1,4 +1,5 @@
-"""Figures (matplotlib) and the study report: one self-contained HTML file and a Markdown summary."""
+"""Figures (matplotlib), each written to a PNG file; the study report that shows them is built in
+lesionlab.report.study_report."""
 
 from __future__ import annotations
 
@@ -185,3 +186,26 @@ def plot_robustness(table: pd.DataFrame, metric: str, path: str | Path, *, title
     fig.suptitle(title or metric.replace("_", " "), fontsize=10)
     fig.tight_layout()
     _save(fig, Path(path))
+
+
+def plot_ood_scores(scores: dict[str, np.ndarray], threshold: float, path: Path, *, first: str) -> Path:
+    """Histograms of the ensemble OOD score per set (log scale), the in-distribution set `first` filled."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    allv = np.concatenate([np.asarray(v, float) for v in scores.values()])
+    lo = max(float(allv[allv > 0].min()) if (allv > 0).any() else 1e-3, 1e-3)
+    bins = np.logspace(np.log10(lo), np.log10(max(float(allv.max()), lo * 10)), 50)
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    for k, v in scores.items():
+        ax.hist(np.clip(v, bins[0], bins[-1]), bins=bins, density=True, label=f"{k} ({len(v)})", linewidth=1.4,
+                histtype="stepfilled" if k == first else "step", alpha=0.45 if k == first else 0.9)
+    ax.axvline(threshold, color="k", linestyle="--", label="refusal threshold (95% of validation pass)")
+    ax.set_xscale("log")
+    ax.set_xlabel("ensemble OOD score (Mahalanobis distance / validation median)")
+    ax.set_ylabel("density")
+    ax.set_title(f"Out-of-distribution score: {first} vs. images the models should refuse")
+    ax.legend(fontsize=7.5, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -101,7 +101,7 @@ def trust_section(rep, out: Path, all_names: list[str], mets: dict[str, dict]) -
 
 
 def ood_part(rep, out: Path) -> None:
-    """Refusal of unevaluable images (ood/ood.json and ood/ood_scores.png from `screening.ood_report`), if made."""
+    """Refusal of unevaluable images (ood/ood.json and ood/ood_scores.png from `report.ood_report`), if made."""
     from lesionlab.report.document import fmt
 
     f = out / "ood" / "ood.json"
