@@ -160,12 +160,21 @@ def run_folder_mismatch(run_dir: Path, cfg: StudyConfig, arch: str, split_hash: 
 
 def predict_split_files(checkpoints: list[Path], df: pd.DataFrame, out_dir: Path, tag: str, cfg: StudyConfig,
                         *, progress: bool = True, truth: bool = True) -> dict[str, np.ndarray]:
-    """Per-model probability CSVs `<arch>_<tag>.csv` (and `truth_<tag>.csv`) in ISIC format for a frame."""
-    from lesionlab.data.isic_csv import probs_frame, truth_frame, write_isic_csv
-    from lesionlab.inference.predictor import infer_table
+    """Per-model probability CSVs `<arch>_<tag>.csv` (and `truth_<tag>.csv`) in ISIC format for a frame.
 
-    probs = infer_table(checkpoints, df, device=cfg.train.device, precision=cfg.train.precision, tta=cfg.eval.tta,
-                        batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers, progress=progress)
+    Also `<arch>_inference.json`: the precision and device each model actually ran at (what `auto` resolved to on
+    this machine) and TTA, so that a bundle made later, elsewhere, records the settings its threshold came from.
+    """
+    from lesionlab.data.isic_csv import probs_frame, truth_frame, write_isic_csv
+    from lesionlab.inference.bundle import precision_name
+    from lesionlab.inference.predictor import load_predictors
+
+    probs = {}
+    for pr in load_predictors(checkpoints, device=cfg.train.device, precision=cfg.train.precision):
+        probs[pr.name] = pr.predict_frame(df, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
+                                          tta=cfg.eval.tta, progress=progress)
+        atomic_write_json(out_dir / f"{file_stem(pr.name)}_inference.json",
+                          {"precision": precision_name(pr.amp), "device": str(pr.device), "tta": bool(cfg.eval.tta)})
     for name, p in probs.items():
         write_isic_csv(out_dir / f"{file_stem(name)}_{tag}.csv", probs_frame(df["image_id"], p))
     if truth:
@@ -320,7 +329,8 @@ def run_study(
         steps.run(f"infer {arch}", lambda d=d: [predict_split_files([d], f, pred_dir, t, cfg, progress=progress, truth=False)
                                                 for t, f in frames.items()],
                   config=infer_cfg, upstream=[f"train {arch}", "split"],
-                  outputs=[pred_dir / f"{file_stem(arch)}_{t}.csv" for t in frames])
+                  outputs=[*(pred_dir / f"{file_stem(arch)}_{t}.csv" for t in frames),
+                           pred_dir / f"{file_stem(arch)}_inference.json"])
         infer_steps.append(f"infer {arch}")
 
     ens_steps = []
@@ -401,7 +411,7 @@ def run_study(
         te_groups = te["image_id"].map(lesion_of).fillna(te["image_id"]).to_numpy()
         steps.run("robustness", lambda: run_robustness([runs / file_stem(a) for a in archs], te, out / "robustness", cfg,
                                                        lesion_ids=te_groups, consistency=False,
-                                                       plots=("flip_rate", "delta_balanced_accuracy"), progress=progress),
+                                                       progress=progress),
                   config={"robustness": cfg.robustness, "data.max_image_pixels": cfg.data.max_image_pixels,
                           "train.device": cfg.train.device, "train.precision": cfg.train.precision},
                   upstream=["split", *train_steps], outputs=[out / "robustness"])

@@ -155,6 +155,15 @@ def test_bundle_records_the_settings_its_threshold_was_chosen_under(tmp_path):
     here = "bf16" if runtime.pick_precision("auto", runtime.pick_device("cpu")) else "fp32"
     inf = make_bundle(runs, tmp_path / "b5")["inference"]
     assert inf == {"tta": False, "precision": here, "source": inf["source"]} and "resolved on the machine" in inf["source"]
+    # ...unless the study's infer steps recorded what auto resolved to on the study's machine: that wins
+    other = "fp32" if here == "bf16" else "bf16"
+    (study / "predictions").mkdir(exist_ok=True)
+    (study / "predictions" / "timm_resnet10t_inference.json").write_text(
+        json.dumps({"precision": other, "device": "cuda:0", "tta": False}))
+    inf = make_bundle(runs, tmp_path / "b8")["inference"]
+    assert inf["precision"] == other and "infer steps" in inf["source"]
+    with pytest.raises(UserError, match=f"--precision {here} differs from the {other} the study's models ran at"):
+        make_bundle(runs, tmp_path / "b9", precision=here)
     # a threshold given by hand: the caller states the settings (default TTA off, precision unknown)
     assert make_bundle(runs, tmp_path / "b6", threshold=0.3)["inference"]["precision"] is None
     with pytest.raises(UserError, match="--precision 'fp64' must be one of"):

@@ -39,6 +39,9 @@ def test_study_report_has_all_models_and_the_ensemble(small_study):
     for section in ("Melanoma operating points", "Error analysis", "Grad-CAM gallery", "Reproducibility", "paper: ResNeXt-101"):
         assert section in md
     assert (out / "errors" / "agreement.csv").exists() and (out / "splits.csv").exists()
+    # what each model ran at is recorded, for bundles made later elsewhere
+    assert json.loads((out / "predictions" / "resnet101_inference.json").read_text()) == {
+        "precision": "fp32", "device": "cpu", "tta": False}
     # The steps that measure the study's named limits reach the report with their files.
     for section in ("Robustness: acquisition and lesion consistency", "Subgroup performance",
                     "Trust: calibrated probabilities and prediction sets"):

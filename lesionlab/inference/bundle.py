@@ -42,13 +42,34 @@ def precision_name(dtype: Any) -> str:
     return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
-def study_inference_settings(study: Path, *, precision: str | None = None) -> dict[str, Any]:
+def recorded_precision(study: Path, members: list[str] | None) -> tuple[str | None, list[Path]]:
+    """The precision the study's infer steps recorded for these members (`predictions/<member>_inference.json`),
+    if every one of them has a record and they agree; else None. Also the record files read."""
+    pred = study / "predictions"
+    files = [pred / f"{m}_inference.json" for m in members] if members else sorted(pred.glob("*_inference.json"))
+    if not files or not all(f.exists() for f in files):
+        return None, []
+    found = set()
+    for f in files:
+        try:
+            found.add(json.loads(f.read_text())["precision"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{f}: unreadable inference record ({e}); re-run the study's infer steps") from None
+    if len(found) != 1:
+        raise UserError(f"the study's members ran at different precisions ({', '.join(sorted(found))}; "
+                        f"{pred}/*_inference.json); their ensemble threshold has no single setting")
+    return found.pop(), files
+
+
+def study_inference_settings(study: Path, *, precision: str | None = None,
+                             members: list[str] | None = None) -> dict[str, Any]:
     """TTA and precision the study's validation predictions (hence its threshold) were made with.
 
     Read from the study's config.yaml (`eval.tta`, `train.precision`, `train.device`). A study run at precision
-    `auto` resolved it on its own machine, which the study does not record: `precision` (from the command
-    line) says what it was; otherwise `auto` is resolved here, on the machine that makes the bundle, as the
-    study would have resolved it on the same hardware, and the manifest says so.
+    `auto` resolved it on its own machine: its infer steps record what it resolved to, per model
+    (`predictions/<member>_inference.json`), and that is used. For a study without those records (older ones),
+    `precision` (from the command line) says what it was; otherwise `auto` is resolved here, on the machine that
+    makes the bundle, as the study would have resolved it on the same hardware, and the manifest says so.
     """
     from lesionlab import runtime
     from lesionlab.config import load_config
@@ -65,6 +86,14 @@ def study_inference_settings(study: Path, *, precision: str | None = None) -> di
         if precision is not None and precision != cfg.train.precision:
             raise UserError(f"--precision {precision} differs from the study's train.precision "
                             f"{cfg.train.precision} ({cfg_file}); leave --precision out")
+        return out
+    recorded, files = recorded_precision(study, members)
+    if recorded is not None:
+        if precision is not None and precision != recorded:
+            raise UserError(f"--precision {precision} differs from the {recorded} the study's models ran at "
+                            f"({files[0]}); leave --precision out")
+        out.update(precision=recorded, source=f"config.yaml of {study} (precision auto, resolved to {recorded} "
+                                               "by the study's infer steps: predictions/*_inference.json)")
         return out
     if precision is not None:
         out.update(precision=precision, source=f"config.yaml of {study} (precision auto; stated with --precision)")
@@ -197,7 +226,7 @@ def make_bundle(
         cfg = study_config(study_dir)
         trust, y_val, cal_val = fit_calibration(study_dir, names, cfg.trust)
         thr = calibrated_threshold(y_val, cal_val, target_sensitivity, study_dir)
-        settings = study_inference_settings(study_dir, precision=precision)
+        settings = study_inference_settings(study_dir, precision=precision, members=names)
         if tta is not None and tta != settings["tta"]:
             raise UserError(f"--{'' if tta else 'no-'}tta differs from the study's eval.tta {settings['tta']} "
                             f"(its validation predictions, which chose the threshold); leave it out")

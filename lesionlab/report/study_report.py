@@ -171,7 +171,8 @@ def robustness_section(rep, out: Path) -> None:
                  "Flip rate: share of images whose predicted class differs from the unperturbed one. Deltas are "
                  "perturbed minus unperturbed (balanced accuracy, melanoma sensitivity, macro AUC).")
         rep.figures_row([(out / "robustness" / f"robustness_{m}.png", m.replace("_", " "))
-                         for m in ("flip_rate", "delta_balanced_accuracy") if (out / "robustness" / f"robustness_{m}.png").exists()])
+                         for m in ("flip_rate", "delta_balanced_accuracy", "delta_mel_sensitivity", "delta_macro_auc")
+                         if (out / "robustness" / f"robustness_{m}.png").exists()])
         rep.md.append("Figures: `robustness/robustness_<metric>.png`; every condition: `robustness/robustness.csv`\n")
         summ = pd.read_csv(out / "robustness" / "robustness_summary.csv")
         shown = summ[summ["model"] == ENSEMBLE] if (summ["model"] == ENSEMBLE).any() else summ
