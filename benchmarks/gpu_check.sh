@@ -42,14 +42,7 @@ case " ${args[*]-} " in
   *) [ -f .gpudata/splits.csv ] && args+=(--split .gpudata/splits.csv) ;;
 esac
 
-py="${PYTHON:-}"
-if [ -z "$py" ]; then if [ -x .venv/bin/python ]; then py=.venv/bin/python; else py=python3; fi; fi
-if ! "$py" -c "import pytorch_grad_cam" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
-  site="$(mktemp -d /tmp/lesionlab-site.XXXX)"
-  "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl || exit 1
-  export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
-fi
-export PYTHONPATH="$PWD:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}"
+source benchmarks/python_env.sh
 mkdir -p "$out"
 "$py" benchmarks/gpu_check.py --out "$out" --command "benchmarks/gpu_check.sh ${args[*]-}" "${args[@]}" 2>&1 \
   | tee "$out/gpu_check.log"

@@ -56,14 +56,7 @@ if [ -z "$split" ]; then
 fi
 [ -n "$split" ] || { echo "mitigations.sh: no split file found; pass --split CSV (a study's splits.csv)" >&2; exit 2; }
 
-py="${PYTHON:-}"
-if [ -z "$py" ]; then if [ -x .venv/bin/python ]; then py=.venv/bin/python; else py=python3; fi; fi
-if ! "$py" -c "import pytorch_grad_cam" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
-  site="$(mktemp -d /tmp/lesionlab-site.XXXX)"
-  "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl || exit 1
-  export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
-fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+source benchmarks/python_env.sh
 lesionlab() { "$py" -m lesionlab.cli "$@"; }
 
 mkdir -p "$out/runs" "$out/logs"
