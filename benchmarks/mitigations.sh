@@ -39,7 +39,7 @@ while [ $# -gt 0 ]; do
     --robust-workers) rworkers="$2"; shift 2 ;;
     --set) sets+=(--set "$2"); shift 2 ;;
     --out) out="$2"; shift 2 ;;
-    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     *) echo "mitigations.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -112,8 +112,10 @@ for arm in $arms; do
 done
 wait
 echo "robustness finished at $((SECONDS - t0)) s" | tee -a "$log"
-# Keep the small files only (histories, sidecars, logs); weights stay behind unless --out is kept.
 "$py" benchmarks/mitigations_summary.py "$out" --command "benchmarks/mitigations.sh --data $data --split $split \
 --config $config --arch $arch --seeds '$seeds' --device $device --workers $workers --parallel $parallel \
---max-images $max_images --views '$views'${rworkers:+ --robust-workers $rworkers}${sets[*]+ ${sets[*]}}" >"$out/mitigations.md" 2>>"$log" && echo "summary: $out/mitigations.md" | tee -a "$log"
+--max-images $max_images --views '$views'${rworkers:+ --robust-workers $rworkers}${sets[*]+ ${sets[*]}}" >"$out/mitigations.md" 2>>"$log" \
+  && echo "summary: $out/mitigations.md" | tee -a "$log" || echo "summary: rc=1 (see above)" >>"$log"
 cat "$log"
+# Any failed training, robustness run or summary fails the script (each run logs to $out/logs/).
+if grep -q "rc=[1-9]" "$log"; then echo "mitigations.sh: some steps failed; see $out/logs/" >&2; exit 1; fi

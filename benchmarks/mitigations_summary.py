@@ -50,7 +50,7 @@ def clean_table(folders: list[tuple[str, Path]], model: str) -> pd.DataFrame:
         row[f"lesion consistency ({int(c['lesions'])} lesions)"] = ci(c["consistent_share"], c["consistent_lo"],
                                                                        c["consistent_hi"])
         row["all images correct"] = ci(c["all_correct_share"], c["all_correct_lo"], c["all_correct_hi"])
-        row["mean flip rate"] = f"{summ[summ['model'] == model]['mean_flip_rate'].mean():.3f}"
+        row["flip rate, mean over the perturbations"] = f"{summ[summ['model'] == model]['mean_flip_rate'].mean():.3f}"
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -76,12 +76,14 @@ def seed_table(folders: list[tuple[str, Path]]) -> pd.DataFrame:
 
 
 def training_table(out: Path) -> pd.DataFrame:
+    """Per run: epochs run, the epoch kept (lowest validation loss, what early stopping monitors) and its scores."""
     rows = []
     for hist in sorted(out.glob("runs/*/*/history.csv")):
         h = pd.read_csv(hist)
-        best = h.loc[h["val_balanced_accuracy"].idxmax()] if "val_balanced_accuracy" in h else h.iloc[-1]
-        rows.append({"run": hist.parent.parent.name, "epochs run": len(h),
-                     "best val balanced acc.": round(float(best.get("val_balanced_accuracy", float("nan"))), 3)})
+        kept = h.loc[h["val_loss"].idxmin()]
+        rows.append({"run": hist.parent.parent.name, "epochs run": len(h), "kept epoch": int(kept["epoch"]),
+                     "val loss (kept)": round(float(kept["val_loss"]), 3),
+                     "val balanced acc. (kept)": round(float(kept["val_balanced_accuracy"]), 3)})
     return pd.DataFrame(rows)
 
 

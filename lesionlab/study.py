@@ -159,10 +159,10 @@ def run_folder_mismatch(run_dir: Path, cfg: StudyConfig, arch: str, split_hash: 
 
 
 def predict_split_files(checkpoints: list[Path], df: pd.DataFrame, out_dir: Path, tag: str, cfg: StudyConfig,
-                        *, progress: bool = True, truth: bool = True) -> dict[str, np.ndarray]:
+                        *, progress: bool = True, truth: bool = True, record: bool = True) -> dict[str, np.ndarray]:
     """Per-model probability CSVs `<arch>_<tag>.csv` (and `truth_<tag>.csv`) in ISIC format for a frame.
 
-    Also `<arch>_inference.json`: the precision and device each model actually ran at (what `auto` resolved to on
+    With `record`, also `<arch>_inference.json`: the precision and device each model actually ran at (what `auto` resolved to on
     this machine) and TTA, so that a bundle made later, elsewhere, records the settings its threshold came from.
     """
     from lesionlab.data.isic_csv import probs_frame, truth_frame, write_isic_csv
@@ -173,8 +173,9 @@ def predict_split_files(checkpoints: list[Path], df: pd.DataFrame, out_dir: Path
     for pr in load_predictors(checkpoints, device=cfg.train.device, precision=cfg.train.precision):
         probs[pr.name] = pr.predict_frame(df, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
                                           tta=cfg.eval.tta, progress=progress)
-        atomic_write_json(out_dir / f"{file_stem(pr.name)}_inference.json",
-                          {"precision": precision_name(pr.amp), "device": str(pr.device), "tta": bool(cfg.eval.tta)})
+        if record:
+            atomic_write_json(out_dir / f"{file_stem(pr.name)}_inference.json",
+                              {"precision": precision_name(pr.amp), "device": str(pr.device), "tta": bool(cfg.eval.tta)})
     for name, p in probs.items():
         write_isic_csv(out_dir / f"{file_stem(name)}_{tag}.csv", probs_frame(df["image_id"], p))
     if truth:
@@ -384,7 +385,8 @@ def run_study(
             out / "subgroups", yt, {n: pt[n] for n in sub_names}, test_ids, table.df, groups=groups,
             columns=sub_cols, n_boot=cfg.eval.bootstrap, ci=cfg.eval.ci, min_images=cfg.eval.subgroup_min_images,
             file_names={n: file_stem(n) for n in sub_names}),
-            config={"eval": section(cfg.eval, keep=("bootstrap", "ci", "subgroup_columns", "subgroup_min_images"))},
+            config={"eval": section(cfg.eval, keep=("bootstrap", "ci", "subgroup_columns", "subgroup_min_images")),
+                    "subgroups.columns": sub_cols},  # the columns found in the table, not only those named
             inputs={"metadata": Path(table.source)}, upstream=["split", *prob_steps, "metrics"],
             outputs=[out / "subgroups"])
     if cfg.explain.gallery:
@@ -456,7 +458,7 @@ def evaluate_external(checkpoints: list[Path], images: str | Path, truth: str | 
 
     out = Path(out_dir)
     df = external_table(images, truth, skip_invalid=skip_invalid)
-    probs = predict_split_files(checkpoints, df, out / "predictions", "external", cfg, progress=progress)
+    probs = predict_split_files(checkpoints, df, out / "predictions", "external", cfg, progress=progress, record=False)
     if len(probs) > 1:
         probs[ENSEMBLE] = mean_probabilities(list(probs.values()))
     y = np.array([CLASS_INDEX[c] for c in df["label"]])

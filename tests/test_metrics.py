@@ -110,6 +110,10 @@ def test_hand_written_metrics_match_sklearn_with_ties_and_absent_classes():
     assert np.isnan(balanced_accuracy(np.array([], int), np.array([], int)))
     with pytest.raises(ValueError, match="0..6"):
         confusion(np.array([0, 7]), np.array([0, 1]))
+    with pytest.raises(ValueError, match="NaN"):
+        auc_one_vs_rest(np.array([0, 1]), np.array([[0.5, np.nan], [0.5, 0.5]]))
+    with pytest.raises(ValueError, match="NaN"):
+        rank_auc(np.array([True, False]), np.array([np.inf, 0.1]))
 
 
 def test_operating_points_by_hand():

@@ -92,7 +92,7 @@ def test_table_flags_the_worse_subgroup_and_marks_small_ones():
     assert no_mel["small"].all() and no_mel["MEL_sensitivity"].isna().all()
 
 
-def test_columns_must_exist():
+def test_columns_must_exist_and_categorical_ones_are_found(tmp_path):
     from lesionlab.exceptions import UserError
 
     meta = pd.DataFrame({"image_id": ["a"], "sex": ["male"], "age": ["40"]})
@@ -108,6 +108,12 @@ def test_columns_must_exist():
                          "thickness_mm": [0.5, 1.0, 2.0, 0.1], "path": list("1234")})
     assert subgroup_columns(wide) == ["sex", "age_band", "dataset", "note"]
     assert "note" not in subgroup_columns(wide.loc[wide.index.repeat(6)].assign(note=[f"t{i}" for i in range(24)]))
+    # As a user's CSV arrives (every column read as text): numbers and diagnosis columns are still not subgroups.
+    from lesionlab.data.metadata import read_metadata
+
+    wide.assign(diagnostic=["MEL", "NEV", "NEV", "BCC"], three_partition_label=["m", "b", "b", "o"]).to_csv(
+        tmp_path / "meta.csv", index=False)
+    assert subgroup_columns(read_metadata(tmp_path / "meta.csv")) == ["sex", "age_band", "dataset", "note"]
 
 
 def test_cli_writes_csv_and_forest_plot_without_torch(tmp_path):

@@ -43,10 +43,19 @@ def confusion(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int = len(CLA
     return np.bincount(y_true * num_classes + y_pred, minlength=num_classes * num_classes).reshape(num_classes, -1)
 
 
+def _finite(scores: np.ndarray) -> np.ndarray:
+    """Scores as floats; NaN or infinite scores are a bug upstream, not a value to rank (sklearn refuses them too)."""
+    scores = np.asarray(scores, float)
+    if not np.isfinite(scores).all():
+        raise ValueError("scores contain NaN or infinite values")
+    return scores
+
+
 def rank_auc(pos: np.ndarray, score: np.ndarray) -> float:
     """ROC AUC of `score` for the boolean `pos` by the Mann-Whitney rank statistic (ties get average ranks, which
     is sklearn's trapezoidal ROC AUC); NaN without positives or negatives."""
     pos = np.asarray(pos, bool)
+    score = _finite(score)
     n_pos = int(pos.sum())
     n_neg = len(pos) - n_pos
     if n_pos == 0 or n_neg == 0:
@@ -78,7 +87,7 @@ def per_class_from_confusion(cm: np.ndarray) -> dict[str, np.ndarray]:
 def auc_one_vs_rest(y_true: np.ndarray, probs: np.ndarray) -> np.ndarray:
     """ROC AUC per class (one-vs-rest); NaN where the class has no positives or no negatives."""
     y_true = np.asarray(y_true)
-    probs = np.asarray(probs, float)
+    probs = _finite(probs)
     out = np.full(probs.shape[1], np.nan)
     if len(y_true) == 0:
         return out

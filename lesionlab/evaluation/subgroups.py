@@ -87,8 +87,15 @@ def subgroup_stat(y_true: np.ndarray, probs: np.ndarray, *, mel_threshold: float
 
 # Never subgroups: identifiers, file names, and the diagnosis itself (or columns derived from it).
 NOT_SUBGROUPS = frozenset({"image_id", "image", "lesion_id", "group_id", "patient_id", "path", "file", "filename",
-                           "dx", "diagnosis", "label", "target", "benign_malignant", "split", "age", "age_approx"})
+                           "dx", "target", "benign_malignant", "mel", "split", "age", "age_approx"})
+LABEL_WORDS = ("diagnos", "label", "partition", "histopath")  # diagnosis, diagnostic, three_partition_label, ...
 MAX_LEVELS = 20  # more distinct values than this is a free-text or identifier column, not a category
+
+
+def _is_number_column(values: np.ndarray) -> bool:
+    """Every non-missing value parses as a number (metadata is read as text, so dtypes do not say)."""
+    present = values[values != MISSING]
+    return len(present) > 0 and bool(pd.to_numeric(pd.Series(present), errors="coerce").notna().all())
 
 
 def categorical_columns(meta: pd.DataFrame, max_levels: int = MAX_LEVELS) -> list[str]:
@@ -96,13 +103,13 @@ def categorical_columns(meta: pd.DataFrame, max_levels: int = MAX_LEVELS) -> lis
     non-missing values, e.g. an acquisition site, a scanner or a `dataset` column; not identifiers or labels."""
     out = []
     for c in meta.columns:
-        if c in NOT_SUBGROUPS or c in DEFAULT_COLUMNS or str(c).endswith("_id"):
+        name = str(c).lower()
+        if name in NOT_SUBGROUPS or c in DEFAULT_COLUMNS or name.endswith("_id") or any(w in name for w in LABEL_WORDS):
             continue
-        col = meta[c]
-        if pd.api.types.is_numeric_dtype(col) and not pd.api.types.is_bool_dtype(col):
+        values = clean_values(meta[c].tolist())
+        if _is_number_column(values):
             continue  # numbers are measurements (name a numeric category with --columns)
-        values = set(clean_values(col.tolist())) - {MISSING}
-        if 2 <= len(values) <= max_levels:
+        if 2 <= len(set(values) - {MISSING}) <= max_levels:
             out.append(str(c))
     return out
 

@@ -206,6 +206,5 @@ def plot_ood_scores(scores: dict[str, np.ndarray], threshold: float, path: Path,
     ax.set_title(f"Out-of-distribution score: {first} vs. images the models should refuse")
     ax.legend(fontsize=7.5, loc="upper right")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
     return path
