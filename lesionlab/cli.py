@@ -49,11 +49,7 @@ def _validate(p: argparse.ArgumentParser):
     p.add_argument("--report", type=Path, help="write every problem to this CSV")
 
     def run(a: argparse.Namespace) -> int:
-        from lesionlab.data.split import (
-            check_split,
-            read_duplicates,
-            read_split,
-        )
+        from lesionlab.data.split import split_file_problems
         from lesionlab.data.tables import read_table
         from lesionlab.data.validation import validate
 
@@ -65,15 +61,9 @@ def _validate(p: argparse.ArgumentParser):
             rep.write_csv(a.report)
         problems = [] if rep.ok else [rep.summary()]
         if a.split:
-            sp = read_split(a.split)
-            dups = read_duplicates(a.duplicates) if a.duplicates else None
-            leaks = check_split(sp, dups)
-            unknown = sorted(set(sp["image_id"]) - set(table.df["image_id"]))
-            if leaks:
-                problems.append(f"{a.split}: {len(leaks)} leaks across splits (first: {'; '.join(leaks[:3])})")
-            if unknown:
-                problems.append(f"{a.split}: {len(unknown)} images not in the dataset (first: {', '.join(unknown[:3])})")
-            if not leaks and not unknown:
+            split_problems = split_file_problems(a.split, set(table.df["image_id"]), a.duplicates)
+            problems += split_problems
+            if not split_problems:
                 print(f"{a.split}: no lesion appears in two splits.")
         print(f"{table.source}: {len(table.df)} rows, layout {table.layout}.")
         if problems:
@@ -99,13 +89,7 @@ def _split(p: argparse.ArgumentParser):
 
     def run(a: argparse.Namespace) -> int:
         from lesionlab import config
-        from lesionlab.data.split import (
-            check_split,
-            make_split,
-            read_duplicates,
-            summary_table,
-            write_split,
-        )
+        from lesionlab.data.split import read_duplicates, split_and_check, summary_table, write_split
         from lesionlab.data.tables import read_table
         from lesionlab.data.validation import load_valid_table
 
@@ -119,10 +103,7 @@ def _split(p: argparse.ArgumentParser):
             df = table.df[table.df["label"] != ""]
         dups = read_duplicates(a.duplicates) if a.duplicates else None
         seed = cfg.split.seed if a.seed is None else a.seed
-        sp = make_split(df, fractions=(cfg.split.train, cfg.split.val, cfg.split.test), seed=seed, duplicates=dups)
-        leaks = check_split(sp, dups)
-        if leaks:  # cannot happen by construction; a bug if it does
-            raise RuntimeError(f"split leaks: {leaks[:3]}")
+        sp = split_and_check(df, fractions=(cfg.split.train, cfg.split.val, cfg.split.test), seed=seed, duplicates=dups)
         write_split(sp, a.out)
         print(summary_table(sp).to_string(index=False))
         print(f"wrote {a.out} ({len(sp)} images, seed {seed}); no lesion is in two splits.")

@@ -38,14 +38,7 @@ import numpy as np
 import pandas as pd
 
 from lesionlab.config import StudyConfig, save_config
-from lesionlab.data.split import (
-    check_split,
-    make_split,
-    read_duplicates,
-    read_split,
-    summary_table,
-    write_split,
-)
+from lesionlab.data.split import read_duplicates, read_split, split_and_check, summary_table, write_split
 from lesionlab.data.subsets import external_table, split_frames, subset_frame
 from lesionlab.data.tables import read_table
 from lesionlab.data.validation import drop_invalid, validate
@@ -275,10 +268,8 @@ def run_study(
 
     def do_split():
         dups = read_duplicates(duplicates) if duplicates else None
-        sp = make_split(table.df, fractions=(cfg.split.train, cfg.split.val, cfg.split.test), seed=cfg.split.seed,
-                        duplicates=dups)
-        if check_split(sp, dups):
-            raise RuntimeError("split leaks")  # impossible by construction
+        sp = split_and_check(table.df, fractions=(cfg.split.train, cfg.split.val, cfg.split.test), seed=cfg.split.seed,
+                             duplicates=dups)
         write_split(sp, split_path)
         atomic_write_csv(out / "split_summary.csv", summary_table(sp))
 

@@ -12,6 +12,8 @@ from lesionlab.data.split import (
     merge_duplicate_groups,
     read_duplicates,
     read_split,
+    split_and_check,
+    split_file_problems,
     summary_table,
     write_split,
 )
@@ -68,6 +70,20 @@ def test_leakage_check_reports_crossing_lesions_and_pairs():
     sp["group_id"] = sp["lesion_id"]
     msgs = check_split(sp, pd.DataFrame({"from_img": ["a"], "to_img": ["c"]}))
     assert "lesion L1 is in test and train" in msgs and "known duplicates a and c are in different splits" in msgs
+
+
+def test_split_file_problems_name_leaks_and_unknown_images(tmp_path):
+    df = _table()
+    sp = split_and_check(df, fractions=(0.5, 0.25, 0.25), seed=0)
+    write_split(sp, tmp_path / "ok.csv")
+    assert split_file_problems(tmp_path / "ok.csv", set(df["image_id"])) == []
+    bad = sp.copy()
+    big = bad["lesion_id"] == "L_big"
+    bad.loc[big, "split"] = ["train"] * 5 + ["test"]  # one lesion in two splits
+    write_split(bad, tmp_path / "bad.csv")
+    problems = split_file_problems(tmp_path / "bad.csv", set(df["image_id"]) - {"nv3"})
+    assert len(problems) == 2 and "1 leaks across splits (first: lesion L_big" in problems[0]
+    assert "1 images not in the dataset (first: nv3)" in problems[1]
 
 
 def test_bad_fractions_and_files(tmp_path):

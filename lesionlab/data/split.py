@@ -175,6 +175,30 @@ def check_split(split: pd.DataFrame, duplicates: pd.DataFrame | None = None) -> 
     return msgs
 
 
+def split_file_problems(split_path: str | Path, image_ids: set[str], duplicates_path: str | Path | None = None) -> list[str]:
+    """What is wrong with a split file for a dataset: lesions (or known duplicates) across splits, images the
+    dataset lacks; one message each kind, empty when clean (what `lesionlab validate --split` reports)."""
+    sp = read_split(split_path)
+    leaks = check_split(sp, read_duplicates(duplicates_path) if duplicates_path else None)
+    unknown = sorted(set(sp["image_id"]) - set(image_ids))
+    problems = []
+    if leaks:
+        problems.append(f"{split_path}: {len(leaks)} leaks across splits (first: {'; '.join(leaks[:3])})")
+    if unknown:
+        problems.append(f"{split_path}: {len(unknown)} images not in the dataset (first: {', '.join(unknown[:3])})")
+    return problems
+
+
+def split_and_check(df: pd.DataFrame, *, fractions: tuple[float, float, float], seed: int,
+                    duplicates: pd.DataFrame | None = None) -> pd.DataFrame:
+    """`make_split`, then the leakage check it passes by construction (a failure is a bug, raised as one)."""
+    sp = make_split(df, fractions=fractions, seed=seed, duplicates=duplicates)
+    leaks = check_split(sp, duplicates)
+    if leaks:
+        raise RuntimeError(f"split leaks: {leaks[:3]}")
+    return sp
+
+
 def summary_table(split: pd.DataFrame) -> pd.DataFrame:
     """Images and lesions per class per split, with totals."""
     rows = []
