@@ -158,17 +158,19 @@ def predict_split_files(checkpoints: list[Path], df: pd.DataFrame, out_dir: Path
     With `record`, also `<arch>_inference.json`: the precision and device each model actually ran at (what `auto` resolved to on
     this machine) and TTA, so that a bundle made later, elsewhere, records the settings its threshold came from.
     """
+    from lesionlab import runtime
     from lesionlab.data.isic_csv import probs_frame, truth_frame, write_isic_csv
     from lesionlab.inference.bundle import precision_name
-    from lesionlab.inference.predictor import load_predictors
+    from lesionlab.inference.predictor import infer_table
 
-    probs = {}
-    for pr in load_predictors(checkpoints, device=cfg.train.device, precision=cfg.train.precision):
-        probs[pr.name] = pr.predict_frame(df, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
-                                          tta=cfg.eval.tta, progress=progress)
-        if record:
-            atomic_write_json(out_dir / f"{file_stem(pr.name)}_inference.json",
-                              {"precision": precision_name(pr.amp), "device": str(pr.device), "tta": bool(cfg.eval.tta)})
+    probs = infer_table(checkpoints, df, device=cfg.train.device, precision=cfg.train.precision, tta=cfg.eval.tta,
+                        batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers, progress=progress)
+    if record:  # resolved as each Predictor resolved it (runtime.pick_device / pick_precision)
+        device = runtime.pick_device(cfg.train.device)
+        settings = {"precision": precision_name(runtime.pick_precision(cfg.train.precision, device)),
+                    "device": str(device), "tta": bool(cfg.eval.tta)}
+        for name in probs:
+            atomic_write_json(out_dir / f"{file_stem(name)}_inference.json", settings)
     for name, p in probs.items():
         write_isic_csv(out_dir / f"{file_stem(name)}_{tag}.csv", probs_frame(df["image_id"], p))
     if truth:

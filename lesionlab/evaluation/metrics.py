@@ -87,18 +87,8 @@ def per_class_from_confusion(cm: np.ndarray) -> dict[str, np.ndarray]:
 def auc_one_vs_rest(y_true: np.ndarray, probs: np.ndarray) -> np.ndarray:
     """ROC AUC per class (one-vs-rest); NaN where the class has no positives or no negatives."""
     y_true = np.asarray(y_true)
-    probs = _finite(probs)
-    out = np.full(probs.shape[1], np.nan)
-    if len(y_true) == 0:
-        return out
-    ranks = rankdata(probs, axis=0)  # every class's column at once
-    n = len(y_true)
-    for k in range(probs.shape[1]):
-        pos = y_true == k
-        n_pos = int(pos.sum())
-        if 0 < n_pos < n:
-            out[k] = (ranks[pos, k].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * (n - n_pos))
-    return out
+    probs = np.asarray(probs, float)
+    return np.array([rank_auc(y_true == k, probs[:, k]) for k in range(probs.shape[1])])
 
 
 def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:

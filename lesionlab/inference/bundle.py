@@ -42,11 +42,11 @@ def precision_name(dtype: Any) -> str:
     return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
-def recorded_precision(study: Path, members: list[str] | None) -> tuple[str | None, list[Path]]:
+def recorded_precision(study: Path, members: list[str]) -> tuple[str | None, list[Path]]:
     """The precision the study's infer steps recorded for these members (`predictions/<member>_inference.json`),
     if every one of them has a record and they agree; else None. Also the record files read."""
     pred = study / "predictions"
-    files = [pred / f"{m}_inference.json" for m in members] if members else sorted(pred.glob("*_inference.json"))
+    files = [pred / f"{m}_inference.json" for m in members]
     if not files or not all(f.exists() for f in files):
         return None, []
     found = set()
@@ -61,8 +61,7 @@ def recorded_precision(study: Path, members: list[str] | None) -> tuple[str | No
     return found.pop(), files
 
 
-def study_inference_settings(study: Path, *, precision: str | None = None,
-                             members: list[str] | None = None) -> dict[str, Any]:
+def study_inference_settings(study: Path, *, members: list[str], precision: str | None = None) -> dict[str, Any]:
     """TTA and precision the study's validation predictions (hence its threshold) were made with.
 
     Read from the study's config.yaml (`eval.tta`, `train.precision`, `train.device`). A study run at precision
