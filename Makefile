@@ -31,6 +31,7 @@ browser-deps:
 
 test: $(STAMP) browser-deps
 	$(BIN)/ruff check lesionlab tests benchmarks
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # Real-data acceptance checks on ../shared/data/ham10000-200x150 (documented in the README).
@@ -46,6 +47,7 @@ bench: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check lesionlab tests benchmarks
+	$(BIN)/lint-imports
 
 clean-venv:
 	rm -rf $(VENV)

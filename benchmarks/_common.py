@@ -16,19 +16,14 @@ SHARED_HAM = Path(__file__).resolve().parents[2] / "shared" / "data" / "ham10000
 
 
 def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    from lesionlab.runtime import cpu_has_bf16
+    """One line naming the machine a benchmark ran on (CPU model and flags of note from `lesionlab.cpu`, with any
+    emulation in force; cores, threads, GPU, versions, date)."""
+    from lesionlab import cpu
 
     gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
-    return (f"{cpu}, {os.cpu_count()} cores (torch threads {torch.get_num_threads()}, bf16 units: {cpu_has_bf16()}){gpu}; "
-            f"torch {torch.__version__}, Python {platform.python_version()}; {dt.date.today().isoformat()}")
+    return (f"{cpu.describe()}; {os.cpu_count()} cores (torch threads {torch.get_num_threads()}, bf16 units: "
+            f"{cpu.has_bf16()}){gpu}; torch {torch.__version__}, Python {platform.python_version()}; "
+            f"{dt.date.today().isoformat()}")
 
 
 def timed(fn, *, repeat: int, warmup: int = 1) -> list[float]:

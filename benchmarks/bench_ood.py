@@ -59,7 +59,7 @@ def skimage_photos(seed: int = 0) -> tuple[list[Image.Image], list[str]]:
 
 
 def member_outputs(predictors, images: list[Image.Image], batch: int = 64) -> dict[str, dict[str, np.ndarray]]:
-    from lesionlab.inference.screening import image_outputs
+    from lesionlab.inference.outputs import image_outputs
 
     out = {}
     for pr in predictors:
@@ -98,12 +98,12 @@ def main() -> None:
     ap.add_argument("--note", default="", help="a sentence about the models, written into the document")
     a = ap.parse_args()
 
+    from lesionlab.clinic.ood_model import fit_ood
     from lesionlab.data.ood_images import degraded_lesions, synthetic_ood_images
     from lesionlab.data.split import read_split
     from lesionlab.data.subsets import subset_frame
     from lesionlab.data.tables import read_table
     from lesionlab.inference.predictor import find_checkpoints, load_predictors
-    from lesionlab.inference.screening import fit_ood
     from lesionlab.report.figures import plot_ood_scores
 
     t0 = time.perf_counter()

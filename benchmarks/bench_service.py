@@ -23,7 +23,7 @@ from _common import machine, untrained_checkpoints, write_section
 from PIL import Image
 
 from lesionlab import models
-from lesionlab.inference.bundle import make_bundle
+from lesionlab.clinic.bundle import make_bundle
 
 
 def build_bundle(tmp: Path, size: int) -> Path:

@@ -17,8 +17,8 @@ import numpy as np
 
 from lesionlab.data.isic_csv import align, read_isic_csv
 from lesionlab.evaluation.bootstrap import bootstrap_ci
-from lesionlab.evaluation.evaluate import lesion_groups
 from lesionlab.evaluation.subgroups import subgroup_stat
+from lesionlab.workflows.evaluate import lesion_groups
 
 METRICS = ("balanced_accuracy", "MEL_auc", "MEL_sensitivity", "MEL_specificity", "macro_auc", "accuracy")
 

@@ -30,17 +30,17 @@ import pandas as pd
 
 from lesionlab.config import load_config
 from lesionlab.data.isic_csv import align, probs_frame, read_isic_csv, truth_frame, write_isic_csv
+from lesionlab.evaluation.ensemble import ENSEMBLE, mean_probabilities
 from lesionlab.evaluation.trust import (
     TRUST_FILE,
     fit_trust,
-    plot_trust_reliability,
     trust_metrics,
     trust_table,
     write_trust,
 )
-from lesionlab.inference.ensemble import ENSEMBLE, mean_probabilities
 from lesionlab.io import atomic_write_json, sha256_file
 from lesionlab.models import META_FILE, WEIGHTS_FILE, file_stem
+from lesionlab.report.evaluation_files import plot_trust_reliability
 
 ACCEPT = {"ece_after_max": 0.05, "coverage_tolerance": 0.03, "mel_coverage_min": 0.87}
 ARCH_ORDER = ("resnet101", "resnext101_32x4d", "seresnet101", "seresnext101_32x4d")

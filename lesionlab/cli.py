@@ -261,7 +261,7 @@ def _evaluate(p: argparse.ArgumentParser):
 
     def run(a: argparse.Namespace) -> int:
         from lesionlab import config
-        from lesionlab.evaluation.evaluate import evaluate_files
+        from lesionlab.workflows.evaluate import evaluate_files
 
         cfg = config.load_config(a.config, a.overrides + ([f"eval.bootstrap={a.bootstrap}"] if a.bootstrap is not None else []))
         m = evaluate_files(a.truth, a.pred, a.out, cfg=cfg.eval, lesions=a.lesions, val_truth=a.val_truth,
@@ -285,7 +285,7 @@ def _ensemble(p: argparse.ArgumentParser):
 
     def run(a: argparse.Namespace) -> int:
         from lesionlab.data.isic_csv import read_isic_csv, write_isic_csv
-        from lesionlab.inference.ensemble import ensemble_frames
+        from lesionlab.evaluation.ensemble import ensemble_frames
 
         frames = [read_isic_csv(f, kind="prediction") for f in a.pred]
         write_isic_csv(a.out, ensemble_frames(frames, a.weights, names=[str(f) for f in a.pred]))
@@ -310,7 +310,7 @@ def _subgroups(p: argparse.ArgumentParser):
     p.add_argument("--threshold", type=float, help="melanoma threshold for sensitivity/specificity (default: argmax)")
 
     def run(a: argparse.Namespace) -> int:
-        from lesionlab.evaluation.subgroups import subgroup_files
+        from lesionlab.workflows.evaluate import subgroup_files
 
         if a.bootstrap < 0:
             raise UserError("--bootstrap must be 0 or more")
@@ -352,7 +352,8 @@ def _study(p: argparse.ArgumentParser):
     p.add_argument("--fresh", action="store_true", help="first delete what an earlier study wrote into --out; run every step")
 
     def run(a: argparse.Namespace) -> int:
-        from lesionlab import config, study
+        from lesionlab import config
+        from lesionlab.workflows import study
 
         cfg = config.load_config(a.config, a.overrides)
         cfg.external.extend(a.external)
@@ -372,7 +373,8 @@ def _demo(p: argparse.ArgumentParser):
     def run(a: argparse.Namespace) -> int:
         import time
 
-        from lesionlab import config, study
+        from lesionlab import config
+        from lesionlab.workflows import study
 
         t = time.perf_counter()
         cfg = config.load_config(a.config, a.overrides)
@@ -393,11 +395,12 @@ def _evaluate_external(p: argparse.ArgumentParser):
     p.add_argument("--skip-invalid", action="store_true")
 
     def run(a: argparse.Namespace) -> int:
-        from lesionlab import config, study
+        from lesionlab import config
         from lesionlab.inference.predictor import find_checkpoints
+        from lesionlab.workflows.external import evaluate_external
 
         cfg = config.load_config(a.config, a.overrides)
-        s = study.evaluate_external(find_checkpoints(a.runs), a.images, a.truth, a.out, cfg, skip_invalid=a.skip_invalid)
+        s = evaluate_external(find_checkpoints(a.runs), a.images, a.truth, a.out, cfg, skip_invalid=a.skip_invalid)
         print(f"{s['n']} images; classes absent from this set: {', '.join(s['classes_absent']) or 'none'}")
         for n, v in s["models"].items():
             print(f"{n}: accuracy {v['accuracy']:.3f}, balanced accuracy {v['balanced_accuracy']:.3f}, macro AUC "
@@ -425,8 +428,8 @@ def _robustness(p: argparse.ArgumentParser):
 
     def run(a: argparse.Namespace) -> int:
         from lesionlab import config
-        from lesionlab.acquisition import model_dirs, run_robustness
         from lesionlab.data.subsets import load_split_tables, subset_frame
+        from lesionlab.workflows.robustness import model_dirs, run_robustness
 
         sets = [f"robustness.{k}={v}" for k, v in (("perturbations", a.perturbations), ("max_images", a.max_images),
                                                    ("max_levels", a.max_levels)) if v is not None]
@@ -458,7 +461,7 @@ def _consistency(p: argparse.ArgumentParser):
 
     def run(a: argparse.Namespace) -> int:
         from lesionlab import config
-        from lesionlab.acquisition import consistency_from_files
+        from lesionlab.workflows.robustness import consistency_from_files
 
         cfg = config.load_config(a.config, a.overrides + ([f"eval.bootstrap={a.bootstrap}"] if a.bootstrap is not None else []))
         cons, _ = consistency_from_files(a.truth, a.pred, a.lesions, a.out, names=a.names, ensemble=a.ensemble,
@@ -536,7 +539,7 @@ def _bundle(p: argparse.ArgumentParser):
                    help="make the bundle without the out-of-distribution refusal (quality checks still apply)")
 
     def run(a: argparse.Namespace) -> int:
-        from lesionlab.inference.bundle import make_bundle
+        from lesionlab.clinic.bundle import make_bundle
 
         m = make_bundle(a.runs, a.out, threshold=a.threshold, target_sensitivity=a.target_sensitivity, study=a.study,
                         tta=a.tta, precision=a.precision, data=a.data, ood=a.ood, onnx=a.onnx,
@@ -583,8 +586,8 @@ def _predict(p: argparse.ArgumentParser):
                 "2 bad input or options.")
 
     def run(a: argparse.Namespace) -> int:
-        from lesionlab.inference.bundle import EnsemblePredictor
-        from lesionlab.inference.predict_files import metadata_lookup, predict_files
+        from lesionlab.clinic.bundle import EnsemblePredictor
+        from lesionlab.clinic.predict_files import metadata_lookup, predict_files
         from lesionlab.report.results_table import format_results
 
         given = {k: v for k, v in (("age", a.age), ("sex", a.sex), ("localization", a.site)) if v is not None}

@@ -3,23 +3,21 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
-from pathlib import Path
 
 import torch
 
+from lesionlab import cpu
 from lesionlab.exceptions import UserError
 
 
-@functools.cache
 def cpu_has_bf16() -> bool:
-    """True when the CPU has native bf16 matrix units (AMX or AVX512-BF16), where bf16 autocast pays off."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(f in flags.split() for f in ("amx_bf16", "avx512_bf16"))
+    """True when the CPU has native bf16 matrix units (AMX or AVX512-BF16), where bf16 autocast pays off.
+
+    Asks `lesionlab.cpu`, so `LESIONLAB_CPU_FLAGS` (an emulated AVX2-only CPU, say) changes the answer; not cached
+    for that reason (the flags themselves are read from /proc/cpuinfo once).
+    """
+    return cpu.has_bf16()
 
 
 def pick_device(name: str = "auto") -> torch.device:

@@ -79,7 +79,7 @@ def tiny_cfg():
 
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory) -> Path:
-    from lesionlab.inference.bundle import make_bundle
+    from lesionlab.clinic.bundle import make_bundle
 
     d = tmp_path_factory.mktemp("bundle")
     runs = [make_tiny_checkpoint(d / "runs" / f"m{i}", seed=i) for i in range(2)]
@@ -124,7 +124,7 @@ def trust_study(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def trust_bundle(trust_study, tmp_path_factory) -> Path:
     """A bundle with everything issue 10 adds: temperatures, conformal thresholds, OOD model, quality thresholds."""
-    from lesionlab.inference.bundle import make_bundle
+    from lesionlab.clinic.bundle import make_bundle
 
     out = tmp_path_factory.mktemp("trust_bundle") / "bundle"
     make_bundle([trust_study / "runs"], out, study=trust_study)

@@ -8,8 +8,8 @@ import pytest
 from helpers import lesion_like, make_tiny_checkpoint
 from PIL import Image
 
+from lesionlab.clinic.bundle import EnsemblePredictor, make_bundle, verify_bundle
 from lesionlab.exceptions import UserError
-from lesionlab.inference.bundle import EnsemblePredictor, make_bundle, verify_bundle
 from lesionlab.labels import CLASSES
 
 

@@ -88,7 +88,7 @@ def test_bad_engine_is_a_one_line_error(ck, tmp_path, capsys):
 
 
 def test_bundle_carries_the_onnx_body_hashed_and_predicts_with_it(tmp_path, cache, capsys):
-    from lesionlab.inference.bundle import EnsemblePredictor, make_bundle, verify_bundle
+    from lesionlab.clinic.bundle import EnsemblePredictor, make_bundle, verify_bundle
 
     runs = [make_tiny_checkpoint(tmp_path / "runs" / f"m{i}", seed=i) for i in range(2)]
     m = make_bundle(runs, tmp_path / "b", threshold=0.15, onnx=True)
@@ -166,7 +166,7 @@ def test_int8_body_is_shipped_only_above_the_agreement_floor(ck, tmp_path, cache
     import json
     import shutil
 
-    from lesionlab.inference.bundle import _int8_member
+    from lesionlab.clinic.bundle import _int8_member
 
     d = tmp_path / "member"
     shutil.copytree(ck, d)
@@ -192,7 +192,7 @@ def test_int8_body_is_shipped_only_above_the_agreement_floor(ck, tmp_path, cache
 
 
 def test_int8_bundle_needs_the_studys_validation_images(tmp_path):
-    from lesionlab.inference.bundle import make_bundle
+    from lesionlab.clinic.bundle import make_bundle
 
     runs = [make_tiny_checkpoint(tmp_path / "runs" / "m0", seed=0)]
     with pytest.raises(UserError, match="--int8 calibrates on the study's validation images"):

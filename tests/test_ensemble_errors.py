@@ -2,9 +2,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from lesionlab.evaluation.ensemble import ensemble_frames, mean_probabilities
 from lesionlab.evaluation.error_analysis import analyse_errors
 from lesionlab.exceptions import UserError
-from lesionlab.inference.ensemble import ensemble_frames, mean_probabilities
 from lesionlab.labels import CLASSES
 
 

@@ -193,7 +193,7 @@ def test_fusion_learns_a_signal_only_the_metadata_carries(tmp_path):
 
 def _fused_bundle(tmp_path):
     from lesionlab import models
-    from lesionlab.inference.bundle import make_bundle
+    from lesionlab.clinic.bundle import make_bundle
 
     model = _fused(seed=5)
     run = tmp_path / "runs" / "fused"
@@ -213,7 +213,7 @@ def test_bundle_predict_and_service_take_optional_metadata(tmp_path, tiny_bundle
     from PIL import Image
 
     from lesionlab.cli import main
-    from lesionlab.inference.bundle import EnsemblePredictor
+    from lesionlab.clinic.bundle import EnsemblePredictor
     from lesionlab.serve.app import create_app
 
     bundle = _fused_bundle(tmp_path)

@@ -145,12 +145,12 @@ def test_fewer_than_7_percent_of_real_test_images_are_refused(shared_ham, tmp_pa
     import os
     from pathlib import Path
 
+    from lesionlab.clinic.ood_model import fit_ood, screen_frame
     from lesionlab.config import OODConfig
     from lesionlab.data.split import make_split, read_split
     from lesionlab.data.subsets import subset_frame
     from lesionlab.data.tables import read_table
     from lesionlab.inference.predictor import find_checkpoints, load_predictors
-    from lesionlab.inference.screening import fit_ood, screen_frame
 
     table = read_table(shared_ham)
     study = os.environ.get("LESIONLAB_REALDATA_STUDY")
@@ -178,10 +178,10 @@ def test_fewer_than_7_percent_of_real_test_images_are_refused(shared_ham, tmp_pa
 
 
 def test_ood_model_fits_on_a_study_saves_loads_and_screens(trust_study, tmp_path):
+    from lesionlab.clinic.ood_model import OODModel, fit_ood, screen_frame, screen_images
+    from lesionlab.clinic.trust import study_frames
     from lesionlab.config import OODConfig
     from lesionlab.inference.predictor import find_checkpoints, load_predictors
-    from lesionlab.inference.screening import OODModel, fit_ood, screen_frame, screen_images
-    from lesionlab.inference.trust import study_frames
 
     predictors = load_predictors(find_checkpoints([trust_study / "runs"]), device="cpu", precision="fp32")
     train, val = study_frames(trust_study)
@@ -207,16 +207,16 @@ def test_ood_report_for_the_study_report(trust_study, tmp_path):
     """`report.ood_report` writes the refusal summary and the OOD histogram the report's Trust section shows."""
     import json
 
+    from lesionlab.clinic.ood_model import fit_ood
+    from lesionlab.clinic.trust import study_frames
     from lesionlab.config import OODConfig
     from lesionlab.data.split import read_split
     from lesionlab.data.subsets import subset_frame
     from lesionlab.data.tables import read_table
     from lesionlab.inference.predictor import find_checkpoints, load_predictors
-    from lesionlab.inference.screening import fit_ood
-    from lesionlab.inference.trust import study_frames
     from lesionlab.report.document import Report
-    from lesionlab.report.ood_report import ood_report
     from lesionlab.report.study_report import ood_part
+    from lesionlab.workflows.refusal import ood_report
 
     predictors = load_predictors(find_checkpoints([trust_study / "runs"]), device="cpu", precision="fp32")
     train, val = study_frames(trust_study)
@@ -236,7 +236,7 @@ def test_ood_report_for_the_study_report(trust_study, tmp_path):
 
 def test_member_probabilities_are_calibrated_under_their_file_stem():
     """trust.json keys members by file stem; a `timm:` member must still get its own temperature."""
-    from lesionlab.inference.trust import BundleTrust
+    from lesionlab.clinic.trust import BundleTrust
 
     bt = BundleTrust.__new__(BundleTrust)  # only the calibration part is exercised
     bt.trust = {"models": {"timm_resnet10t": {"temperature": 2.0}, "ensemble": {"temperature": 1.0}}, "config": {}}

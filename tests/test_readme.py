@@ -64,7 +64,7 @@ def test_readme_has_commands_and_paths_to_check():
     cmds = readme_commands()
     assert len(cmds) >= 15 and {c[0] for c in cmds} >= {"validate", "split", "train", "study", "predict", "serve"}
     assert any("--fresh" in c for c in cmds)
-    assert "configs/paper.yaml" in REPO_PATH.findall(README) and "lesionlab/study.py" in layout_paths()
+    assert "configs/paper.yaml" in REPO_PATH.findall(README) and "lesionlab/workflows/study.py" in layout_paths()
 
 
 @pytest.mark.parametrize("argv", readme_commands(), ids=lambda a: " ".join(a)[:60])

@@ -58,8 +58,8 @@ def test_int8_bodies_are_shipped_only_at_99_percent_agreement(shared_ham, tmp_pa
     agreement with fp32 on 500 further validation images; a shipped one must also agree on the test split."""
     import pandas as pd
 
+    from lesionlab.clinic.bundle import make_bundle
     from lesionlab.inference import engines
-    from lesionlab.inference.bundle import make_bundle
     from lesionlab.inference.predictor import Predictor
 
     study = Path(os.environ.get("LESIONLAB_TRUST_STUDY", "~/lesionlab-runs/ham10000-cpu")).expanduser()

@@ -363,7 +363,7 @@ def test_consistency_command_from_prediction_csvs(tmp_path, capsys):
 
 
 def test_robustness_runs_accept_a_bundle_folder(tiny_bundle):
-    from lesionlab.acquisition import model_dirs
+    from lesionlab.workflows.robustness import model_dirs
 
     dirs = model_dirs([tiny_bundle])
     assert len(dirs) == 2 and all(d.parent.name == "members" for d in dirs)

@@ -10,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from lesionlab.inference.bundle import EnsemblePredictor
+from lesionlab.clinic.bundle import EnsemblePredictor
 from lesionlab.serve.app import create_app
 
 
@@ -155,7 +155,7 @@ def test_concurrent_predictions_and_explanations_match_serial_ones(tmp_path):
     import uvicorn
     from helpers import make_tiny_checkpoint
 
-    from lesionlab.inference.bundle import make_bundle
+    from lesionlab.clinic.bundle import make_bundle
 
     runs = [make_tiny_checkpoint(tmp_path / "runs" / f"m{i}", seed=i) for i in range(2)]
     make_bundle(runs, tmp_path / "bundle", threshold=0.15, precision="fp32")
@@ -232,8 +232,8 @@ def test_service_runs_a_bundle_at_its_recorded_settings(tmp_path):
 
     from helpers import make_tiny_checkpoint
 
+    from lesionlab.clinic.bundle import make_bundle
     from lesionlab.exceptions import UserError
-    from lesionlab.inference.bundle import make_bundle
 
     runs = [make_tiny_checkpoint(tmp_path / "runs" / "m0", seed=0)]
     make_bundle(runs, tmp_path / "tta", threshold=0.2, tta=True, precision="fp32")
@@ -262,7 +262,7 @@ def test_serve_cli_refuses_another_precision_in_one_line(tmp_path, capsys):
     from helpers import make_tiny_checkpoint
 
     from lesionlab.cli import main
-    from lesionlab.inference.bundle import make_bundle
+    from lesionlab.clinic.bundle import make_bundle
 
     make_bundle([make_tiny_checkpoint(tmp_path / "runs" / "m0", seed=0)], tmp_path / "b", threshold=0.2,
                 precision="bf16")

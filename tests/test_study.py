@@ -8,10 +8,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lesionlab import study
 from lesionlab.cli import main
 from lesionlab.config import load_config
 from lesionlab.labels import CLASSES
+from lesionlab.workflows import study
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +143,7 @@ def _steps_status(out):
 
 
 def test_steps_reasons_name_what_changed(tmp_path):
-    from lesionlab.steps import Steps
+    from lesionlab.workflows.steps import Steps
 
     out = tmp_path / "s"
     out.mkdir()
@@ -175,7 +175,7 @@ def test_steps_reasons_name_what_changed(tmp_path):
 
 
 def test_steps_unfinished_step_reruns_and_resumable_keeps_outputs(tmp_path):
-    from lesionlab.steps import Steps
+    from lesionlab.workflows.steps import Steps
 
     out = tmp_path / "s"
     (out / "run").mkdir(parents=True)
@@ -202,8 +202,8 @@ def test_steps_unfinished_step_reruns_and_resumable_keeps_outputs(tmp_path):
 
 
 def test_steps_refuse_outputs_outside_the_study_and_fresh_deletes_only_the_study(tmp_path):
-    from lesionlab.steps import Steps
-    from lesionlab.study import reset_study
+    from lesionlab.workflows.steps import Steps
+    from lesionlab.workflows.study import reset_study
 
     out = tmp_path / "s"
     out.mkdir()
@@ -222,7 +222,7 @@ def test_steps_refuse_outputs_outside_the_study_and_fresh_deletes_only_the_study
 
 
 def test_steps_prune_removes_steps_no_longer_in_the_study(tmp_path):
-    from lesionlab.steps import Steps
+    from lesionlab.workflows.steps import Steps
 
     out = tmp_path / "s"
     out.mkdir()
@@ -269,7 +269,7 @@ def test_rerun_unchanged_reuses_every_step(tiny_study, tmp_path, caplog):
     out = _copy(tiny_study, tmp_path)
     before = _weights_mtimes(out)
     assert len(before) == 2
-    with caplog.at_level("INFO", logger="lesionlab.study"):
+    with caplog.at_level("INFO", logger="lesionlab.workflows.study"):
         study.run_study(load_config("demo", TINY + TWO), out, progress=False)
     assert "no longer part of this study" not in caplog.text  # the report step was "removed" on every rerun
     st = _steps_status(out)
@@ -319,7 +319,7 @@ def test_changed_bootstrap_reruns_metrics_not_training(tiny_study, tmp_path):
 
 def test_train_step_detects_a_run_folder_trained_with_another_config(tiny_study, tmp_path):
     from lesionlab.io import sha256_file
-    from lesionlab.study import run_folder_mismatch
+    from lesionlab.workflows.study import run_folder_mismatch
 
     out = _copy(tiny_study, tmp_path)
     cfg = load_config("demo", TINY + TWO)

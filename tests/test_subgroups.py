@@ -160,8 +160,8 @@ def test_cli_names_a_missing_column(tmp_path, capsys):
 
 
 def test_study_report_section_from_written_subgroups(tmp_path):
-    from lesionlab.evaluation.subgroups import write_subgroups
     from lesionlab.report.document import Report
+    from lesionlab.report.evaluation_files import write_subgroups
     from lesionlab.report.study_report import subgroups_section
 
     y, probs, ids, meta = _case(n_per_sex=40)

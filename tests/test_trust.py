@@ -110,8 +110,8 @@ TINY_STUDY = ["synth_images=56", "synth_size=[48,36]", "data.image_size=32", "tr
 def test_study_fits_trust_on_validation_and_reports_it(tmp_path):
     """The study's trust step, the calibration/conformal entries of metrics.json and the report's Trust section;
     a changed trust setting re-runs trust and metrics, not training."""
-    from lesionlab import study
     from lesionlab.config import load_config
+    from lesionlab.workflows import study
 
     out = tmp_path / "study"
     study.run_study(load_config("demo", TINY_STUDY), out, progress=False)

@@ -1,6 +1,6 @@
 """Images the models should refuse: synthetic blank / solid-colour and noise images, and lesions made unevaluable.
 
-For measuring the refusal of unevaluable images (lesionlab.report.ood_report, benchmarks/bench_ood.py).
+For measuring the refusal of unevaluable images (lesionlab.workflows.refusal, benchmarks/bench_ood.py).
 """
 
 from __future__ import annotations

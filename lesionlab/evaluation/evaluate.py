@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from lesionlab.config import EvalConfig
-from lesionlab.data.isic_csv import align, read_isic_csv
 from lesionlab.evaluation.bootstrap import bootstrap_ci
 from lesionlab.evaluation.metrics import PER_CLASS_KEYS, summarize
 from lesionlab.evaluation.operating_points import at_threshold, operating_points, threshold_for_sensitivity
-from lesionlab.exceptions import UserError
-from lesionlab.io import atomic_write_csv, atomic_write_json
 from lesionlab.labels import CLASS_INDEX, CLASSES
-from lesionlab.report.figures import plot_confusion, plot_roc
 
 
 def evaluate_arrays(
@@ -69,55 +64,4 @@ def per_class_table(m: dict[str, Any]) -> pd.DataFrame:
         rows.append(row)
     return pd.DataFrame(rows)
 
-
-def write_evaluation(m: dict[str, Any], y_true: np.ndarray, probs: np.ndarray, out_dir: str | Path, *, title: str = "") -> None:
-    """metrics.json, metrics.csv, confusion matrices (counts and row-normalised) and ROC curves as PNG."""
-    out = Path(out_dir)
-    atomic_write_json(out / "metrics.json", m)
-    atomic_write_csv(out / "metrics.csv", per_class_table(m), float_format="%.4f")
-    cm = np.asarray(m["confusion"])
-    plot_confusion(cm, m["classes"], out / "confusion_counts.png", normalize=False, title=title)
-    plot_confusion(cm, m["classes"], out / "confusion_normalized.png", normalize=True, title=title)
-    plot_roc(y_true, probs, m["classes"], out / "roc.png", title=title)
-
-
-def lesion_groups(lesions_csv: str | Path | None, image_ids: list[str]) -> np.ndarray | None:
-    """Lesion id per image from any CSV with image_id (or image) and lesion_id columns; None without one."""
-    if lesions_csv is None:
-        return None
-    p = Path(lesions_csv)
-    if not p.exists():
-        raise UserError(f"lesions file {p} does not exist")
-    df = pd.read_csv(p, dtype=str, keep_default_na=False)
-    key = "image_id" if "image_id" in df.columns else "image"
-    if key not in df.columns or "lesion_id" not in df.columns:
-        raise UserError(f"{p}: needs columns image_id (or image) and lesion_id")
-    m = dict(zip(df[key], df["lesion_id"], strict=False))
-    return np.array([m.get(i) or i for i in image_ids])
-
-
-def evaluate_files(
-    truth: str | Path,
-    pred: str | Path,
-    out_dir: str | Path,
-    *,
-    cfg: EvalConfig,
-    lesions: str | Path | None = None,
-    val_truth: str | Path | None = None,
-    val_pred: str | Path | None = None,
-    threshold: float | None = None,
-) -> dict[str, Any]:
-    """`lesionlab evaluate`: any pair of ISIC-format CSVs -> metrics folder."""
-    y, p, ids = align(read_isic_csv(truth, kind="truth"), read_isic_csv(pred, kind="prediction"),
-                      truth_name=str(truth), pred_name=str(pred))
-    val = None
-    if (val_truth is None) != (val_pred is None):
-        raise UserError("give both --val-truth and --val-pred to choose the melanoma threshold on validation")
-    if val_truth is not None:
-        vy, vp, _ = align(read_isic_csv(val_truth, kind="truth"), read_isic_csv(val_pred, kind="prediction"),
-                          truth_name=str(val_truth), pred_name=str(val_pred))
-        val = (vy, vp)
-    m = evaluate_arrays(y, p, cfg=cfg, groups=lesion_groups(lesions, ids), threshold=threshold, val=val)
-    write_evaluation(m, y, p, out_dir, title=Path(pred).stem)
-    return m
 

@@ -14,13 +14,12 @@ NaN, "unknown") form their own subgroup `unknown`, so every image is counted in 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from lesionlab.data.metadata import MISSING, clean_values, read_metadata
+from lesionlab.data.metadata import MISSING, clean_values
 from lesionlab.evaluation.bootstrap import bootstrap_ci
 from lesionlab.evaluation.metrics import rank_auc
 from lesionlab.exceptions import UserError
@@ -227,96 +226,3 @@ def subgroup_table(
     return pd.DataFrame(rows)
 
 
-def subgroup_files(
-    truth: str | Path,
-    preds: Sequence[str | Path],
-    metadata: str | Path,
-    out_dir: str | Path,
-    *,
-    columns: Sequence[str] | None = None,
-    lesions: str | Path | None = None,
-    names: Sequence[str] | None = None,
-    n_boot: int = 1000,
-    ci: float = 0.95,
-    min_images: int = 30,
-    mel_threshold: float | None = None,
-    plot_metrics: Sequence[str] = ("balanced_accuracy", "MEL_sensitivity", "MEL_auc"),
-) -> tuple[pd.DataFrame, list[str]]:
-    """`lesionlab subgroups`: `subgroups.csv` (all models) and one forest plot per model in `out_dir`.
-
-    Returns:
-        (the table, notes for the user).
-
-    Lesion ids come from `lesions` (any CSV with image_id and lesion_id), else from a `lesion_id` column of
-    the metadata, else each image is its own lesion.
-    """
-    from lesionlab.data.isic_csv import align, read_isic_csv
-    from lesionlab.evaluation.evaluate import lesion_groups
-    from lesionlab.io import atomic_write_csv
-
-    meta = read_metadata(metadata)
-    out = Path(out_dir)
-    names = list(names) if names else [Path(f).stem for f in preds]
-    if len(names) != len(preds):
-        raise UserError(f"{len(names)} names for {len(preds)} prediction files")
-    truth_df = read_isic_csv(truth, kind="truth")
-    frames, notes = [], []
-    for name, f in zip(names, preds, strict=True):
-        y, p, ids = align(truth_df, read_isic_csv(f, kind="prediction"), truth_name=str(truth), pred_name=str(f))
-        unknown = sorted(set(ids) - set(meta["image_id"]))
-        if len(unknown) == len(ids):
-            raise UserError(f"{metadata}: none of the {len(ids)} images of {truth} has a row (first: {ids[0]})")
-        groups = lesion_groups(lesions, ids) if lesions else None
-        if groups is None and "lesion_id" in meta.columns:
-            lookup = dict(zip(meta["image_id"], meta["lesion_id"], strict=True))
-            groups = np.array([lookup.get(i) or i for i in ids], dtype=object)
-        frames.append(write_subgroups(out, y, {name: p}, ids, meta, groups=groups, columns=columns, n_boot=n_boot,
-                                      ci=ci, min_images=min_images, mel_threshold=mel_threshold,
-                                      plot_metrics=plot_metrics, csv=False))
-        if unknown:
-            notes.append(f"{name}: {len(unknown)} of {len(ids)} images have no row in {metadata} "
-                         f"(first: {unknown[0]}); they count as '{MISSING}' in every column")
-    table = pd.concat(frames, ignore_index=True)
-    atomic_write_csv(out / "subgroups.csv", table, float_format="%.4f")
-    return table, list(dict.fromkeys(notes))
-
-
-def write_subgroups(
-    out_dir: str | Path,
-    y_true: np.ndarray,
-    probs: dict[str, np.ndarray],
-    image_ids: Sequence[str],
-    meta: pd.DataFrame,
-    *,
-    groups: np.ndarray | None = None,
-    columns: Sequence[str] | None = None,
-    n_boot: int = 1000,
-    ci: float = 0.95,
-    min_images: int = 30,
-    mel_threshold: float | None = None,
-    plot_metrics: Sequence[str] = ("balanced_accuracy", "MEL_sensitivity", "MEL_auc"),
-    csv: bool = True,
-    file_names: dict[str, str] | None = None,
-) -> pd.DataFrame:
-    """`subgroup_table` for each model of `probs` ({name: (N, 7)}): `subgroups.csv` and `subgroups_<name>.png`.
-
-    Args:
-        file_names: name -> file-safe name for the plots (default: the name itself).
-    """
-    from lesionlab.io import atomic_write_csv
-    from lesionlab.report.figures import plot_subgroup_forest
-
-    out = Path(out_dir)
-    frames = []
-    for name, p in probs.items():
-        t = subgroup_table(y_true, p, image_ids, meta, columns=columns, groups=groups, n_boot=n_boot, ci=ci,
-                           min_images=min_images, mel_threshold=mel_threshold)
-        t.insert(0, "model", name)
-        frames.append(t)
-        stem = (file_names or {}).get(name, name)
-        plot_subgroup_forest(t, out / f"subgroups_{stem}.png", metrics=plot_metrics,
-                             title=f"{name}: subgroups ({int(ci * 100)}% lesion-bootstrap CIs)")
-    table = pd.concat(frames, ignore_index=True)
-    if csv:
-        atomic_write_csv(out / "subgroups.csv", table, float_format="%.4f")
-    return table

@@ -183,11 +183,3 @@ def trust_metrics(
     return res
 
 
-def plot_trust_reliability(res: dict[str, Any], path: str | Path, *, title: str = "") -> None:
-    """Reliability diagram of one `evaluate_trust` result: before and after temperature scaling."""
-    from lesionlab.report.figures import plot_reliability
-
-    c = res["calibration"]
-    plot_reliability({f"before (ECE {c['before']['ece']['value']:.3f})": c["reliability"]["before"],
-                      f"after, T = {c['temperature']:.2f} (ECE {c['after']['ece']['value']:.3f})": c["reliability"]["after"]},
-                     path, title=title)

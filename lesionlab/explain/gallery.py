@@ -9,7 +9,7 @@ import pandas as pd
 
 from lesionlab.config import StudyConfig
 from lesionlab.data.images import load_image
-from lesionlab.inference.ensemble import ENSEMBLE
+from lesionlab.evaluation.ensemble import ENSEMBLE
 from lesionlab.io import atomic_write_json
 from lesionlab.labels import CLASS_INDEX, CLASSES
 from lesionlab.models import file_stem

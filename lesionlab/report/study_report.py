@@ -10,7 +10,7 @@ import pandas as pd
 
 from lesionlab import __version__
 from lesionlab.config import StudyConfig
-from lesionlab.inference.ensemble import ENSEMBLE
+from lesionlab.evaluation.ensemble import ENSEMBLE
 from lesionlab.models import file_stem
 
 

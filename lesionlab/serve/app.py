@@ -18,9 +18,9 @@ from PIL import Image
 from starlette.formparsers import MultiPartParser
 
 from lesionlab import __version__
+from lesionlab.clinic.bundle import EnsemblePredictor
 from lesionlab.data.images import ImageError, decode_image
 from lesionlab.exceptions import UserError
-from lesionlab.inference.bundle import EnsemblePredictor
 from lesionlab.io import sha256_bytes
 
 log = logging.getLogger(__name__)

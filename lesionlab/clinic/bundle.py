@@ -19,10 +19,10 @@ import torch
 from PIL import Image
 
 from lesionlab import __version__
+from lesionlab.clinic.trust import BundleTrust, fit_bundle_ood, fit_calibration, study_config, study_frames
 from lesionlab.evaluation.operating_points import at_threshold, threshold_for_sensitivity
 from lesionlab.exceptions import UserError
 from lesionlab.inference.predictor import Predictor, find_checkpoints, load_predictors, unique_names
-from lesionlab.inference.trust import BundleTrust, fit_bundle_ood, fit_calibration, study_config, study_frames
 from lesionlab.io import atomic_write_json, sha256_file
 from lesionlab.labels import CLASS_INDEX, CLASSES, DISPLAY_NAMES
 from lesionlab.models import META_FILE, WEIGHTS_FILE, file_stem, read_meta

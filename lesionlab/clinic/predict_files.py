@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lesionlab.clinic.bundle import EnsemblePredictor
 from lesionlab.data.image_files import expand_images, readable_images
 from lesionlab.data.metadata import lookup_rows, read_metadata
 from lesionlab.exceptions import UserError
 from lesionlab.explain.overlay import overlay, save_png
-from lesionlab.inference.bundle import EnsemblePredictor
 
 MetadataFor = Callable[[list[Path]], list[dict] | None]
 

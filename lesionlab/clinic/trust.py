@@ -1,7 +1,7 @@
 """What a bundle adds so its answers can be trusted: calibration, a conformal differential, and refusals.
 
 At bundle time (`fit_bundle_trust`): temperatures per member and for the ensemble and the conformal thresholds
-(lesionlab.evaluation.trust, on the study's validation predictions), the OOD model (inference/screening.py, on the
+(lesionlab.evaluation.trust, on the study's validation predictions), the OOD model (clinic/ood_model.py, on the
 study's training and validation images) and the quality thresholds (config `quality`). All of it goes into the
 manifest, the OOD arrays into a hashed file beside it.
 
@@ -22,14 +22,15 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from lesionlab.clinic.ood_model import OODModel, fit_ood
 from lesionlab.config import OODConfig, QualityConfig, StudyConfig, TrustConfig, load_config
 from lesionlab.data.quality import ADVICE, check_quality, thresholds_from_dict
 from lesionlab.evaluation.calibration import calibrate_probs
 from lesionlab.evaluation.conformal import ConformalSets
+from lesionlab.evaluation.ensemble import ENSEMBLE
 from lesionlab.evaluation.trust import fit_trust
 from lesionlab.exceptions import UserError
-from lesionlab.inference.ensemble import ENSEMBLE
-from lesionlab.inference.screening import OODModel, fit_ood, image_outputs
+from lesionlab.inference.outputs import image_outputs
 from lesionlab.models.registry import file_stem
 
 log = logging.getLogger(__name__)

@@ -1,9 +1,9 @@
 """The whole protocol as fingerprinted steps: synth -> validate -> split -> train -> infer -> ensemble -> metrics ->
 errors -> gallery -> external -> report.
 
-Every step runs through `lesionlab.steps.Steps`: a step is reused while its outputs still match the config
+Every step runs through `lesionlab.workflows.steps.Steps`: a step is reused while its outputs still match the config
 values, input files and upstream steps it depends on, and re-run otherwise, with the reason in `steps.json`,
-the log and the report (how fingerprints and reasons work, and why no pipeline library: lesionlab.steps).
+the log and the report (how fingerprints and reasons work, and why no pipeline library: lesionlab.workflows.steps).
 Steps recorded earlier but not part of this run (an architecture dropped from `train.archs`) have their
 outputs removed, so `runs/` and `predictions/` never hold models the report does not describe. `--fresh`
 (`reset_study`) deletes what the study wrote (the outputs recorded in steps.json and the study's own files) and
@@ -39,26 +39,26 @@ import pandas as pd
 
 from lesionlab.config import StudyConfig, save_config
 from lesionlab.data.split import read_duplicates, read_split, split_and_check, summary_table, write_split
-from lesionlab.data.subsets import external_table, split_frames, subset_frame
+from lesionlab.data.subsets import split_frames, subset_frame
 from lesionlab.data.tables import read_table
 from lesionlab.data.validation import drop_invalid, validate
+from lesionlab.evaluation.ensemble import ENSEMBLE
 from lesionlab.evaluation.metrics import summarize
 from lesionlab.evaluation.trust import (
     TRUST_FILE,
     fit_trust,
-    plot_trust_reliability,
     read_trust,
     trust_metrics,
     write_trust,
 )
 from lesionlab.exceptions import UserError
 from lesionlab.explain.gallery import make_gallery
-from lesionlab.inference.ensemble import ENSEMBLE
 from lesionlab.io import atomic_write_csv, atomic_write_json, sha256_file
-from lesionlab.labels import CLASS_INDEX, CLASSES
 from lesionlab.models import file_stem
 from lesionlab.report.study_report import report_study
-from lesionlab.steps import (
+from lesionlab.workflows.external import evaluate_external
+from lesionlab.workflows.infer import predict_split_files
+from lesionlab.workflows.steps import (
     HASHES_FILE,
     STEPS_FILE,
     Steps,
@@ -151,33 +151,6 @@ def run_folder_mismatch(run_dir: Path, cfg: StudyConfig, arch: str, split_hash: 
 # ----------------------------------------------------------------------------- the protocol
 
 
-def predict_split_files(checkpoints: list[Path], df: pd.DataFrame, out_dir: Path, tag: str, cfg: StudyConfig,
-                        *, progress: bool = True, truth: bool = True, record: bool = True) -> dict[str, np.ndarray]:
-    """Per-model probability CSVs `<arch>_<tag>.csv` (and `truth_<tag>.csv`) in ISIC format for a frame.
-
-    With `record`, also `<arch>_inference.json`: the precision and device each model actually ran at (what `auto` resolved to on
-    this machine) and TTA, so that a bundle made later, elsewhere, records the settings its threshold came from.
-    """
-    from lesionlab import runtime
-    from lesionlab.data.isic_csv import probs_frame, truth_frame, write_isic_csv
-    from lesionlab.inference.bundle import precision_name
-    from lesionlab.inference.predictor import infer_table
-
-    probs = infer_table(checkpoints, df, device=cfg.train.device, precision=cfg.train.precision, tta=cfg.eval.tta,
-                        batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers, progress=progress)
-    if record:  # resolved as each Predictor resolved it (runtime.pick_device / pick_precision)
-        device = runtime.pick_device(cfg.train.device)
-        settings = {"precision": precision_name(runtime.pick_precision(cfg.train.precision, device)),
-                    "device": str(device), "tta": bool(cfg.eval.tta)}
-        for name in probs:
-            atomic_write_json(out_dir / f"{file_stem(name)}_inference.json", settings)
-    for name, p in probs.items():
-        write_isic_csv(out_dir / f"{file_stem(name)}_{tag}.csv", probs_frame(df["image_id"], p))
-    if truth:
-        write_isic_csv(out_dir / f"truth_{tag}.csv", truth_frame(df))
-    return probs
-
-
 def load_probs(pred_dir: Path, names: list[str], tag: str) -> tuple[np.ndarray, dict[str, np.ndarray], list[str]]:
     """(y_true, {name: probs}, image ids) from the CSVs written by `predict_split_files`."""
     from lesionlab.data.isic_csv import align, read_isic_csv
@@ -220,9 +193,10 @@ def run_study(
     """
     from lesionlab import models
     from lesionlab.data.isic_csv import probs_frame, truth_frame, write_isic_csv
+    from lesionlab.evaluation.ensemble import mean_probabilities
     from lesionlab.evaluation.error_analysis import analyse_errors, write_errors
-    from lesionlab.evaluation.evaluate import evaluate_arrays, write_evaluation
-    from lesionlab.inference.ensemble import mean_probabilities
+    from lesionlab.evaluation.evaluate import evaluate_arrays
+    from lesionlab.report.evaluation_files import plot_trust_reliability, write_evaluation
     from lesionlab.training.fit import RESUME_FILE, check_resume, fit
 
     out = Path(out_dir)
@@ -369,7 +343,8 @@ def run_study(
                                                             cls=cfg.eval.error_class), out / "errors"),
               config={"eval.error_class": cfg.eval.error_class}, upstream=[*prob_steps, "metrics"],
               outputs=[out / "errors"])
-    from lesionlab.evaluation.subgroups import subgroup_columns, write_subgroups
+    from lesionlab.evaluation.subgroups import subgroup_columns
+    from lesionlab.report.evaluation_files import write_subgroups
 
     sub_cols = list(dict.fromkeys([*subgroup_columns(table.df), *cfg.eval.subgroup_columns]))
     if sub_cols:  # subgroup performance over the metadata columns present (sex, age bands, site, ...)
@@ -397,7 +372,7 @@ def run_study(
                     "eval": section(cfg.eval, drop=("error_class",)), **infer_cfg},
             inputs={"truth": Path(ext.truth), "images": ext_images}, upstream=[*train_steps, "trust"], outputs=[d])
     if cfg.robustness.enabled:  # lesion consistency (from the stored test predictions) and acquisition robustness
-        from lesionlab.acquisition import run_robustness, write_consistency
+        from lesionlab.workflows.robustness import run_robustness, write_consistency
 
         steps.run("consistency", lambda: write_consistency(out / "consistency", groups, pt, yt, n_boot=cfg.eval.bootstrap,
                                                            ci=cfg.eval.ci, seed=cfg.robustness.seed),
@@ -412,9 +387,9 @@ def run_study(
                   upstream=["split", *train_steps], outputs=[out / "robustness"])
     if cfg.ood.method != "none":  # refusal of unevaluable images: OOD scores in / out for the report's Trust section
         def do_ood():
+            from lesionlab.clinic.ood_model import fit_ood
             from lesionlab.inference.predictor import load_predictors
-            from lesionlab.inference.screening import fit_ood
-            from lesionlab.report.ood_report import ood_report
+            from lesionlab.workflows.refusal import ood_report
 
             preds = load_predictors([runs / file_stem(a) for a in archs], device=cfg.train.device,
                                     precision=cfg.train.precision)
@@ -439,38 +414,3 @@ def _external_paths(images: str | Path) -> list[Path]:
     return list(find_images(images).values())
 
 
-def evaluate_external(checkpoints: list[Path], images: str | Path, truth: str | Path, out_dir: str | Path,
-                      cfg: StudyConfig, *, skip_invalid: bool = False, progress: bool = True,
-                      trust: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Each model and (with two or more) their ensemble on an external set: a metrics folder per model and summary.json.
-
-    With `trust` (trust.json, fitted on the internal validation split) each model's metrics also get calibration
-    before/after and conformal coverage, with the temperatures and thresholds unchanged."""
-    from lesionlab.evaluation.evaluate import evaluate_arrays, write_evaluation
-    from lesionlab.inference.ensemble import mean_probabilities
-
-    out = Path(out_dir)
-    df = external_table(images, truth, skip_invalid=skip_invalid)
-    probs = predict_split_files(checkpoints, df, out / "predictions", "external", cfg, progress=progress, record=False)
-    if len(probs) > 1:
-        probs[ENSEMBLE] = mean_probabilities(list(probs.values()))
-    y = np.array([CLASS_INDEX[c] for c in df["label"]])
-    summary = {"images": str(images), "truth": str(truth), "n": len(df),
-               "classes_present": [c for c in CLASSES if (df["label"] == c).any()],
-               "classes_absent": [c for c in CLASSES if not (df["label"] == c).any()], "models": {}}
-    for n, p in probs.items():
-        m = evaluate_arrays(y, p, cfg=cfg.eval)
-        if trust is not None and n in trust["models"]:
-            m.update(trust_metrics(y, p, trust, n, n_boot=cfg.eval.bootstrap, ci=cfg.eval.ci))
-        write_evaluation(m, y, p, out / file_stem(n), title=f"{n} on {Path(truth).stem}")
-        summary["models"][n] = {"macro": m["macro"], "accuracy": m["accuracy"], "balanced_accuracy": m["balanced_accuracy"]}
-        if "calibration" in m:
-            plot_trust_reliability(m, out / file_stem(n) / "reliability.png", title=f"{n} on {Path(truth).stem}")
-            c, s = m["calibration"], m["conformal"]
-            summary.setdefault("trust", {})[n] = {
-                "temperature": c["temperature"], "ece_before": c["before"]["ece"]["value"],
-                "ece_after": c["after"]["ece"]["value"], "coverage": s["coverage"]["value"],
-                "MEL_coverage": s["per_class"].get("MEL", {}).get("coverage", {}).get("value"),
-                "mean_set_size": s["mean_set_size"]["value"]}
-    atomic_write_json(out / "summary.json", summary)
-    return summary

@@ -1,4 +1,4 @@
-"""Steps keyed by what they depend on: the machinery under the study protocol (lesionlab.study).
+"""Steps keyed by what they depend on: the machinery under the study protocol (lesionlab.workflows.study).
 
 Every step runs through `Steps.run`, which decides from a fingerprint whether the step's outputs on disk still
 match what it depends on. A step's fingerprint is the SHA-256 of
@@ -19,7 +19,7 @@ they re-run too. `steps.json` records per step: fingerprint, status (ran / reuse
 ...", ...), seconds (of the run that made the outputs, for a reused step too), the flattened config values,
 input digests, upstream fingerprints and outputs. The log says the same. Steps recorded earlier but not part of
 this run are pruned (`Steps.prune`): their outputs are removed. How the study adds its steps, and what `--fresh`
-deletes: lesionlab.study.
+deletes: lesionlab.workflows.study.
 
 Why not a library: joblib.Memory caches a function's return value keyed on its arguments, not files written into
 a study folder, and cannot say which config key changed; doit's `config_changed`/`file_dep` give a yes/no
@@ -45,7 +45,7 @@ from lesionlab import __version__
 from lesionlab.io import atomic_write_json, sha256_file
 
 # The step log is the study's log (`lesionlab study` output; filtered and tested under this name).
-log = logging.getLogger("lesionlab.study")
+log = logging.getLogger("lesionlab.workflows.study")
 
 STEPS_FILE = "steps.json"
 HASHES_FILE = ".hashes.json"

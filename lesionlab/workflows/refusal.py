@@ -12,12 +12,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from lesionlab.clinic.ood_model import OODModel, screen_frame, screen_images
 from lesionlab.config import QualityConfig
 from lesionlab.data.images import load_image
 from lesionlab.data.ood_images import degraded_lesions, synthetic_ood_images
 from lesionlab.evaluation.ood import ood_metrics
 from lesionlab.inference.predictor import Predictor
-from lesionlab.inference.screening import OODModel, screen_frame, screen_images
 from lesionlab.io import atomic_write_json
 from lesionlab.report.figures import plot_ood_scores
 

@@ -19,8 +19,8 @@ import pandas as pd
 
 from lesionlab.config import StudyConfig
 from lesionlab.evaluation.consistency import consistency_table, image_vs_lesion
+from lesionlab.evaluation.ensemble import ENSEMBLE
 from lesionlab.exceptions import UserError
-from lesionlab.inference.ensemble import ENSEMBLE
 from lesionlab.io import atomic_write_csv, atomic_write_json
 from lesionlab.labels import CLASS_INDEX
 
@@ -90,8 +90,8 @@ def run_robustness(
         The robustness.json body.
     """
     from lesionlab.data.perturbations import conditions, get_perturbation
+    from lesionlab.evaluation.ensemble import mean_probabilities
     from lesionlab.evaluation.robustness import robustness_table, summarize_robustness
-    from lesionlab.inference.ensemble import mean_probabilities
     from lesionlab.inference.perturbed import predict_perturbed
     from lesionlab.inference.predictor import load_predictors
     from lesionlab.report.figures import plot_robustness
@@ -143,7 +143,7 @@ def consistency_from_files(truth: Path, preds: list[Path], lesions: Path, out_di
                            seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
     """`write_consistency` from ISIC prediction CSVs and a lesion table (image_id + group_id or lesion_id)."""
     from lesionlab.data.isic_csv import align, read_isic_csv
-    from lesionlab.inference.ensemble import mean_probabilities
+    from lesionlab.evaluation.ensemble import mean_probabilities
 
     names = list(names or [Path(p).stem for p in preds])
     if len(names) != len(preds):
