@@ -90,35 +90,28 @@ def tiny_bundle(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def trust_study(tmp_path_factory) -> Path:
     """A minimal study folder that a trust bundle is made from: two tiny models, a synthetic dataset at 160x120
-    (large enough to pass the quality checks; images in `<study>/../data`), its split, dataset.json and the
-    members' validation predictions."""
-    import json
-
-    from lesionlab.config import load_config, save_config
-    from lesionlab.data.isic_csv import probs_frame, truth_frame, write_isic_csv
-    from lesionlab.data.split import make_split, read_split, write_split
-    from lesionlab.data.subsets import subset_frame
+    (large enough to pass the quality checks; images in `<study>/../data`), its split, dataset.json, the members'
+    validation predictions and their inference records, all written through the StudyFolder contract."""
+    from lesionlab.config import load_config
+    from lesionlab.data.split import make_split, write_split
     from lesionlab.data.synth import make_synthetic
     from lesionlab.data.tables import read_table
-    from lesionlab.inference.predictor import find_checkpoints, infer_table
-    from lesionlab.models import file_stem
+    from lesionlab.study_folder import StudyFolder
+    from lesionlab.workflows.infer import predict_split_files
 
     root = tmp_path_factory.mktemp("trust")
-    data, study = root / "data", root / "study"
+    data, sf = root / "data", StudyFolder(root / "study")
     make_synthetic(data, n_images=140, seed=3, size=(160, 120), progress=False)
     table = read_table(data)
-    write_split(make_split(table.df, fractions=(0.6, 0.25, 0.15), seed=0), study / "splits.csv")
-    runs = [make_tiny_checkpoint(study / "runs" / f"m{i}", seed=i) for i in range(2)]
-    (study / "dataset.json").write_text(json.dumps({"source": str(table.source), "layout": table.layout}))
-    (study / "steps.json").write_text("{}")
-    save_config(load_config(None, ["train.device=cpu", "train.precision=fp32"]), study / "config.yaml")
-    val = subset_frame(table, read_split(study / "splits.csv"), "val")
-    (study / "predictions").mkdir()
-    probs = infer_table(find_checkpoints(runs), val, device="cpu", precision="fp32", progress=False)
-    for name, p in probs.items():
-        write_isic_csv(study / "predictions" / f"{file_stem(name)}_val.csv", probs_frame(val["image_id"], p))
-    write_isic_csv(study / "predictions" / "truth_val.csv", truth_frame(val))
-    return study
+    write_split(make_split(table.df, fractions=(0.6, 0.25, 0.15), seed=0), sf.split_file)
+    runs = [make_tiny_checkpoint(sf.runs_dir / f"m{i}", seed=i) for i in range(2)]
+    cfg = load_config(None, ["train.device=cpu", "train.precision=fp32"])
+    sf.write_config(cfg)
+    sf.write_dataset({"source": str(table.source), "layout": table.layout})
+    sf.steps_file.write_text("{}")
+    val = sf.frames(splits=("val",))["val"]
+    predict_split_files(runs, val, sf, "val", cfg, progress=False)
+    return sf.root
 
 
 @pytest.fixture(scope="session")

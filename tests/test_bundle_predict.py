@@ -5,12 +5,13 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
-from helpers import lesion_like, make_tiny_checkpoint
+from helpers import lesion_like, make_tiny_checkpoint, write_study
 from PIL import Image
 
 from lesionlab.clinic.bundle import EnsemblePredictor, make_bundle, verify_bundle
 from lesionlab.exceptions import UserError
 from lesionlab.labels import CLASSES
+from lesionlab.study_folder import StudyFolder
 
 
 def test_bundle_manifest_and_hash_check(tiny_bundle, tmp_path):
@@ -35,25 +36,19 @@ def test_bundle_manifest_and_hash_check(tiny_bundle, tmp_path):
 
 def test_threshold_is_chosen_on_the_study_validation_split(tmp_path):
     study = tmp_path / "study"
-    (study / "predictions").mkdir(parents=True)
-    (study / "steps.json").write_text("{}")
     runs = [make_tiny_checkpoint(study / "runs" / n, seed=i) for i, n in enumerate(["a", "b"])]
     y = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 1])
     mel_a = np.array([0.9, 0.7, 0.5, 0.3, 0.6, 0.2, 0.1, 0.1, 0.05, 0.0])
     mel_b = np.array([0.7, 0.5, 0.3, 0.1, 0.2, 0.2, 0.1, 0.05, 0.05, 0.0])
 
-    def frame(mel):
+    def probs(mel):
         p = np.zeros((10, 7))
         p[:, 0], p[:, 1] = mel, 1 - mel
-        return pd.DataFrame({"image": [f"i{k}" for k in range(10)], **{c: p[:, j] for j, c in enumerate(CLASSES)}})
+        return p
 
-    truth = np.zeros((10, 7))
-    truth[np.arange(10), y] = 1
-    pd.DataFrame({"image": [f"i{k}" for k in range(10)], **{c: truth[:, j] for j, c in enumerate(CLASSES)}}).to_csv(
-        study / "predictions" / "truth_val.csv", index=False)
     # members are named after their arch; both are timm:resnet10t -> timm_resnet10t, timm_resnet10t-2
-    frame(mel_a).to_csv(study / "predictions" / "timm_resnet10t_val.csv", index=False)
-    frame(mel_b).to_csv(study / "predictions" / "timm_resnet10t-2_val.csv", index=False)
+    write_study(study, {"timm_resnet10t": runs[0], "timm_resnet10t-2": runs[1]}, y,
+                {"timm_resnet10t": probs(mel_a), "timm_resnet10t-2": probs(mel_b)})
     m = make_bundle(runs, tmp_path / "bundle", target_sensitivity=0.75)
     # ensemble melanoma scores of the 4 melanomas: 0.8, 0.6, 0.4, 0.2 -> 3 of 4 reached at threshold 0.4, on the
     # calibrated probabilities (temperature fitted on the same validation predictions; monotone with 2 classes)
@@ -63,7 +58,7 @@ def test_threshold_is_chosen_on_the_study_validation_split(tmp_path):
     assert m["melanoma_threshold"]["value"] == pytest.approx(calibrate_probs(np.array([[0.4, 0.6, 0, 0, 0, 0, 0]]), t)[0, 0])
     assert m["melanoma_threshold"]["validation_sensitivity"] == 0.75
     assert m["melanoma_threshold"]["probabilities"] == "calibrated ensemble"
-    with pytest.raises(UserError, match="already holds a bundle"):
+    with pytest.raises(UserError, match="already exists and is not empty"):
         make_bundle(runs, tmp_path / "bundle", threshold=0.5)
     with pytest.raises(UserError, match="--threshold"):
         make_bundle([make_tiny_checkpoint(tmp_path / "lone", 0)], tmp_path / "b2")
@@ -116,31 +111,22 @@ def test_member_names_follow_one_rule_for_study_files_and_bundles(tmp_path):
 
 
 def _fake_study(root, names=("timm_resnet10t",)):
-    """A study folder with validation predictions for `names` (8 images, 4 melanomas)."""
+    """A study folder with validation predictions for `names` (8 images, 4 melanomas), one checkpoint each
+    (`runs/<name>`), written through the StudyFolder contract."""
     study = root / "study"
-    (study / "predictions").mkdir(parents=True)
-    (study / "steps.json").write_text("{}")
     y = np.array([0, 0, 0, 0, 1, 1, 1, 1])
-    truth = np.zeros((8, 7))
-    truth[np.arange(8), y] = 1
-    ids = [f"i{k}" for k in range(8)]
-    pd.DataFrame({"image": ids, **{c: truth[:, j] for j, c in enumerate(CLASSES)}}).to_csv(
-        study / "predictions" / "truth_val.csv", index=False)
     p = np.zeros((8, 7))
     p[:, 0] = [0.9, 0.7, 0.5, 0.3, 0.4, 0.2, 0.1, 0.0]
     p[:, 1] = 1 - p[:, 0]
-    for n in names:
-        pd.DataFrame({"image": ids, **{c: p[:, j] for j, c in enumerate(CLASSES)}}).to_csv(
-            study / "predictions" / f"{n}_val.csv", index=False)
-    return study
+    cks = {n: make_tiny_checkpoint(study / "runs" / n, seed=i) for i, n in enumerate(names)}
+    return write_study(study, cks, y, {n: p for n in names})
 
 
 def test_bundle_records_the_settings_its_threshold_was_chosen_under(tmp_path):
-    from lesionlab import runtime
     from lesionlab.config import load_config, save_config
 
     study = _fake_study(tmp_path)
-    runs = [make_tiny_checkpoint(study / "runs" / "a", seed=0)]
+    runs = [study / "runs" / "timm_resnet10t"]
     cfg = load_config(None, ["eval.tta=true", "train.precision=bf16", "train.device=cpu"])
     save_config(cfg, study / "config.yaml")
     m = make_bundle(runs, tmp_path / "b1")
@@ -149,21 +135,18 @@ def test_bundle_records_the_settings_its_threshold_was_chosen_under(tmp_path):
         make_bundle(runs, tmp_path / "b2", tta=False)
     with pytest.raises(UserError, match="--precision fp32 differs from the study's train.precision bf16"):
         make_bundle(runs, tmp_path / "b3", precision="fp32")
-    # precision auto: what it resolved to is stated, or resolved as this machine would
+    # precision auto: what the study's infer steps recorded it resolved to on the study's machine
     save_config(load_config(None, ["train.precision=auto", "train.device=cpu"]), study / "config.yaml")
-    assert make_bundle(runs, tmp_path / "b4", precision="fp32")["inference"]["precision"] == "fp32"
-    here = "bf16" if runtime.pick_precision("auto", runtime.pick_device("cpu")) else "fp32"
-    inf = make_bundle(runs, tmp_path / "b5")["inference"]
-    assert inf == {"tta": False, "precision": here, "source": inf["source"]} and "resolved on the machine" in inf["source"]
-    # ...unless the study's infer steps recorded what auto resolved to on the study's machine: that wins
-    other = "fp32" if here == "bf16" else "bf16"
-    (study / "predictions").mkdir(exist_ok=True)
-    (study / "predictions" / "timm_resnet10t_inference.json").write_text(
-        json.dumps({"precision": other, "device": "cuda:0", "tta": False}))
+    inf = make_bundle(runs, tmp_path / "b4")["inference"]
+    assert inf == {"tta": False, "precision": "fp32", "engine": "torch", "source": inf["source"]}
+    assert "infer steps" in inf["source"]
+    sf = StudyFolder(study)
+    sf.write_inference_record("timm_resnet10t", {**sf.inference_record("timm_resnet10t"), "precision": "bf16",
+                                                 "device": "cuda:0"})
     inf = make_bundle(runs, tmp_path / "b8")["inference"]
-    assert inf["precision"] == other and "infer steps" in inf["source"]
-    with pytest.raises(UserError, match=f"--precision {here} differs from the {other} the study's models ran at"):
-        make_bundle(runs, tmp_path / "b9", precision=here)
+    assert inf["precision"] == "bf16" and "infer steps" in inf["source"]
+    with pytest.raises(UserError, match="--precision fp32 differs from the bf16 the study's models ran at"):
+        make_bundle(runs, tmp_path / "b9", precision="fp32")
     # a threshold given by hand: the caller states the settings (default TTA off, precision unknown)
     assert make_bundle(runs, tmp_path / "b6", threshold=0.3)["inference"]["precision"] is None
     with pytest.raises(UserError, match="--precision 'fp64' must be one of"):
@@ -211,7 +194,6 @@ def test_predict_cli_refuses_other_settings_in_one_line(tiny_bundle, tmp_path, c
 
 def _lesion_images(trust_study, n=6):
     """Validation images of the trust study's synthetic dataset (160x120: they pass the quality checks)."""
-    import pandas as pd
 
     sp = pd.read_csv(trust_study / "splits.csv", dtype=str)
     data = trust_study.parent / "data"

@@ -145,7 +145,8 @@ def test_fewer_than_7_percent_of_real_test_images_are_refused(shared_ham, tmp_pa
     import os
     from pathlib import Path
 
-    from lesionlab.clinic.ood_model import fit_ood, screen_frame
+    from lesionlab.clinic.ood_model import fit_ood
+    from lesionlab.clinic.screening import Screener, screen_table
     from lesionlab.config import OODConfig
     from lesionlab.data.split import make_split, read_split
     from lesionlab.data.subsets import subset_frame
@@ -169,7 +170,9 @@ def test_fewer_than_7_percent_of_real_test_images_are_refused(shared_ham, tmp_pa
     predictors = load_predictors(runs, device="cpu")
     train, val, test = (subset_frame(table, sp, s) for s in ("train", "val", "test"))
     ood = fit_ood(predictors, train, val, OODConfig(), batch_size=64, progress=False)
-    screened = screen_frame(predictors, ood, test, QualityConfig(), progress=False)
+    # what predict and the service run (research off: quality-refused images cost no forward pass)
+    screened = screen_table(Screener(predictors, QualityConfig(), ood), paths=list(test["path"]), research=False,
+                            progress=False)
     refused = screened["refused"].mean()
     print(f"refused {refused:.2%} of {len(test)} test images (quality {(screened['quality'] != '').mean():.2%}, "
           f"OOD {screened['ood_refused'].mean():.2%}; validation refused {ood.info['validation_refused']:.2%})")
@@ -178,13 +181,14 @@ def test_fewer_than_7_percent_of_real_test_images_are_refused(shared_ham, tmp_pa
 
 
 def test_ood_model_fits_on_a_study_saves_loads_and_screens(trust_study, tmp_path):
-    from lesionlab.clinic.ood_model import OODModel, fit_ood, screen_frame, screen_images
-    from lesionlab.clinic.trust import study_frames
+    from lesionlab.clinic.ood_model import OODModel, fit_ood
+    from lesionlab.clinic.screening import Screener, screen_table
     from lesionlab.config import OODConfig
     from lesionlab.inference.predictor import find_checkpoints, load_predictors
+    from lesionlab.study_folder import StudyFolder
 
     predictors = load_predictors(find_checkpoints([trust_study / "runs"]), device="cpu", precision="fp32")
-    train, val = study_frames(trust_study)
+    train, val = StudyFolder(trust_study).frames(splits=("train", "val")).values()
     model, val_out = fit_ood(predictors, train, val, OODConfig(fit_per_class=12), return_val=True)
     assert model.info["fit_images"] <= 12 * 7 and model.info["validation_images"] == len(val)
     feats = {n: o["features"] for n, o in val_out.items()}
@@ -195,34 +199,34 @@ def test_ood_model_fits_on_a_study_saves_loads_and_screens(trust_study, tmp_path
     loaded = OODModel.load(tmp_path, model.manifest_entry())
     np.testing.assert_allclose(loaded.score(feats), model.score(feats), rtol=1e-5)
     assert loaded.threshold == model.threshold
-    scr = screen_frame(predictors, loaded, val, QualityConfig(), progress=False)
-    assert list(scr["image_id"]) == list(val["image_id"]) and scr["refused"].mean() <= 0.05 + 1e-9
-    blank = screen_images(predictors, loaded, [Image.new("RGB", (200, 150), (90, 90, 90))], QualityConfig())
+    screener = Screener(predictors, QualityConfig(), loaded)
+    scr = screen_table(screener, paths=list(val["path"]), progress=False)
+    assert len(scr) == len(val) and scr["refused"].mean() <= 0.05 + 1e-9
+    blank = screen_table(screener, [Image.new("RGB", (200, 150), (90, 90, 90))], progress=False)
     assert blank["refused"].iloc[0] and blank["quality"].iloc[0] == "uniform"
     with pytest.raises(UserError, match="ood.method"):
         fit_ood(predictors, train, val, OODConfig(method="energy"))
 
 
-def test_ood_report_for_the_study_report(trust_study, tmp_path):
-    """`report.ood_report` writes the refusal summary and the OOD histogram the report's Trust section shows."""
+def test_refusal_report_for_the_study_report(trust_study, tmp_path):
+    """`workflows.refusal.refusal_report` writes the refusal summary and the OOD histogram the report's Trust
+    section shows."""
     import json
 
     from lesionlab.clinic.ood_model import fit_ood
-    from lesionlab.clinic.trust import study_frames
+    from lesionlab.clinic.screening import Screener
     from lesionlab.config import OODConfig
-    from lesionlab.data.split import read_split
-    from lesionlab.data.subsets import subset_frame
-    from lesionlab.data.tables import read_table
     from lesionlab.inference.predictor import find_checkpoints, load_predictors
     from lesionlab.report.document import Report
     from lesionlab.report.study_report import ood_part
-    from lesionlab.workflows.refusal import ood_report
+    from lesionlab.study_folder import StudyFolder
+    from lesionlab.workflows.refusal import refusal_report
 
     predictors = load_predictors(find_checkpoints([trust_study / "runs"]), device="cpu", precision="fp32")
-    train, val = study_frames(trust_study)
-    test = subset_frame(read_table(trust_study.parent / "data"), read_split(trust_study / "splits.csv"), "test")
+    train, val, test = StudyFolder(trust_study).frames().values()
     ood = fit_ood(predictors, train, val, OODConfig(fit_per_class=12), progress=False)
-    s = ood_report(predictors, ood, test, QualityConfig(), tmp_path / "ood", n_degraded=6, progress=False)
+    s = refusal_report(Screener(predictors, QualityConfig(), ood), test, tmp_path / "ood", n_degraded=6,
+                       progress=False)
     assert json.loads((tmp_path / "ood" / "ood.json").read_text()) == json.loads(json.dumps(s))
     assert (tmp_path / "ood" / "ood_scores.png").stat().st_size > 5000
     sets = {r["set"]: r for r in s["sets"]}
@@ -236,10 +240,10 @@ def test_ood_report_for_the_study_report(trust_study, tmp_path):
 
 def test_member_probabilities_are_calibrated_under_their_file_stem():
     """trust.json keys members by file stem; a `timm:` member must still get its own temperature."""
-    from lesionlab.clinic.trust import BundleTrust
+    from lesionlab.clinic.screening import Screener
 
-    bt = BundleTrust.__new__(BundleTrust)  # only the calibration part is exercised
-    bt.trust = {"models": {"timm_resnet10t": {"temperature": 2.0}, "ensemble": {"temperature": 1.0}}, "config": {}}
+    trust = {"models": {"timm_resnet10t": {"temperature": 2.0}, "ensemble": {"temperature": 1.0}}, "config": {}}
+    bt = Screener([], QualityConfig(), trust=trust)  # only the calibration part is exercised
     p = np.array([[0.70, 0.10, 0.05, 0.05, 0.04, 0.03, 0.03]])
-    _, members = bt.calibrated({"timm:resnet10t": {"probs": p}})
+    _, members = bt.calibrated({"timm:resnet10t": p})
     assert members["timm:resnet10t"][0, 0] < 0.6  # T = 2 softens the top class; uncalibrated it would stay 0.70

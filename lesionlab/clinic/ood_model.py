@@ -1,5 +1,4 @@
-"""Screening before diagnosis: the members' logits and features, the OOD refusal fitted on them, and the
-quality + OOD decision for images and tables (what predict and the service refuse).
+"""The out-of-distribution model a bundle's refusal uses: fitted on the members' penultimate features.
 
 `fit_ood` draws a class-balanced sample of the training split, fits one Mahalanobis model per member on its
 penultimate features (lesionlab.evaluation.ood), scales each member's score by its validation median so that
@@ -7,8 +6,9 @@ members weigh alike, averages them into the ensemble score, and picks the thresh
 that lets `target_tpr` of its images pass. `OODModel` holds all that and is stored in bundles (arrays in one
 safetensors file, numbers in the manifest).
 
-Measuring the refusal: images the models should refuse in lesionlab.data.ood_images, the study's summary and
-histogram in lesionlab.workflows.refusal.
+The refusal decision itself (quality first, then this model's score) is lesionlab.clinic.screening.refusal;
+measuring it: images the models should refuse in lesionlab.data.ood_images, the study's summary and histogram in
+lesionlab.workflows.refusal.
 """
 
 from __future__ import annotations
@@ -19,14 +19,11 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from PIL import Image
-from tqdm.auto import tqdm
 
-from lesionlab.config import OODConfig, QualityConfig
-from lesionlab.data.quality import check_quality
+from lesionlab.config import OODConfig
 from lesionlab.evaluation.ood import MahalanobisStats, fit_mahalanobis, mahalanobis_score, threshold_for_tpr
 from lesionlab.exceptions import UserError
-from lesionlab.inference.outputs import frame_outputs, image_outputs
+from lesionlab.inference.outputs import frame_outputs
 from lesionlab.inference.predictor import Predictor
 from lesionlab.labels import CLASS_INDEX
 
@@ -113,31 +110,3 @@ def fit_ood(predictors: list[Predictor], train_df: pd.DataFrame, val_df: pd.Data
                   "validation_refused": float(np.mean(val_scores > model.threshold)),
                   "fit_per_class": cfg.fit_per_class, "seed": cfg.seed}
     return (model, val_out) if return_val else model
-
-
-def screen_images(predictors: list[Predictor], ood: OODModel | None, images: list[Image.Image],
-                  quality: QualityConfig) -> pd.DataFrame:
-    """Quality codes, ensemble OOD score and the refusal of each image, as predict and the service decide it."""
-    rows = []
-    feats = {pr.name: image_outputs(pr, images)["features"] for pr in predictors} if ood is not None else {}
-    scores = ood.score(feats) if ood is not None else np.full(len(images), np.nan)
-    for k, im in enumerate(images):
-        codes = [i.code for i in check_quality(im, quality)]
-        ood_refused = bool(ood is not None and not codes and scores[k] > ood.threshold)
-        rows.append({"quality": ";".join(codes), "ood_score": float(scores[k]), "ood_refused": ood_refused,
-                     "refused": bool(codes) or ood_refused})
-    return pd.DataFrame(rows)
-
-
-def screen_frame(predictors: list[Predictor], ood: OODModel | None, df: pd.DataFrame, quality: QualityConfig, *,
-                 batch_size: int = 64, progress: bool = True) -> pd.DataFrame:
-    """`screen_images` over the rows of a table (needs `image_id` and `path`), batch by batch."""
-    from lesionlab.data.images import load_image
-
-    parts = []
-    for start in tqdm(range(0, len(df), batch_size), desc="screening", disable=not progress, leave=False):
-        rows = df.iloc[start:start + batch_size]
-        part = screen_images(predictors, ood, [load_image(p) for p in rows["path"]], quality)
-        part.insert(0, "image_id", rows["image_id"].to_numpy())
-        parts.append(part)
-    return pd.concat(parts, ignore_index=True)

@@ -85,7 +85,7 @@ def predict_files(ens: EnsemblePredictor, items: list[Path], *, batch_size: int,
                 warn(f"{path}: {res['metadata']['note']}")
             rows.append({"image": str(path), **res})
             if explain_dir and res["status"] == "ok":
-                ex = ens.explain(im, cls=res.get("top") if res.get("metadata") else None)  # fused: class from image + metadata
+                ex = ens.explain(im, res)  # the class the answer shows (screening.explained_class)
                 save_png(overlay(ex.display, ex.ensemble), explain_dir / f"{path.stem}_gradcam_{ex.cls}.png")
     rows += [{"image": str(p), "error": err} for p, err in failed]
     order = {str(p): i for i, p in enumerate(paths)}  # image-less folders (not in paths) first

@@ -12,6 +12,7 @@ from lesionlab import __version__
 from lesionlab.config import StudyConfig
 from lesionlab.evaluation.ensemble import ENSEMBLE
 from lesionlab.models import file_stem
+from lesionlab.study_folder import StudyFolder
 
 
 def _versions() -> dict[str, str]:
@@ -32,6 +33,7 @@ def _ci_text(d: dict | None) -> str:
 def trust_section(rep, out: Path, all_names: list[str], mets: dict[str, dict]) -> None:
     """The report's "Trust" section: temperature scaling and conformal prediction sets on the test split, from the
     `calibration` / `conformal` entries of each model's metrics.json and its reliability diagram."""
+    sf = StudyFolder(out)
     from lesionlab.report.document import fmt
 
     have = [n for n in all_names if "calibration" in mets[n]]
@@ -55,7 +57,7 @@ def trust_section(rep, out: Path, all_names: list[str], mets: dict[str, dict]) -
                         (("ece", "ECE"), ("classwise_ece", "classwise ECE"), ("brier", "Brier"), ("nll", "NLL"))}})
     rep.table(pd.DataFrame(rows)[["model", "T", "ECE before", "ECE after", "classwise ECE before", "classwise ECE after",
                                   "Brier before", "Brier after", "NLL before", "NLL after"]])
-    rep.figures_row([(out / "eval" / file_stem(n) / "reliability.png", f"{n}: before / after") for n in have])
+    rep.figures_row([(sf.eval_dir(n) / "reliability.png", f"{n}: before / after") for n in have])
     rep.md.append("Reliability diagrams: `eval/<model>/reliability.png`\n")
     rep.para(f"Conformal prediction sets (the differential): {c0['method'].upper()} scores"
              f"{', one threshold per class (Mondrian), so coverage holds for every class' if c0['mondrian'] else ''}, "
@@ -88,7 +90,7 @@ def trust_section(rep, out: Path, all_names: list[str], mets: dict[str, dict]) -
                                  "lowest class coverage": fmt(v["min_class_coverage"]),
                                  "mean set size": fmt(v["mean_set_size"]), "empty sets": fmt(v["empty"])} for v in variants]))
     ext_rows = []
-    for sfile in sorted((out / "external").glob("*/summary.json")) if (out / "external").exists() else []:
+    for sfile in sorted(sf.folder("external").glob("*/summary.json")) if sf.folder("external").exists() else []:
         sm = json.loads(sfile.read_text())
         for n, v in sm.get("trust", {}).items():
             ext_rows.append({"set": sfile.parent.name, "model": n, "ECE before": fmt(v["ece_before"]),
@@ -102,12 +104,13 @@ def trust_section(rep, out: Path, all_names: list[str], mets: dict[str, dict]) -
 
 def ood_part(rep, out: Path) -> None:
     """Refusal of unevaluable images (ood/ood.json and ood/ood_scores.png from `report.ood_report`), if made."""
+    sf = StudyFolder(out)
     from lesionlab.report.document import fmt
 
-    f = out / "ood" / "ood.json"
+    f = sf.ood_summary_file
     if not f.exists():
         return
-    s = json.loads(f.read_text())
+    s = sf.ood_summary()
     rep.para(f"Refusal of unevaluable images (quality checks, then the ensemble's out-of-distribution score against "
              f"the threshold {s['threshold']:.3f} that 95% of the validation split passes): {s['test_refused']:.1%} of "
              f"the {s['test_images']} test images are refused ({s['test_refused_by_quality']:.1%} by a quality check, "
@@ -115,15 +118,16 @@ def ood_part(rep, out: Path) -> None:
     rep.table(pd.DataFrame([{"set": r["set"], "images": r["images"], "refused": fmt(r["refused"]),
                              "by quality": fmt(r["refused_by_quality"]), "by OOD score": fmt(r["refused_by_ood"]),
                              "OOD AUROC": fmt(r["auroc"]), "FPR at 95% TPR": fmt(r["fpr_at_95_tpr"])} for r in s["sets"]]))
-    rep.figure(out / "ood" / "ood_scores.png", "OOD score: test split vs. images to refuse", md_rel="ood/ood_scores.png")
+    rep.figure(sf.folder("ood") / "ood_scores.png", "OOD score: test split vs. images to refuse", md_rel="ood/ood_scores.png")
 
 
 def subgroups_section(rep, out: Path) -> None:
     """The report's "Subgroup performance" section (subgroups/, when the metadata had columns to split by)."""
+    sf = StudyFolder(out)
     from lesionlab.evaluation.subgroups import METRIC_TITLES
     from lesionlab.report.document import fmt as _fmt
 
-    f = out / "subgroups" / "subgroups.csv"
+    f = sf.folder("subgroups") / "subgroups.csv"
     if not f.exists():
         return
     t = pd.read_csv(f, keep_default_na=False, na_values=[""])
@@ -134,7 +138,7 @@ def subgroups_section(rep, out: Path) -> None:
              "Melanoma sensitivity and specificity at the argmax.")
     for model in dict.fromkeys(t["model"]):
         rows = t[t["model"] == model]
-        rep.figure(out / "subgroups" / f"subgroups_{file_stem(model)}.png", f"{model}: subgroups",
+        rep.figure(sf.folder("subgroups") / f"subgroups_{file_stem(model)}.png", f"{model}: subgroups",
                    md_rel=f"subgroups/subgroups_{file_stem(model)}.png")
         cells = []
         for _, r in rows.iterrows():
@@ -154,12 +158,13 @@ def subgroups_section(rep, out: Path) -> None:
 def robustness_section(rep, out: Path) -> None:
     """The report's "Robustness" section: metric vs severity under acquisition perturbations (robustness/) and
     lesion-level consistency (consistency/), when the study made them."""
+    sf = StudyFolder(out)
     from lesionlab.report.document import fmt as _fmt
 
     def fmt(v, lo=None, hi=None):  # CSV cells: NaN means "not defined"
         return _fmt(*(None if pd.isna(x) else x for x in (v, lo, hi)))
 
-    rob, cons = out / "robustness" / "robustness.json", out / "consistency" / "lesion_consistency.csv"
+    rob, cons = sf.folder("robustness") / "robustness.json", sf.folder("consistency") / "lesion_consistency.csv"
     if not rob.exists() and not cons.exists():
         return
     rep.heading("Robustness: acquisition and lesion consistency")
@@ -170,11 +175,11 @@ def robustness_section(rep, out: Path) -> None:
                  f"({', '.join(info['perturbations'])}), each at graded severities, before each model's own preprocessing. "
                  "Flip rate: share of images whose predicted class differs from the unperturbed one. Deltas are "
                  "perturbed minus unperturbed (balanced accuracy, melanoma sensitivity, macro AUC).")
-        rep.figures_row([(out / "robustness" / f"robustness_{m}.png", m.replace("_", " "))
+        rep.figures_row([(sf.folder("robustness") / f"robustness_{m}.png", m.replace("_", " "))
                          for m in ("flip_rate", "delta_balanced_accuracy", "delta_mel_sensitivity", "delta_macro_auc")
-                         if (out / "robustness" / f"robustness_{m}.png").exists()])
+                         if (sf.folder("robustness") / f"robustness_{m}.png").exists()])
         rep.md.append("Figures: `robustness/robustness_<metric>.png`; every condition: `robustness/robustness.csv`\n")
-        summ = pd.read_csv(out / "robustness" / "robustness_summary.csv")
+        summ = pd.read_csv(sf.folder("robustness") / "robustness_summary.csv")
         shown = summ[summ["model"] == ENSEMBLE] if (summ["model"] == ENSEMBLE).any() else summ
         rep.para(f"Worst case over the severities, per perturbation ({shown['model'].iloc[0] if len(shown) else ''}; "
                  "all models in robustness/robustness_summary.csv):")
@@ -188,7 +193,7 @@ def robustness_section(rep, out: Path) -> None:
                                  "same class": fmt(r["consistent_share"], r["consistent_lo"], r["consistent_hi"]),
                                  "all correct": fmt(r.get("all_correct_share"), r.get("all_correct_lo"), r.get("all_correct_hi"))}
                                 for _, r in c.iterrows()]))
-        lm_file = out / "consistency" / "lesion_metrics.csv"
+        lm_file = sf.folder("consistency") / "lesion_metrics.csv"
         lm = pd.read_csv(lm_file) if lm_file.exists() and lm_file.stat().st_size > 1 else pd.DataFrame()
         if len(lm):
             lm["text"] = [fmt(v, lo, hi) for v, lo, hi in zip(lm["value"], lm["lo"], lm["hi"], strict=True)]
@@ -202,27 +207,29 @@ def report_study(out: Path, cfg: StudyConfig, names: list[str], all_names: list[
                  mets: dict[str, dict]) -> Path:
     """Write report.html (self-contained) and report.md from the study folder's files."""
     from lesionlab.report.document import PAPER_RESNEXT, Report, fmt, metric_table
+
+    sf = StudyFolder(out)
     from lesionlab.report.figures import plot_history
 
     rep = Report(f"LesionLab study: {cfg.name}")
     rep.raw_html('<p class="warn">Decision support, not a diagnosis: these numbers describe models on one dataset. '
                  "Every suspicious lesion still needs a clinician's examination and, where indicated, histopathology.</p>")
     rep.md.append("> **Decision support, not a diagnosis.** These numbers describe models on one dataset.\n")
-    ds = json.loads((out / "dataset.json").read_text())
+    ds = sf.dataset()
     rep.heading("Dataset and split")
     rep.para(f"Source: {ds['source']} ({ds['layout']} layout, {ds['rows']} rows). Problems found: {ds['problems'] or 'none'}.")
     for n in ds.get("notes", []):
         rep.note(n)
     rep.para("Lesion-grouped, diagnosis-stratified split (no lesion, and no known duplicate pair, in two splits):")
-    rep.table(pd.read_csv(out / "split_summary.csv"))
+    rep.table(pd.read_csv(sf.split_summary_file))
 
     rep.heading("Training")
-    hists = {n: pd.read_csv(out / "runs" / file_stem(n) / "history.csv") for n in names if (out / "runs" / file_stem(n) / "history.csv").exists()}
-    plot_history(hists, out / "figures" / "history.png")
-    rep.figure(out / "figures" / "history.png", "loss per epoch (solid: validation, dashed: training)", md_rel="figures/history.png")
+    hists = {n: h for n in names if (h := sf.history(n)) is not None}
+    plot_history(hists, sf.folder("figures") / "history.png")
+    rep.figure(sf.folder("figures") / "history.png", "loss per epoch (solid: validation, dashed: training)", md_rel="figures/history.png")
     rows = []
     for n in names:
-        meta = json.loads((out / "runs" / file_stem(n) / "model.json").read_text())
+        meta = sf.model_meta(n)
         h = hists.get(n)
         rows.append({"model": n, "timm id": meta["timm_id"], "weights": meta["pretrained"], "epochs run": len(h) if h is not None else "",
                      "best epoch": meta["epoch"], "best val loss": fmt(meta["val"]["val_loss"]),
@@ -257,7 +264,7 @@ def report_study(out: Path, cfg: StudyConfig, names: list[str], all_names: list[
         rep.table(metric_table(mets[n]))
         for note in mets[n].get("notes", []):
             rep.note(note)
-        d = out / "eval" / file_stem(n)
+        d = sf.eval_dir(n)
         rep.figures_row([(d / "confusion_counts.png", "confusion (counts)"), (d / "confusion_normalized.png", "row-normalised"),
                          (d / "roc.png", "ROC one-vs-rest")])
         rep.md.append(f"Figures: `eval/{file_stem(n)}/confusion_counts.png`, `confusion_normalized.png`, `roc.png`\n")
@@ -286,7 +293,7 @@ def report_study(out: Path, cfg: StudyConfig, names: list[str], all_names: list[
     subgroups_section(rep, out)
 
     rep.heading("Error analysis")
-    s = json.loads((out / "errors" / "summary.json").read_text())
+    s = json.loads((sf.folder("errors") / "summary.json").read_text())
     several = len(names) > 1
     text = (f"{s['class']} images misclassified by the best model ({s['best_model']}): {s['errors_of_best']} of "
             f"{s['positives']}.")
@@ -294,7 +301,7 @@ def report_study(out: Path, cfg: StudyConfig, names: list[str], all_names: list[
         text += (f" Made by all models: {s['errors_made_by_all']}; rescued by at least one other model: "
                  f"{s['rescued_by_at_least_one']}.")
     rep.para(text)
-    confusions = pd.read_csv(out / "errors" / "confusions.csv")
+    confusions = pd.read_csv(sf.folder("errors") / "confusions.csv")
     if len(confusions):
         rep.para("Most frequent confusions of the best model (true -> predicted):")
         rep.table(confusions)
@@ -302,22 +309,22 @@ def report_study(out: Path, cfg: StudyConfig, names: list[str], all_names: list[
         rep.para("The best model made no errors on the test split.")
     if several:
         rep.para("Pairwise agreement between models (share of identical predictions, Cohen's kappa, share both wrong):")
-        rep.table(pd.read_csv(out / "errors" / "agreement.csv").round(3))
+        rep.table(pd.read_csv(sf.folder("errors") / "agreement.csv").round(3))
     else:
         rep.note("One model: no model-agreement table and no rescue counts (they compare two or more models).")
-    mis = pd.read_csv(out / "errors" / "misclassified.csv")
+    mis = pd.read_csv(sf.folder("errors") / "misclassified.csv")
     if len(mis):
         rep.para(f"Misclassified {s['class']} images (first 15; full list in errors/misclassified.csv):")
         rep.table(mis.head(15).round(3))
 
-    gal = out / "gallery" / "gallery.json"
+    gal = sf.folder("gallery") / "gallery.json"
     if gal.exists():
         rep.heading("Grad-CAM gallery (test split)")
         rep.para("Each row: the image (the centre crop the models see), then each member's Grad-CAM for the class the "
                  "ensemble predicts, then their mean. Red = most important for that class, blue = least.")
         for e in json.loads(gal.read_text()):
-            rep.figure(out / "gallery" / e["file"], f"{e['category']}: {e['image']}", md_rel=f"gallery/{e['file']}")
-    ext_dir = out / "external"
+            rep.figure(sf.folder("gallery") / e["file"], f"{e['category']}: {e['image']}", md_rel=f"gallery/{e['file']}")
+    ext_dir = sf.folder("external")
     if ext_dir.exists():
         rep.heading("External validation")
         rows = []
@@ -334,7 +341,7 @@ def report_study(out: Path, cfg: StudyConfig, names: list[str], all_names: list[
         rep.table(pd.DataFrame(rows))
 
     rep.heading("Reproducibility")
-    steps = json.loads((out / "steps.json").read_text())
+    steps = sf.steps()
     rep.para("Each step is keyed by a fingerprint of the config values and files it reads, its upstream steps and "
              "the package version; it ran when one of them changed, and was reused otherwise (steps.json):")
     rep.table(pd.DataFrame([{"step": k, "status": v.get("status", ""), "reason": v.get("reason", ""),
@@ -347,7 +354,7 @@ def report_study(out: Path, cfg: StudyConfig, names: list[str], all_names: list[
     cfg_text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
     rep.raw_html(f"<pre>{cfg_text}</pre>")
     rep.md.append("```yaml\n" + cfg_text + "```\n")
-    html_path = out / "report.html"
-    rep.write(html_path, out / "report.md")
+    html_path = sf.root / "report.html"
+    rep.write(html_path, sf.root / "report.md")
     return html_path
 

@@ -19,12 +19,12 @@ from starlette.formparsers import MultiPartParser
 
 from lesionlab import __version__
 from lesionlab.clinic.bundle import EnsemblePredictor
+from lesionlab.clinic.screening import DISCLAIMER
 from lesionlab.data.images import ImageError, decode_image
 from lesionlab.exceptions import UserError
 from lesionlab.io import sha256_bytes
 
 log = logging.getLogger(__name__)
-DISCLAIMER = "Decision support, not a diagnosis. A clinician must examine the lesion; histopathology decides."
 STATUS_FOR_IMAGE_ERROR = {"too_large": 413, "truncated": 400, "unreadable": 415}
 
 
@@ -142,7 +142,7 @@ def create_app(
         return {"status": "ok", "lesionlab_version": __version__, "bundle_version": ens.version,
                 "members": [m.name for m in ens.members], "device": ens.device,
                 "melanoma_threshold": ens.threshold, "inference": ens.inference_info(),
-                "trust": ens.screening.describe(),
+                "trust": ens.screener.describe(),
                 "max_upload_mb": max_upload_mb, "disclaimer": DISCLAIMER}
 
     @app.post("/api/predict")
@@ -175,15 +175,14 @@ def create_app(
         if explain and result["status"] == "ok":
             from lesionlab.explain.overlay import overlay
 
-            ex = ens.explain(im, cls=result.get("top") if result.get("metadata") else None)
+            ex = ens.explain(im, result)  # the class the answer shows (screening.explained_class)
             result["heatmap"] = _png_data_url(overlay(ex.display, ex.ensemble))
             result["heatmap_crop"] = _png_data_url(ex.display)
             result["heatmap_class"] = ex.cls
-        result.update({"bundle_version": ens.version, "lesionlab_version": __version__, "disclaimer": DISCLAIMER,
-                       "image_size": list(im.size), "inference": ens.inference_info()})
         if audit:
             rec = {"image_sha256": digest, "status": result["status"], "bundle_version": ens.version, "tta": tta,
-                   "precision": ens.precision, "explain": explain, "research": research}
+                   "precision": ens.precision, "engines": ens.engines, "explain": explain, "research": research,
+                   "ood_score": result["ood_score"]}
             if result["status"] == "ok":
                 rec.update({"probabilities": result["probabilities"], "top": result["top"],
                             "melanoma_flag": result["melanoma_flag"], "differential": result["differential"]})

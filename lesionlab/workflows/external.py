@@ -14,6 +14,7 @@ from lesionlab.evaluation.trust import trust_metrics
 from lesionlab.io import atomic_write_json
 from lesionlab.labels import CLASS_INDEX, CLASSES
 from lesionlab.models import file_stem
+from lesionlab.study_folder import StudyFolder
 from lesionlab.workflows.infer import predict_split_files
 
 
@@ -30,7 +31,7 @@ def evaluate_external(checkpoints: list[Path], images: str | Path, truth: str | 
 
     out = Path(out_dir)
     df = external_table(images, truth, skip_invalid=skip_invalid)
-    probs = predict_split_files(checkpoints, df, out / "predictions", "external", cfg, progress=progress, record=False)
+    probs = predict_split_files(checkpoints, df, StudyFolder(out), "external", cfg, progress=progress, record=False)
     if len(probs) > 1:
         probs[ENSEMBLE] = mean_probabilities(list(probs.values()))
     y = np.array([CLASS_INDEX[c] for c in df["label"]])

@@ -8,32 +8,37 @@ import numpy as np
 import pandas as pd
 
 from lesionlab.config import StudyConfig
-from lesionlab.io import atomic_write_json
-from lesionlab.models import file_stem
+from lesionlab.io import sha256_file
+from lesionlab.models import WEIGHTS_FILE
+from lesionlab.study_folder import StudyFolder
 
 
-def predict_split_files(checkpoints: list[Path], df: pd.DataFrame, out_dir: Path, tag: str, cfg: StudyConfig,
+def predict_split_files(checkpoints: list[Path], df: pd.DataFrame, folder: StudyFolder, split: str, cfg: StudyConfig,
                         *, progress: bool = True, truth: bool = True, record: bool = True) -> dict[str, np.ndarray]:
-    """Per-model probability CSVs `<arch>_<tag>.csv` (and `truth_<tag>.csv`) in ISIC format for a frame.
+    """Each model's probabilities for the rows of `df`, written as `folder`'s predictions of `split` (ISIC format),
+    with `truth_<split>.csv` when `truth`.
 
-    With `record`, also `<arch>_inference.json`: the precision and device each model actually ran at (what `auto` resolved to on
-    this machine) and TTA, so that a bundle made later, elsewhere, records the settings its threshold came from.
+    With `record`, also each model's inference record (StudyFolder.write_inference_record): the precision and
+    device it actually ran at (what `auto` resolved to on this machine), TTA, the engine, and the SHA-256 of the
+    weights it ran, so that a bundle made later, elsewhere, records the settings its threshold came from and
+    refuses weights other than these.
     """
     from lesionlab import runtime
-    from lesionlab.clinic.bundle import precision_name
-    from lesionlab.data.isic_csv import probs_frame, truth_frame, write_isic_csv
+    from lesionlab.clinic.bundle.manifest import precision_name
     from lesionlab.inference.predictor import infer_table
 
+    weights = [sha256_file(Path(ck) / WEIGHTS_FILE) for ck in checkpoints]  # before inference: what was run
     probs = infer_table(checkpoints, df, device=cfg.train.device, precision=cfg.train.precision, tta=cfg.eval.tta,
                         batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers, progress=progress)
     if record:  # resolved as each Predictor resolved it (runtime.pick_device / pick_precision)
         device = runtime.pick_device(cfg.train.device)
         settings = {"precision": precision_name(runtime.pick_precision(cfg.train.precision, device)),
-                    "device": str(device), "tta": bool(cfg.eval.tta)}
-        for name in probs:
-            atomic_write_json(out_dir / f"{file_stem(name)}_inference.json", settings)
+                    "device": str(device), "tta": bool(cfg.eval.tta), "engine": "torch"}
+        for (name, _), ck, sha in zip(probs.items(), checkpoints, weights, strict=True):
+            folder.write_inference_record(name, {**settings, "weights_sha256": sha,
+                                                 "weights_file": str(Path(ck).resolve() / WEIGHTS_FILE)})
     for name, p in probs.items():
-        write_isic_csv(out_dir / f"{file_stem(name)}_{tag}.csv", probs_frame(df["image_id"], p))
+        folder.write_probabilities(name, split, df["image_id"], p)
     if truth:
-        write_isic_csv(out_dir / f"truth_{tag}.csv", truth_frame(df))
+        folder.write_truth(split, df)
     return probs

@@ -1,7 +1,8 @@
-"""The study's refusal summary: screening of the test split and of images the models should refuse.
+"""The study's refusal summary: what the screening pipeline refuses on the test split and on images it should refuse.
 
-Writes `ood.json` and the score histogram `ood_scores.png`, which the study report's Trust section shows
-(lesionlab.report.study_report).
+Runs `lesionlab.clinic.screening.Screener` (what predict and the service run) over the test split, synthetic
+non-lesion images and degraded lesions; writes `ood.json` and the score histogram `ood_scores.png`, which the
+study report's Trust section shows (lesionlab.report.study_report).
 """
 
 from __future__ import annotations
@@ -12,44 +13,44 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from lesionlab.clinic.ood_model import OODModel, screen_frame, screen_images
-from lesionlab.config import QualityConfig
+from lesionlab.clinic.screening import Screener, screen_table
 from lesionlab.data.images import load_image
 from lesionlab.data.ood_images import degraded_lesions, synthetic_ood_images
 from lesionlab.evaluation.ood import ood_metrics
-from lesionlab.inference.predictor import Predictor
 from lesionlab.io import atomic_write_json
 from lesionlab.report.figures import plot_ood_scores
 
 
-def ood_report(predictors: list[Predictor], ood: OODModel, test_df: pd.DataFrame, quality: QualityConfig,
-               out_dir: Path, *, n_degraded: int = 100, seed: int = 0, batch_size: int = 64,
-               progress: bool = True) -> dict[str, Any]:
-    """Refusals on the test split and on synthetic / degraded images; `ood.json` and `ood_scores.png` in out_dir.
+def refusal_summary(test: pd.DataFrame, sets: dict[str, pd.DataFrame], threshold: float,
+                    validation_refused: float | None) -> dict[str, Any]:
+    """ood.json from refusal tables (`screening.screen_table`): the test split's and each set's refusals, AUROC."""
+    rows = []
+    for g, scr in sets.items():
+        m = ood_metrics(test["ood_score"].to_numpy(), scr["ood_score"].to_numpy())
+        rows.append({"set": g, "images": len(scr), "refused": float(scr["refused"].mean()),
+                     "refused_by_quality": float((scr["quality"] != "").mean()),
+                     "refused_by_ood": float(scr["ood_refused"].mean()), "auroc": m["auroc"],
+                     "fpr_at_95_tpr": m["fpr_at_tpr"]})
+    return {"threshold": threshold, "test_images": len(test), "test_refused": float(test["refused"].mean()),
+            "test_refused_by_quality": float((test["quality"] != "").mean()),
+            "test_refused_by_ood": float(test["ood_refused"].mean()),
+            "validation_refused": validation_refused, "sets": rows}
 
-    For the study report's Trust section (and benchmarks/bench_ood.py, which adds non-medical photos).
-    """
+
+def refusal_report(screener: Screener, test_df: pd.DataFrame, out_dir: Path, *, n_degraded: int = 100, seed: int = 0,
+                   batch_size: int = 64, progress: bool = True) -> dict[str, Any]:
+    """Refusals on the test split and on synthetic / degraded images; `ood.json` and `ood_scores.png` in out_dir."""
+    if screener.ood is None:
+        raise ValueError("refusal_report needs a screener with an OOD model")  # the study calls it only with one
     out_dir = Path(out_dir)
-    test = screen_frame(predictors, ood, test_df, quality, batch_size=batch_size, progress=progress)
+    test = screen_table(screener, paths=list(test_df["path"]), batch_size=batch_size, progress=progress)
     rng = np.random.default_rng(seed)
     pick = rng.choice(len(test_df), size=min(n_degraded, len(test_df)), replace=False)
     groups = {**synthetic_ood_images(seed=seed),
               **degraded_lesions([load_image(test_df["path"].iloc[i]) for i in pick])}
-    scores = {"test split": test["ood_score"].to_numpy()}
-    sets = []
-    for g, ims in groups.items():
-        scr = pd.concat([screen_images(predictors, ood, ims[i:i + batch_size], quality)
-                         for i in range(0, len(ims), batch_size)], ignore_index=True)
-        scores[g] = scr["ood_score"].to_numpy()
-        m = ood_metrics(scores["test split"], scores[g])
-        sets.append({"set": g, "images": len(ims), "refused": float(scr["refused"].mean()),
-                     "refused_by_quality": float((scr["quality"] != "").mean()),
-                     "refused_by_ood": float(scr["ood_refused"].mean()), "auroc": m["auroc"],
-                     "fpr_at_95_tpr": m["fpr_at_tpr"]})
-    summary = {"threshold": ood.threshold, "test_images": len(test), "test_refused": float(test["refused"].mean()),
-               "test_refused_by_quality": float((test["quality"] != "").mean()),
-               "test_refused_by_ood": float(test["ood_refused"].mean()),
-               "validation_refused": ood.info.get("validation_refused"), "sets": sets}
-    plot_ood_scores(scores, ood.threshold, out_dir / "ood_scores.png", first="test split")
+    sets = {g: screen_table(screener, ims, batch_size=batch_size, progress=False) for g, ims in groups.items()}
+    summary = refusal_summary(test, sets, screener.ood.threshold, screener.ood.info.get("validation_refused"))
+    plot_ood_scores({"test split": test["ood_score"].to_numpy(), **{g: s["ood_score"].to_numpy() for g, s in sets.items()}},
+                    screener.ood.threshold, out_dir / "ood_scores.png", first="test split")
     atomic_write_json(out_dir / "ood.json", summary)
     return summary

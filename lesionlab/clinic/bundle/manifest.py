@@ -1,0 +1,75 @@
+"""The bundle manifest: its format, verification of every file it lists, and the inference settings it records."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lesionlab.exceptions import UserError
+from lesionlab.io import sha256_file
+from lesionlab.labels import CLASSES
+
+log = logging.getLogger(__name__)
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def precision_name(dtype: Any) -> str:
+    """fp32 / bf16 / fp16 for a Predictor's autocast dtype (None = fp32)."""
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+def listed_files(root: Path, manifest: dict[str, Any]) -> set[Path]:
+    """Every file the manifest lists (resolved), the manifest itself included."""
+    files = {(root / MANIFEST).resolve()}
+    for m in manifest["members"]:
+        files.update((root / m["dir"] / f).resolve() for f in m["files"])
+    if manifest.get("ood"):
+        files.add((root / manifest["ood"]["file"]).resolve())
+    return files
+
+
+def verify_bundle(path: str | Path) -> dict[str, Any]:
+    """Read the manifest and check every listed file's SHA-256; raise UserError on any mismatch.
+
+    Files in the folder that the manifest does not list (a stale export, something copied in) are never loaded
+    (the loader passes each member only its listed files); they are named in the log.
+    """
+    root = Path(path)
+    mf = root / MANIFEST
+    if not mf.exists():
+        raise UserError(f"{root} is not a LesionLab bundle (no {MANIFEST}); make one with `lesionlab bundle`")
+    try:
+        manifest = json.loads(mf.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{mf}: invalid JSON ({e})") from None
+    if manifest.get("format_version") != FORMAT_VERSION or manifest.get("classes") != list(CLASSES):
+        raise UserError(f"{mf}: unsupported bundle format or class order")
+    checks = [(root / m["dir"] / f, digest) for m in manifest["members"] for f, digest in m["files"].items()]
+    if manifest.get("ood"):
+        checks.append((root / manifest["ood"]["file"], manifest["ood"].get("sha256")))
+    for f, digest in checks:
+        if not f.exists():
+            raise UserError(f"bundle file {f} is missing")
+        if sha256_file(f) != digest:
+            raise UserError(f"bundle file {f} does not match its manifest hash (corrupted or modified); re-create the bundle")
+    unlisted = sorted(str(p.relative_to(root)) for p in root.rglob("*")
+                      if p.is_file() and p.resolve() not in listed_files(root, manifest))
+    if unlisted:
+        log.warning("%s holds files its manifest does not list; they are ignored: %s", root, ", ".join(unlisted[:5]))
+    return manifest
+
+
+def bundle_settings(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The inference settings the bundle's threshold was chosen under; bundles made before they were recorded
+    get TTA off (the study's default), precision None (unknown) and the torch engine."""
+    inf = manifest.get("inference")
+    if inf is None:
+        return {"tta": False, "precision": None, "engine": "torch", "recorded": False}
+    return {"tta": bool(inf["tta"]), "precision": inf.get("precision"), "engine": inf.get("engine", "torch"),
+            "recorded": True}
