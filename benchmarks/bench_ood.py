@@ -58,31 +58,22 @@ def skimage_photos(seed: int = 0) -> tuple[list[Image.Image], list[str]]:
     return ims, names
 
 
-def member_outputs(predictors, images: list[Image.Image], batch: int = 64) -> dict[str, dict[str, np.ndarray]]:
-    from lesionlab.inference.outputs import image_outputs
+def screened(screener, images: list[Image.Image], batch: int = 64) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+    """What predict and the service decide for each image (the screening pipeline, `research` on so that every
+    image gets its OOD score; the refusals are the same without it), and the ensemble's Mahalanobis score (the
+    pipeline's), energy and max-softmax scores, all from the same forward passes."""
+    from lesionlab.clinic.screening import refusal_row
 
-    out = {}
-    for pr in predictors:
-        parts = [image_outputs(pr, images[i:i + batch]) for i in range(0, len(images), batch)]
-        out[pr.name] = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    return out
-
-
-def scores(ood, outs: dict[str, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Mahalanobis (the bundle's), energy and max-softmax scores of the ensemble for a set of images."""
-    energy = np.mean([energy_score(o["logits"]) for o in outs.values()], axis=0)
-    msp = msp_score(np.mean([o["probs"] for o in outs.values()], axis=0))
-    return {"mahalanobis": ood.score({n: o["features"] for n, o in outs.items()}), "energy": energy, "msp": msp}
-
-
-def refusals(images: list[Image.Image], ood_scores: np.ndarray, threshold: float, q: QualityConfig) -> pd.DataFrame:
-    """What predict and the service decide (as `screening.screen_images`, reusing the scores computed here)."""
-    from lesionlab.data.quality import check_quality
-
-    codes = [";".join(i.code for i in check_quality(im, q)) for im in images]
-    ood_refused = [not c and s > threshold for c, s in zip(codes, ood_scores, strict=True)]
-    return pd.DataFrame({"quality": codes, "ood_score": ood_scores, "ood_refused": ood_refused,
-                         "refused": [bool(c) or o for c, o in zip(codes, ood_refused, strict=True)]})
+    rows, outs = [], []
+    for i in range(0, len(images), batch):
+        answers, out = screener.screen_outputs(images[i:i + batch], research=True)
+        rows += [refusal_row(a) for a in answers]
+        outs.append(out)
+    merged = {n: {k: np.concatenate([o[n][k] for o in outs]) for k in outs[0][n]} for n in outs[0]}
+    table = pd.DataFrame(rows)
+    energy = np.mean([energy_score(o["logits"]) for o in merged.values()], axis=0)
+    msp = msp_score(np.mean([o["probs"] for o in merged.values()], axis=0))
+    return table, {"mahalanobis": table["ood_score"].to_numpy(), "energy": energy, "msp": msp}
 
 
 def main() -> None:
@@ -99,6 +90,7 @@ def main() -> None:
     a = ap.parse_args()
 
     from lesionlab.clinic.ood_model import fit_ood
+    from lesionlab.clinic.screening import Screener
     from lesionlab.data.ood_images import degraded_lesions, synthetic_ood_images
     from lesionlab.data.split import read_split
     from lesionlab.data.subsets import subset_frame
@@ -113,9 +105,9 @@ def main() -> None:
     sp = read_split(a.split)
     train, val, test = (subset_frame(table, sp, s) for s in ("train", "val", "test"))
     ood, _ = fit_ood(predictors, train, val, cfg_ood, batch_size=64, return_val=True)
+    screener = Screener(predictors, cfg_q, ood)  # the pipeline a bundle of these models runs
     test_images = [Image.open(p).convert("RGB") for p in test["path"]]
-    in_scores = scores(ood, member_outputs(predictors, test_images))
-    screened = refusals(test_images, in_scores["mahalanobis"], ood.threshold, cfg_q)
+    test_screened, in_scores = screened(screener, test_images)
 
     photos, photo_names = skimage_photos()
     groups: dict[str, list[Image.Image]] = {"skimage photos": photos, **synthetic_ood_images()}
@@ -127,8 +119,7 @@ def main() -> None:
     per_photo = None
     all_out: dict[str, list[np.ndarray]] = {k: [] for k in in_scores}
     for g, ims in groups.items():
-        sc = scores(ood, member_outputs(predictors, ims))
-        scr = refusals(ims, sc["mahalanobis"], ood.threshold, cfg_q)
+        scr, sc = screened(screener, ims)
         hist[g] = sc["mahalanobis"]
         row = {"set": g, "images": len(ims), "refused (quality or OOD)": scr["refused"].mean(),
                "refused by quality": (scr["quality"] != "").mean(), "refused by OOD score": scr["ood_refused"].mean()}
@@ -149,9 +140,9 @@ def main() -> None:
     res = pd.DataFrame(rows)
     minutes = (time.perf_counter() - t0) / 60
 
-    in_refused = float(screened["refused"].mean())
-    q_refused = float((screened["quality"] != "").mean())
-    o_refused = float(screened["ood_refused"].mean())
+    in_refused = float(test_screened["refused"].mean())
+    q_refused = float((test_screened["quality"] != "").mean())
+    o_refused = float(test_screened["ood_refused"].mean())
     summary = {"test_images": len(test), "refused": in_refused, "refused_quality": q_refused, "refused_ood": o_refused,
                "threshold": ood.threshold, "validation_refused": ood.info["validation_refused"],
                "members": [p.name for p in predictors], "fit_images": ood.info["fit_images"], "minutes": minutes,
@@ -160,7 +151,7 @@ def main() -> None:
         a.json.write_text(json.dumps(summary, indent=2, default=float))
 
     plot_ood_scores(hist, ood.threshold, a.figure, first="HAM10000 test")
-    _doc(a, summary, res, per_photo, screened, minutes)
+    _doc(a, summary, res, per_photo, test_screened, minutes)
     print(f"in-distribution test images refused: {in_refused:.1%} (quality {q_refused:.1%}, OOD {o_refused:.1%})")
 
 
@@ -220,6 +211,10 @@ Machine: {machine()}; {minutes:.1f} minutes (other jobs shared the machine). Mod
 from `{a.runs[0]}`. {a.note}
 
 ## What refuses an image
+
+Every refusal below is decided by the screening pipeline predict and the service run
+(`lesionlab/clinic/screening.py`: quality checks first, then the OOD score; models run on every image here only
+to measure their scores).
 
 1. **Quality checks** (`lesionlab/data/quality.py`, thresholds `quality.*` in the config, copied into every bundle):
    shorter side below 100 px, aspect ratio above 3:1, under/over-exposed, nearly uniform, blurred (variance of the

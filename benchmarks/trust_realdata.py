@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from lesionlab.config import load_config
-from lesionlab.data.isic_csv import align, probs_frame, read_isic_csv, truth_frame, write_isic_csv
+from lesionlab.data.isic_csv import align, read_isic_csv
 from lesionlab.evaluation.ensemble import ENSEMBLE, mean_probabilities
 from lesionlab.evaluation.trust import (
     TRUST_FILE,
@@ -39,87 +39,73 @@ from lesionlab.evaluation.trust import (
     write_trust,
 )
 from lesionlab.io import atomic_write_json, sha256_file
-from lesionlab.models import META_FILE, WEIGHTS_FILE, file_stem
+from lesionlab.models import WEIGHTS_FILE, file_stem
 from lesionlab.report.evaluation_files import plot_trust_reliability
+from lesionlab.study_folder import StudyFolder
 
 ACCEPT = {"ece_after_max": 0.05, "coverage_tolerance": 0.03, "mel_coverage_min": 0.87}
 ARCH_ORDER = ("resnet101", "resnext101_32x4d", "seresnet101", "seresnext101_32x4d")
 
 
-def trained_models(study: Path) -> list[dict[str, Any]]:
+def trained_models(study: StudyFolder) -> list[dict[str, Any]]:
     """The study's models (runs/*/model.json) with their training status (steps.json) and prediction files.
 
     A model is usable when the study has its validation and test predictions (weights then optional: a study made
     on another machine can travel as its small files) or its weights (inference here)."""
-    steps = json.loads((study / "steps.json").read_text()) if (study / "steps.json").exists() else {}
+    steps = study.steps()
     out = []
-    for meta in sorted((study / "runs").glob(f"*/{META_FILE}")):
-        d = meta.parent
-        arch = json.loads(meta.read_text())["arch"]
+    for arch in study.trained_models():
         rec = steps.get(f"train {arch}", {})
         finished = rec.get("status") in ("ran", "reused") or bool(rec.get("done"))  # steps.json, new or old format
-        preds = {t: study / "predictions" / f"{file_stem(arch)}_{t}.csv" for t in ("val", "test")}
-        use_preds = finished and all(f.exists() for f in preds.values())
-        if not use_preds and not (d / WEIGHTS_FILE).exists():
+        use_preds = finished and all(study.has_probabilities([arch], t) for t in ("val", "test"))
+        if not use_preds and not study.weights_file(arch).exists():
             continue
-        out.append({"name": arch, "dir": d, "finished": finished, "study_predictions": preds if use_preds else None,
-                    "epochs": len(pd.read_csv(d / "history.csv")) if (d / "history.csv").exists() else None})
+        hist = study.history(arch)
+        out.append({"name": arch, "dir": study.run_dir(arch), "finished": finished, "study_predictions": use_preds,
+                    "epochs": len(hist) if hist is not None else None})
     out.sort(key=lambda m: ARCH_ORDER.index(m["name"]) if m["name"] in ARCH_ORDER else len(ARCH_ORDER))
     return out
 
 
-def split_frames(study: Path, data: Path | None) -> dict[str, pd.DataFrame]:
-    """{'val', 'test'}: rows with image_id, label, path, in split-file order (for inference here)."""
-    from lesionlab.data.tables import read_table
-
-    sp = pd.read_csv(study / "splits.csv", dtype=str, keep_default_na=False)
-    if data is None:
-        data = Path(json.loads((study / "dataset.json").read_text())["source"]).parent
-    table = read_table(data)
-    frames = {}
-    for tag in ("val", "test"):
-        ids = sp.loc[sp["split"] == tag, "image_id"]
-        frames[tag] = table.df.set_index("image_id").reindex(ids).dropna(subset=["path"]).reset_index()
-    return frames
-
-
-def model_probs(study: Path, out: Path, models: list[dict[str, Any]], cfg, data: Path | None,
+def model_probs(study: StudyFolder, out: Path, models: list[dict[str, Any]], cfg, data: Path | None,
                 ) -> tuple[dict[str, np.ndarray], dict[str, dict[str, np.ndarray]], dict[str, list[str]], dict]:
-    """Labels, {tag: {name: probs}}, image ids per tag, and where each model's probabilities came from."""
+    """Labels, {tag: {name: probs}}, image ids per tag, and where each model's probabilities came from.
+
+    Probabilities made here go into `out` laid out as a study folder's predictions (StudyFolder), keyed by the
+    checkpoint's SHA-256 in the inference record."""
     from lesionlab.inference.predictor import Predictor
 
-    pred_dir = out / "predictions"
-    pred_dir.mkdir(parents=True, exist_ok=True)
-    need_inference = any(m["study_predictions"] is None for m in models)
-    frames = split_frames(study, data) if need_inference else None
-    truth_files = {t: study / "predictions" / f"truth_{t}.csv" for t in ("val", "test")}
-    if need_inference or not all(f.exists() for f in truth_files.values()):
-        frames = frames or split_frames(study, data)
-        truth_files = {t: pred_dir / f"truth_{t}.csv" for t in ("val", "test")}
-        for t, f in truth_files.items():
-            write_isic_csv(f, truth_frame(frames[t]))
+    here = StudyFolder(out)
+    need_inference = any(not m["study_predictions"] for m in models)
+    frames = study.frames(data, splits=("val", "test")) if need_inference else None
+    source = study if all(study.truth_file(t).exists() for t in ("val", "test")) and not need_inference else here
+    if source is here:
+        frames = frames or study.frames(data, splits=("val", "test"))
+        for t in ("val", "test"):
+            here.write_truth(t, frames[t])
     sources: dict[str, Any] = {}
     ys, probs, ids = {}, {"val": {}, "test": {}}, {}
     for m in models:
-        stem = file_stem(m["name"])
-        sha = sha256_file(m["dir"] / WEIGHTS_FILE) if (m["dir"] / WEIGHTS_FILE).exists() else None
-        if m["study_predictions"] is not None:
-            files, src = m["study_predictions"], "study predictions/"
+        name = m["name"]
+        sha = sha256_file(study.weights_file(name)) if study.weights_file(name).exists() else None
+        if m["study_predictions"]:
+            where, src = study, "study predictions/"
         else:
-            files = {t: pred_dir / f"{stem}_{t}.csv" for t in ("val", "test")}
-            stamp = pred_dir / f"{stem}.sha256"
-            if not (stamp.exists() and stamp.read_text().strip() == sha and all(f.exists() for f in files.values())):
+            where = here
+            rec = here.inference_record(name)
+            if not (rec and rec.get("weights_sha256") == sha and here.has_probabilities([name], "val")
+                    and here.has_probabilities([name], "test")):
                 pr = Predictor(m["dir"], device=cfg.train.device, precision=cfg.train.precision)
-                for t, f in files.items():
+                for t in ("val", "test"):
                     p = pr.predict_frame(frames[t], batch_size=cfg.data.batch_size, num_workers=0, progress=True)
-                    write_isic_csv(f, probs_frame(frames[t]["image_id"], p))
-                stamp.write_text(f"{sha}\n")
+                    here.write_probabilities(name, t, frames[t]["image_id"], p)
+                here.write_inference_record(name, {**pr.engine_info(), "weights_sha256": sha})
             src = f"inference here ({cfg.train.device}, precision {cfg.train.precision})"
-        sources[m["name"]] = {"probabilities": src, "checkpoint_sha256": sha, "training_finished": m["finished"],
-                              "epochs_trained": m["epochs"]}
-        for t, f in files.items():
-            truth = read_isic_csv(truth_files[t], kind="truth")
-            ys[t], probs[t][m["name"]], ids[t] = align(truth, read_isic_csv(f, kind="prediction"))
+        sources[name] = {"probabilities": src, "checkpoint_sha256": sha, "training_finished": m["finished"],
+                         "epochs_trained": m["epochs"]}
+        for t in ("val", "test"):
+            truth = source.truth(t)
+            ys[t], probs[t][name], ids[t] = align(truth, read_isic_csv(where.prediction_file(name, t), kind="prediction"))
     if len(models) > 1:
         for t in probs:
             probs[t][ENSEMBLE] = mean_probabilities(list(probs[t].values()))
@@ -176,13 +162,13 @@ def run(study: Path, out: Path, *, data: Path | None = None, overrides: list[str
     study, out = Path(study).expanduser(), Path(out).expanduser()
     if out.resolve() == study.resolve() or study.resolve() in out.resolve().parents:
         raise SystemExit(f"--out {out} must lie outside the study folder {study}")
-    cfg = load_config(study / "config.yaml", overrides)
-    models = trained_models(study)
+    sf = StudyFolder(study)
+    cfg = load_config(sf.config_file, overrides)
+    models = trained_models(sf)
     if not models:
         raise SystemExit(f"{study}: no trained model (runs/*/{WEIGHTS_FILE}, or a finished one with predictions/)")
-    sp = pd.read_csv(study / "splits.csv", dtype=str, keep_default_na=False)
-    lesion_of = dict(zip(sp["image_id"], sp["group_id"], strict=True))
-    ys, probs, ids, sources = model_probs(study, out, models, cfg, data)
+    ys, probs, ids, sources = model_probs(sf, out, models, cfg, data)
+    lesion_of = sf.lesion_of()
     return evaluate(ys, probs, ids, lesion_of, out, cfg, sources=sources, source=str(study), n_boot=n_boot, t0=t0)
 
 

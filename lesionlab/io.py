@@ -63,3 +63,19 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def read_json(path: Path, *, missing: str, invalid: str = "") -> Any:
+    """A JSON file, or a one-line UserError naming it: `missing` says what to do when it is absent, `invalid`
+    (default: the same) when it cannot be parsed."""
+    from lesionlab.exceptions import UserError
+
+    p = Path(path)
+    try:
+        return json.loads(p.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{p} does not exist; {missing}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{p}: unreadable ({e}); {invalid or missing}") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{p}: not valid JSON ({e.msg} at line {e.lineno}); {invalid or missing}") from None

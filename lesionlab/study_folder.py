@@ -28,7 +28,7 @@ import pandas as pd
 
 from lesionlab.config import StudyConfig, load_config, save_config
 from lesionlab.exceptions import UserError
-from lesionlab.io import atomic_write_json
+from lesionlab.io import atomic_write_json, read_json
 from lesionlab.models import META_FILE, WEIGHTS_FILE, file_stem
 
 SPLITS = ("train", "val", "test")
@@ -136,12 +136,7 @@ class StudyFolder:
 
     # ------------------------------------------------------------------ readers
     def _json(self, path: Path, what: str) -> Any:
-        try:
-            return json.loads(path.read_text())
-        except FileNotFoundError:
-            raise UserError(f"{path} not found: {what}") from None
-        except (OSError, ValueError) as e:
-            raise UserError(f"{path}: unreadable ({e}); {what}") from None
+        return read_json(path, missing=what)
 
     def config(self) -> StudyConfig:
         """The saved config, or the defaults for a folder without one (its quality / ood / trust sections)."""

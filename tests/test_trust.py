@@ -88,7 +88,9 @@ def test_trust_acceptance_on_the_real_study():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import trust_realdata
 
-    models = trust_realdata.trained_models(study)
+    from lesionlab.study_folder import StudyFolder
+
+    models = trust_realdata.trained_models(StudyFolder(study))
     unfinished = [m["name"] for m in models if not m["finished"]]
     assert models, f"{study}: no trained model yet"
     assert not unfinished, f"{study}: training not finished for {unfinished}; the acceptance is for finished models"

@@ -127,8 +127,14 @@ class Screener:
             metadata: one mapping per image (age, sex, localization) for metadata-fusion members.
             research: also run the models on images refused for quality and add their would-be result.
         """
+        return self.screen_outputs(images, metadata=metadata, research=research)[0]
+
+    def screen_outputs(self, images: list[Image.Image], *, metadata: list[dict] | None = None, research: bool = False
+                       ) -> tuple[list[dict[str, Any]], dict[str, dict[str, np.ndarray]]]:
+        """`screen`, plus the members' raw outputs (probs, logits, features) of the images the models ran on (all
+        of them with `research`), for measurements that compare other scores on the same forward passes."""
         if not images:
-            return []
+            return [], {}
         quality = [[(i.code, i.reason) for i in check_quality(im, self.quality)] for im in images]
         run = [k for k, q in enumerate(quality) if research or not q]
         outputs = self._outputs([images[k] for k in run], [metadata[k] for k in run] if metadata else None)
@@ -147,7 +153,7 @@ class Screener:
                                      differential=diffs[j] if diffs is not None else None)
             out.append(self.answer(im, refusal(quality[k], score, self.ood.threshold if self.ood else None),
                                    result, score, meta=metadata[k] if metadata else None, research=research))
-        return out
+        return out, outputs
 
     def _outputs(self, images: list[Image.Image], metadata: list[dict] | None) -> dict[str, dict[str, np.ndarray]]:
         if not images:

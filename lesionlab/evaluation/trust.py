@@ -16,7 +16,6 @@ trust.json: {"version": 1, "fitted_on": "validation", "n_val": N, "config": {Tru
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ from lesionlab.evaluation.calibration import (
 )
 from lesionlab.evaluation.conformal import METHODS, ConformalSets, coverage_report, fit_conformal, set_metrics
 from lesionlab.exceptions import UserError
-from lesionlab.io import atomic_write_json
+from lesionlab.io import atomic_write_json, read_json
 
 TRUST_FILE = "trust.json"
 
@@ -62,12 +61,7 @@ def write_trust(path: str | Path, trust: dict[str, Any]) -> None:
 def read_trust(path: str | Path) -> dict[str, Any]:
     """A trust.json written by `write_trust`, checked for what `apply_trust` needs."""
     p = Path(path)
-    if not p.exists():
-        raise UserError(f"trust file {p} does not exist; run the study's trust step (or benchmarks/trust_realdata.py)")
-    try:
-        trust = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{p}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    trust = read_json(p, missing="run the study's trust step (or benchmarks/trust_realdata.py)")
     if not isinstance(trust, dict) or not isinstance(trust.get("models"), dict):
         raise UserError(f"{p}: no 'models' section; rewrite it with the study's trust step")
     return trust

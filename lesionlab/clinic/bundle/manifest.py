@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -10,7 +9,7 @@ from typing import Any
 import torch
 
 from lesionlab.exceptions import UserError
-from lesionlab.io import sha256_file
+from lesionlab.io import read_json, sha256_file
 from lesionlab.labels import CLASSES
 
 log = logging.getLogger(__name__)
@@ -44,10 +43,7 @@ def verify_bundle(path: str | Path) -> dict[str, Any]:
     mf = root / MANIFEST
     if not mf.exists():
         raise UserError(f"{root} is not a LesionLab bundle (no {MANIFEST}); make one with `lesionlab bundle`")
-    try:
-        manifest = json.loads(mf.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{mf}: invalid JSON ({e})") from None
+    manifest = read_json(mf, missing="re-create the bundle")
     if manifest.get("format_version") != FORMAT_VERSION or manifest.get("classes") != list(CLASSES):
         raise UserError(f"{mf}: unsupported bundle format or class order")
     checks = [(root / m["dir"] / f, digest) for m in manifest["members"] for f, digest in m["files"].items()]
