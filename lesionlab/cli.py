@@ -595,8 +595,9 @@ def _predict(p: argparse.ArgumentParser):
         ens = EnsemblePredictor(a.bundle, device=a.device, precision=a.precision, engine=_engine(a.engine))
         tta = ens.resolve_tta(a.tta)  # refused before any image is read
         inf = ens.inference_info()
+        engines = ", ".join(sorted(set(inf["engines"].values())))
         print(f"lesionlab predict: TTA {'on' if inf['tta'] else 'off'}, {inf['precision']}, as the bundle's threshold "
-              f"was chosen" + (f" (note: {inf['note']})" if inf["note"] else ""), file=sys.stderr)
+              f"was chosen; engine {engines}" + (f" (note: {inf['note']})" if inf["note"] else ""), file=sys.stderr)
         res = predict_files(ens, a.images, batch_size=a.batch_size, tta=tta, research=a.research,
                             metadata_for=metadata_for, explain_dir=a.explain, warn=_warner("predict"))
         print(format_results(res.rows, a.format))

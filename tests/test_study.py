@@ -40,8 +40,12 @@ def test_study_report_has_all_models_and_the_ensemble(small_study):
         assert section in md
     assert (out / "errors" / "agreement.csv").exists() and (out / "splits.csv").exists()
     # what each model ran at is recorded, for bundles made later elsewhere
-    assert json.loads((out / "predictions" / "resnet101_inference.json").read_text()) == {
-        "precision": "fp32", "device": "cpu", "tta": False}
+    from lesionlab.io import sha256_file
+
+    rec = json.loads((out / "predictions" / "resnet101_inference.json").read_text())
+    weights = out / "runs" / "resnet101" / "model.safetensors"
+    assert rec == {"precision": "fp32", "device": "cpu", "tta": False, "engine": "torch",
+                   "weights_sha256": sha256_file(weights), "weights_file": str(weights.resolve())}
     # The steps that measure the study's named limits reach the report with their files.
     for section in ("Robustness: acquisition and lesion consistency", "Subgroup performance",
                     "Trust: calibrated probabilities and prediction sets"):
@@ -142,8 +146,8 @@ def _steps_status(out):
     return {k: (v["status"], v["reason"]) for k, v in json.loads((out / "steps.json").read_text()).items()}
 
 
-def test_steps_reasons_name_what_changed(tmp_path):
-    from lesionlab.workflows.steps import Steps
+def test_steps_reasons_name_what_changed(tmp_path, monkeypatch):
+    from lesionlab.workflows import steps
 
     out = tmp_path / "s"
     out.mkdir()
@@ -151,12 +155,14 @@ def test_steps_reasons_name_what_changed(tmp_path):
     src.write_text("a,b\n1,2\n")
     calls = []
 
-    def flow(lr=0.1, ci=0.95, text="x", version="1"):
-        st = Steps(out, version=version)
+    def flow(lr=0.1, ci=0.95, text="x", version="1", code="1"):
+        # as if the source of lesionlab.labels (which step a runs) were at revision `code`
+        monkeypatch.setattr(steps, "code_digest", lambda name: f"{name}@{code}")
+        st = steps.Steps(out, version=version)
         st.run("a", lambda: (calls.append("a"), (out / "a.txt").write_text(text)), config={"train": {"lr": lr}},
-               inputs=[src], outputs=[out / "a.txt"])
+               inputs=[src], outputs=[out / "a.txt"], code=("lesionlab.labels",))
         st.run("b", lambda: (calls.append("b"), (out / "b.txt").write_text("b")), config={"eval": {"ci": ci}},
-               upstream=["a"], outputs=[out / "b.txt"])
+               upstream=["a"], outputs=[out / "b.txt"], code=("lesionlab.evaluation",))
         return {k: (v["status"], v["reason"]) for k, v in json.loads((out / "steps.json").read_text()).items()}
 
     assert flow() == {"a": ("ran", "new"), "b": ("ran", "new")}
@@ -168,10 +174,61 @@ def test_steps_reasons_name_what_changed(tmp_path):
     (out / "a.txt").unlink()
     # same fingerprint, but a re-ran upstream step makes its downstream run again
     assert flow(lr=0.2, ci=0.9) == {"a": ("ran", "outputs missing: a.txt"), "b": ("ran", "upstream re-ran: a")}
-    assert flow(lr=0.2, ci=0.9, version="2")["a"] == ("ran", "package version changed: 1 -> 2")
+    # the code a step runs is fingerprinted, per package; the version ("0.1.0" on every commit) is only recorded
+    assert flow(lr=0.2, ci=0.9, version="2") == {"a": ("reused", "unchanged"), "b": ("reused", "unchanged")}
+    assert flow(lr=0.2, ci=0.9, code="2") == {"a": ("ran", "code changed: lesionlab.labels"),
+                                              "b": ("ran", "code changed: lesionlab.evaluation; upstream changed: a")}
     rec = json.loads((out / "steps.json").read_text())["a"]
     assert rec["config"] == {"train.lr": 0.2} and len(rec["fingerprint"]) == 64 and rec["seconds"] >= 0
+    assert rec["code"] == {"lesionlab.labels": "lesionlab.labels@2"} and rec["version"] == "1"
     assert calls.count("a") == 5 and calls.count("b") == 6
+
+
+def test_code_digest_hashes_the_source_of_a_package_or_module():
+    from lesionlab.workflows.steps import code_digest
+
+    assert len(code_digest("lesionlab.evaluation")) == 64
+    assert code_digest("lesionlab.evaluation") != code_digest("lesionlab.evaluation.metrics")
+    with pytest.raises(ValueError, match="not an importable"):
+        code_digest("lesionlab.no_such_module")
+
+
+def test_steps_from_before_code_fingerprints_run_once_more_from_scratch(tmp_path):
+    """A record without a code hash was made by code of unknown content: even a resumable step starts over."""
+    from lesionlab.workflows.steps import STEPS_FILE, Steps
+
+    out = tmp_path / "s"
+    (out / "run").mkdir(parents=True)
+    (out / "run" / "last.pt").write_text("old")
+    Steps(out).run("train", lambda: None, config={"lr": 1}, outputs=[out / "run"], resumable=True,
+                   code=("lesionlab.labels",))
+    rec = json.loads((out / STEPS_FILE).read_text())
+    for r in rec.values():
+        del r["code"]  # as an older LesionLab wrote it
+    (out / STEPS_FILE).write_text(json.dumps(rec))
+    seen = []
+    Steps(out).run("train", lambda: seen.append((out / "run").exists()), config={"lr": 1}, outputs=[out / "run"],
+                   resumable=True, code=("lesionlab.labels",))
+    assert seen == [False]
+    assert _steps_status(out)["train"] == ("ran", "new (steps.json from an older LesionLab has no code fingerprint)")
+
+
+def test_steps_continuable_key_keeps_outputs_other_changes_do_not(tmp_path):
+    from lesionlab.workflows.steps import Steps
+
+    out = tmp_path / "s"
+    seen = []
+
+    def train(epochs, lr=1):
+        Steps(out).run("train", lambda: (seen.append((out / "run").exists()), (out / "run").mkdir(exist_ok=True)),
+                       config={"train": {"epochs": epochs, "lr": lr}}, outputs=[out / "run"], resumable=True,
+                       continuable=("train.epochs",))
+        return _steps_status(out)["train"]
+
+    out.mkdir()
+    assert train(1) == ("ran", "new") and seen == [False]
+    assert train(2) == ("ran", "config changed: train.epochs") and seen == [False, True]  # continued
+    assert train(3, lr=2) == ("ran", "config changed: train.epochs, train.lr") and seen == [False, True, False]
 
 
 def test_steps_unfinished_step_reruns_and_resumable_keeps_outputs(tmp_path):
@@ -319,19 +376,67 @@ def test_changed_bootstrap_reruns_metrics_not_training(tiny_study, tmp_path):
 
 def test_train_step_detects_a_run_folder_trained_with_another_config(tiny_study, tmp_path):
     from lesionlab.io import sha256_file
-    from lesionlab.workflows.study import run_folder_mismatch
+    from lesionlab.training.provenance import run_folder_mismatch
 
     out = _copy(tiny_study, tmp_path)
     cfg = load_config("demo", TINY + TWO)
     run = out / "runs" / "timm_resnet10t"
     split_hash = sha256_file(out / "splits.csv")
-    assert run_folder_mismatch(run, cfg, "timm:resnet10t", split_hash) is None
-    assert run_folder_mismatch(run, cfg, "timm:resnet10t", "0" * 64) == "run folder trained on another split (split SHA-256 differs)"
+    assert run_folder_mismatch(run, "timm:resnet10t", cfg, split_hash) is None
+    assert run_folder_mismatch(run, "timm:resnet10t", cfg, "0" * 64) == "run folder trained on another split (split SHA-256 differs)"
     meta = json.loads((run / "model.json").read_text())
     meta["config"]["train"]["lr"] = 0.5  # as if `lesionlab train --out STUDY/runs` wrote another config there
     meta["config"]["data"]["num_workers"] = 3  # workers cannot change a model: not a reason
     (run / "model.json").write_text(json.dumps(meta))
-    assert run_folder_mismatch(run, cfg, "timm:resnet10t", split_hash) == "run folder trained with another config: train.lr"
+    assert run_folder_mismatch(run, "timm:resnet10t", cfg, split_hash) == "run folder trained with another config: train.lr"
+
+
+def test_changed_code_reruns_the_steps_that_run_it_not_training(tiny_study, tmp_path, monkeypatch):
+    """Issue 16.7: a fix to the metrics code (same version number) re-runs the metrics, and only what reads them."""
+    from lesionlab.workflows import steps
+
+    out = _copy(tiny_study, tmp_path)
+    before = _weights_mtimes(out)
+    real = steps.code_digest
+    monkeypatch.setattr(steps, "code_digest", lambda name: "fixed" if name == "lesionlab.evaluation" else real(name))
+    study.run_study(load_config("demo", TINY + TWO), out, progress=False)
+    st = _steps_status(out)
+    assert st["metrics"] == ("ran", "code changed: lesionlab.evaluation")
+    assert all(v == ("reused", "unchanged") for k, v in st.items()
+               if k.startswith(("train", "infer", "split", "validate", "truth", "ensemble", "trust", "robustness", "ood")))
+    assert _weights_mtimes(out) == before
+    assert json.loads((out / "steps.json").read_text())["metrics"]["code"]["lesionlab.evaluation"] == "fixed"
+
+
+def test_more_epochs_continue_training_fewer_start_over_as_train_resume_decides(tiny_study, tmp_path, caplog):
+    """Issue 16.8: one rule for the study and `train --resume`. Before, the study retrained from scratch on any change of
+    train.epochs while a resume accepted any (fewer epochs: silently the longer run). Now more epochs continue the run
+    in both, and fewer than were run is refused by both."""
+    from lesionlab.exceptions import UserError
+    from lesionlab.io import sha256_file
+    from lesionlab.training.fit import check_resume
+    from lesionlab.training.provenance import run_folder_mismatch
+
+    out = _copy(tiny_study, tmp_path)
+    run = out / "runs" / "timm_resnet10t"
+    first = pd.read_csv(run / "history.csv")
+    # one model (the other is pruned), no robustness or OOD step: seconds
+    cheap = [*TINY, "train.archs=[timm:resnet10t]", "explain.gallery=false", "robustness.enabled=false", "ood.method=none"]
+    study.run_study(load_config("demo", [*cheap, "train.epochs=2"]), out, progress=False)
+    st = _steps_status(out)
+    assert st["train timm:resnet10t"] == ("ran", "config changed: train.epochs")
+    hist = pd.read_csv(run / "history.csv")
+    assert len(hist) == 2 and hist.iloc[:1].equals(first)  # epoch 1 kept: continued, not trained again
+    fewer = load_config("demo", cheap)  # train.epochs=1 < the 2 epochs run
+    split_hash = sha256_file(out / "splits.csv")
+    assert run_folder_mismatch(run, "timm:resnet10t", fewer, split_hash) == (
+        "run folder trained with another config: train.epochs")
+    with pytest.raises(UserError, match="train.epochs 1 < 2 epochs already run"):
+        check_resume(run / "last.pt", "timm:resnet10t", fewer, split_hash)
+    with caplog.at_level("INFO", logger="lesionlab.workflows.study"):
+        study.run_study(fewer, out, progress=False)
+    assert "train timm:resnet10t: run folder trained with another config: train.epochs; starting over" in caplog.text
+    assert len(pd.read_csv(run / "history.csv")) == 1
 
 
 def test_single_model_study_reaches_its_report_and_fresh_reruns_everything(tmp_path):
@@ -360,6 +465,47 @@ def test_single_model_study_reaches_its_report_and_fresh_reruns_everything(tmp_p
     assert list(summary["models"]) == ["timm:resnet10t"] and summary["classes_absent"] == ["BCC", "AKIEC", "BKL", "DF", "VASC"]
     md = (out / "report.md").read_text()
     assert "External validation" in md and "BCC, AKIEC, BKL, DF, VASC" in md
+
+
+_HOLD = """
+import sys, time
+from pathlib import Path
+from lesionlab.workflows.steps import folder_lock
+with folder_lock(Path(sys.argv[1])):
+    print("locked", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_a_second_study_into_a_running_study_folder_stops_in_one_line(tmp_path, capsys):
+    """Issue 16.9: the folder is locked while a study runs in it; a lock left by a killed process does not block."""
+    import os
+    import signal
+
+    from lesionlab.exceptions import UserError
+    from lesionlab.workflows.steps import LOCK_FILE, folder_lock
+
+    out = tmp_path / "s"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        args = ["study", "--config", "demo", "--out", str(out), "--set", "train.archs=[timm:resnet10t]"]
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"{out} is in use by another `lesionlab study` (pid {holder.pid} on " in err
+        assert err.endswith("; wait for it or use another --out")
+        assert main([*args, "--fresh"]) == 2 and (out / LOCK_FILE).exists()  # --fresh deletes nothing while locked
+        assert not (out / "steps.json").exists()
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+    assert json.loads((out / LOCK_FILE).read_text())["pid"] == holder.pid  # left behind by the killed process
+    with folder_lock(out):  # ... and no obstacle
+        with pytest.raises(UserError, match="in use by another"):
+            with folder_lock(out):  # a second open file in one process conflicts too
+                pass
+    assert json.loads((out / LOCK_FILE).read_text())["pid"] == os.getpid()
 
 
 def test_study_refuses_an_architecture_given_twice(tmp_path, capsys):

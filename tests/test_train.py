@@ -124,6 +124,28 @@ def test_resume_refuses_another_config_or_split_in_one_line(synth_dir, synth_spl
     # settings that cannot change the result (workers, cache, more epochs) may differ
     assert main([*base, "--resume", "--epochs", "2", "--set", "data.num_workers=1"]) == 0
     assert len(pd.read_csv(tmp_path / "run" / "timm_resnet10t" / "history.csv")) == 2
+    # ... but not fewer epochs than were run (before: accepted, leaving the 2-epoch model under a 1-epoch config);
+    # the study's train step starts such a folder over by the same rule (training.provenance)
+    capsys.readouterr()
+    assert main([*base, "--resume", "--epochs", "1"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "train.epochs 1 < 2 epochs already run in " in err and "without --resume" in err
+
+
+def test_what_training_reads_is_one_rule(tiny_cfg):
+    """The study's train step and `train --resume` compare records through these two functions (issue 16.8)."""
+    from lesionlab.training.provenance import differences, training_reads
+
+    now = training_reads("timm:resnet10t", tiny_cfg)  # train.epochs == 2
+    assert now["arch"] == "timm:resnet10t" and now["train.lr"] == tiny_cfg.train.lr
+    # workers, cache, the other architectures and (fusion off) the fusion keys cannot change the model
+    assert not {"data.num_workers", "data.cache", "data.cache_dir", "train.archs", "train.metadata"} & set(now)
+    recorded = {**now, "train.epochs": 1, "train.lr": 0.5}
+    assert differences(recorded, now, epochs_run=1) == {"train.lr": f"train.lr {tiny_cfg.train.lr!r} != 0.5"}
+    recorded["train.lr"] = tiny_cfg.train.lr
+    assert differences(recorded, now, epochs_run=1) == {}  # 1 epoch run, 2 asked: the run continues
+    assert differences(recorded, now, epochs_run=3) == {"train.epochs": "train.epochs 2 < 3 epochs already run"}
+    assert differences(recorded, now) == {"train.epochs": "train.epochs 2 != 1"}  # no last.pt to continue from
 
 
 def _free_port() -> int:

@@ -155,6 +155,12 @@ class Screener:
                                    result, score, meta=metadata[k] if metadata else None, research=research))
         return out, outputs
 
+    def warm_up(self) -> None:
+        """One forward pass per member on a grey image (it would fail the quality checks, so `screen` would not run
+        the models), so one-off work such as TorchScript tracing happens before the first patient."""
+        size = self.members[0].spec.input_size
+        self._outputs([Image.new("RGB", (size * 3 // 2, size), (128, 128, 128))], None)
+
     def _outputs(self, images: list[Image.Image], metadata: list[dict] | None) -> dict[str, dict[str, np.ndarray]]:
         if not images:
             return {}

@@ -343,7 +343,7 @@ def report_study(out: Path, cfg: StudyConfig, names: list[str], all_names: list[
     rep.heading("Reproducibility")
     steps = sf.steps()
     rep.para("Each step is keyed by a fingerprint of the config values and files it reads, its upstream steps and "
-             "the package version; it ran when one of them changed, and was reused otherwise (steps.json):")
+             "the source code it runs; it ran when one of them changed, and was reused otherwise (steps.json):")
     rep.table(pd.DataFrame([{"step": k, "status": v.get("status", ""), "reason": v.get("reason", ""),
                              "seconds (when made)": v.get("seconds"), "fingerprint": (v.get("fingerprint") or "")[:12]}
                             for k, v in steps.items()]))

@@ -22,15 +22,13 @@ from lesionlab.evaluation.metrics import balanced_accuracy
 from lesionlab.exceptions import UserError
 from lesionlab.io import atomic_write, atomic_write_csv
 from lesionlab.labels import CLASS_INDEX, CLASSES, NUM_CLASSES
-from lesionlab.models.fusion import FusionModel, MetadataDataset, fusion_free, fusion_meta, split_inputs
+from lesionlab.models.fusion import FusionModel, MetadataDataset, fusion_meta, split_inputs
 from lesionlab.training.distributed import _rank_world
 from lesionlab.training.early_stopping import EarlyStopping
 from lesionlab.training.losses import class_weights
+from lesionlab.training.provenance import RESUME_FILE, load_resume_record, resume_differences, resume_record
 
 log = logging.getLogger(__name__)
-
-
-RESUME_FILE = "last.pt"
 
 
 MONITORS = ("val_loss", "val_accuracy", "val_balanced_accuracy")
@@ -120,38 +118,24 @@ def _make_loader(ds, *, batch_size: int, num_workers: int, sampler=None, device=
     )
 
 
-# Config fields that cannot change a run's trajectory, so a resume may differ in them: the number of workers
-# and the image cache (an item is the same either way, by construction: EpochSampler, ImageCache), and the
-# number of epochs (no schedule depends on it; a finished run may be extended).
-RESUME_FREE = {"data.num_workers", "data.cache", "data.cache_dir", "train.epochs", "train.archs"}
-
-
-def resume_record(arch: str, cfg: StudyConfig, split_hash: str) -> dict[str, Any]:
-    """What `last.pt` records to refuse a resume under other settings: arch, the data/train config, split hash."""
-    flat = {f"{sec}.{k}": v for sec in ("data", "train") for k, v in getattr(cfg, sec).__dict__.items()
-            if f"{sec}.{k}" not in fusion_free(cfg.train.metadata)}
-    return {"arch": arch, "split_sha256": split_hash,
-            "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in flat.items()}}
-
-
 def check_resume(path: str | Path, arch: str, cfg: StudyConfig, split_hash: str) -> None:
-    """Raise a one-line UserError when `path` (a last.pt) was written for another arch, config or split."""
+    """Raise a one-line UserError when `path` (a last.pt) cannot continue to a run of `arch` under `cfg` on this split.
+
+    What may differ is decided in one place, shared with the study's train step: lesionlab.training.provenance.
+    """
     path = Path(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    rec = load_resume_record(path)
     hint = "rerun without --resume (into another --out) or with the original config"
-    if "config" not in state:
+    if "config" not in rec:
         raise UserError(f"{path} records no config (written by an older LesionLab), so a resume cannot be checked; {hint}")
-    now = resume_record(arch, cfg, split_hash)
-    if state["arch"] != arch:
-        raise UserError(f"arch {arch} != {state['arch']} in {path}; {hint}")
-    if state["split_sha256"] != split_hash:
-        raise UserError(f"split file sha256 {split_hash[:12] or '(none)'} != {state['split_sha256'][:12] or '(none)'} "
+    if rec["arch"] != arch:
+        raise UserError(f"arch {arch} != {rec['arch']} in {path}; {hint}")
+    if rec["split_sha256"] != split_hash:
+        raise UserError(f"split file sha256 {split_hash[:12] or '(none)'} != {rec['split_sha256'][:12] or '(none)'} "
                         f"in {path}; {hint}")
-    keys = sorted(set(now["config"]) | set(state["config"]))
-    diffs = [f"{k} {now['config'].get(k)!r} != {state['config'].get(k)!r}" for k in keys
-             if k not in RESUME_FREE and now["config"].get(k) != state["config"].get(k)]
+    diffs = resume_differences(rec, arch, cfg)
     if diffs:
-        raise UserError(f"{', '.join(diffs)} in {path}; {hint}")
+        raise UserError(f"{', '.join(diffs.values())} in {path}; {hint}")
 
 
 def fit(

@@ -8,18 +8,26 @@ match what it depends on. A step's fingerprint is the SHA-256 of
 - the SHA-256 of its input files (`inputs=`: paths, or a mapping label -> path / list of paths for large sets
   such as every image; content hashes are memoised by (size, mtime) in `.hashes.json`, as DVC does),
 - the fingerprints of its upstream steps (`upstream=`: names of steps already run or reused in this run),
-- the package version (`lesionlab.__version__`).
+- the SHA-256 of the code it runs (`code=`: packages or modules, e.g. `("lesionlab.evaluation",)`; every .py file
+  under each, found with importlib, hashed with its relative path; `code_digest`). The package version is recorded
+  but not fingerprinted: it is "0.1.0" on every commit, and the code hash is what sees a fix. Hashing per package
+  is what lets a fix to the report re-run the report but not training.
 
 A step whose fingerprint equals the recorded one, whose recorded run finished, whose upstream steps were not re-run
 since, whose outputs all exist and whose `check` (if any) has no objection is reused. Otherwise it runs: its
 declared `outputs` (paths inside the study folder) are deleted first, unless the step is `resumable` and merely
-new or unfinished (training resumes its `last.pt`). A step that re-runs gives its downstream steps a new run id, so
-they re-run too. `steps.json` records per step: fingerprint, status (ran / reused), reason ("new",
-"config changed: train.lr", "input changed: splits.csv", "upstream changed: train resnet101", "outputs missing:
-...", ...), seconds (of the run that made the outputs, for a reused step too), the flattened config values,
-input digests, upstream fingerprints and outputs. The log says the same. Steps recorded earlier but not part of
-this run are pruned (`Steps.prune`): their outputs are removed. How the study adds its steps, and what `--fresh`
-deletes: lesionlab.workflows.study.
+new or unfinished, or only `continuable` config keys changed (training resumes its `last.pt`, or continues it to
+more epochs); never after a change to its code, inputs or upstream steps. A step that re-runs gives its downstream
+steps a new run id, so they re-run too. `steps.json` records per step: fingerprint, status (ran / reused), reason
+("new", "config changed: train.lr", "code changed: lesionlab.evaluation", "input changed: splits.csv", "upstream
+changed: train resnet101", "outputs missing: ...", ...), seconds (of the run that made the outputs, for a reused
+step too), the flattened config values, code and input digests, upstream fingerprints, the package version and
+outputs. The log says the same. Steps recorded earlier but not part of this run are pruned (`Steps.prune`): their
+outputs are removed. How the study adds its steps, and what `--fresh` deletes: lesionlab.workflows.study.
+
+One study at a time per folder: `folder_lock` holds an flock on `<folder>/.lock` for the whole run, so a second
+`lesionlab study` into the same folder stops at once instead of training into the same run folders and racing on
+steps.json.
 
 Why not a library: joblib.Memory caches a function's return value keyed on its arguments, not files written into
 a study folder, and cannot say which config key changed; doit's `config_changed`/`file_dep` give a yes/no
@@ -30,25 +38,33 @@ take over the study's control flow. What is needed here is ~150 lines over hashl
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
+import functools
 import hashlib
+import importlib.util
 import json
 import logging
 import os
 import shutil
+import socket
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from lesionlab import __version__
+from lesionlab.exceptions import UserError
 from lesionlab.io import atomic_write_json, sha256_file
+from lesionlab.study_folder import StudyFolder
 
 # The step log is the study's log (`lesionlab study` output; filtered and tested under this name).
 log = logging.getLogger("lesionlab.workflows.study")
 
 STEPS_FILE = "steps.json"
 HASHES_FILE = ".hashes.json"
+LOCK_FILE = StudyFolder.LOCK  # the study folder contract names it
 
 
 def section(obj: Any, *, keep: Iterable[str] | None = None, drop: Iterable[str] = ()) -> dict[str, Any]:
@@ -100,6 +116,55 @@ class FileHashes:
         if self.dirty:
             atomic_write_json(self.file, self.memo)
             self.dirty = False
+
+
+@functools.cache  # per process: the source does not change under a running study
+def code_digest(name: str) -> str:
+    """SHA-256 over the source of a package (every .py below it, with its relative path) or of one module.
+
+    Args:
+        name: an importable dotted name such as `lesionlab.evaluation` or `lesionlab.data.split`.
+    """
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.origin is None:
+        raise ValueError(f"code {name!r} is not an importable package or module")  # a bug in a step's code list
+    if spec.submodule_search_locations:  # a package: its whole tree, so a new or deleted module counts too
+        files = sorted((str(f.relative_to(root)), f) for root in map(Path, spec.submodule_search_locations)
+                       for f in root.rglob("*.py"))
+    else:
+        files = [(Path(spec.origin).name, Path(spec.origin))]
+    h = hashlib.sha256()
+    for rel, f in files:
+        h.update(rel.encode() + b"\0" + hashlib.sha256(f.read_bytes()).digest())
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path, *, command: str = "lesionlab study") -> Iterator[None]:
+    """Hold an exclusive lock on `folder` (an flock on `folder/.lock`) for the `with` block, or raise a UserError.
+
+    The lock file records who holds it (pid, host, start time) for the message the next process shows. The kernel
+    drops the lock when its holder exits or is killed, so a file left behind never blocks; the file is not deleted on
+    release either (a process could be waiting on the old file while a third locks a new one).
+    """
+    path = Path(folder) / LOCK_FILE
+    with open(path, "a+") as f:  # a+: create if missing, never truncate what the holder wrote
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            try:
+                who = json.loads(f.read())
+                holder = f"pid {who['pid']} on {who['host']} since {who['since']}"
+            except (ValueError, KeyError, TypeError):  # the holder has locked but not yet written its record
+                holder = "details not yet recorded"
+            raise UserError(f"{folder} is in use by another `{command}` ({holder}); wait for it or use another --out") from None
+        f.seek(0)
+        f.truncate()
+        f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                            "since": time.strftime("%Y-%m-%d %H:%M:%S")}))
+        f.flush()
+        yield  # closing the file releases the lock
 
 
 def _digest(obj: Any) -> str:
@@ -159,11 +224,14 @@ class Steps:
             return "new"
         if "fingerprint" not in rec:
             return "new (steps.json from an older LesionLab has no fingerprints)"
+        if "code" not in rec:  # made by code of unknown content: once more, so that from now on a fix is seen
+            return "new (steps.json from an older LesionLab has no code fingerprint)"
         reasons = []
         if rec.get("status") not in ("ran", "reused"):
             reasons.append("did not finish")
-        if rec.get("version") != new["version"]:
-            reasons.append(f"package version changed: {rec.get('version')} -> {new['version']}")
+        pkgs = changed_keys(rec["code"], new["code"])
+        if pkgs:
+            reasons.append(f"code changed: {name_list(pkgs)}")
         keys = changed_keys(rec.get("config", {}), new["config"])
         if keys:
             reasons.append(f"config changed: {name_list(keys)}")
@@ -186,6 +254,19 @@ class Steps:
             return f"outputs missing: {name_list(missing)}"
         return check() if check else None
 
+    @staticmethod
+    def _continues(rec: dict[str, Any] | None, new: dict[str, Any], continuable: Collection[str]) -> bool:
+        """Whether a resumable step may keep its outputs and continue from them: it is new, it did not finish, or
+        only `continuable` config keys changed; never when its code, inputs or upstream steps changed."""
+        if rec is None:
+            return True  # a leftover folder without a record: the step's fn checks what it finds
+        if "fingerprint" not in rec or "code" not in rec:
+            return False  # made by code of unknown content
+        if any(rec.get(k) != new[k] for k in ("code", "inputs", "upstream", "upstream_runs")):
+            return False
+        keys = changed_keys(rec.get("config", {}), new["config"])
+        return set(keys) <= set(continuable) and bool(keys or rec.get("status") not in ("ran", "reused"))
+
     def run(
         self,
         name: str,
@@ -197,6 +278,8 @@ class Steps:
         outputs: Sequence[Path] = (),
         check: Callable[[], str | None] | None = None,
         resumable: bool = False,
+        continuable: Collection[str] = (),
+        code: Sequence[str] = (),
     ) -> Any:
         """Run `fn` unless its recorded outputs still match what it depends on; returns fn's result (None if reused).
 
@@ -207,6 +290,10 @@ class Steps:
             outputs: files/folders it writes, inside the study folder (checked for existence, deleted before a re-run).
             check: extra test of the outputs; returns a reason to re-run, or None.
             resumable: keep the outputs when the step is only new or unfinished (`fn` resumes from them).
+            continuable: config keys whose change alone keeps a resumable step's outputs too (`fn` continues from them
+                and decides whether they can serve, e.g. training to more epochs).
+            code: packages or modules the step runs (`code_digest`), e.g. `("lesionlab.evaluation",)`: a change to
+                their source re-runs the step.
         """
         if name in self.state:
             raise ValueError(f"step {name!r} given twice")
@@ -221,9 +308,10 @@ class Steps:
             "inputs": self._input_digests(inputs),
             "upstream": {u: self.state[u]["fingerprint"] for u in upstream},
             "upstream_runs": {u: self.state[u]["run_id"] for u in upstream},
-            "version": self.version,
+            "code": {c: code_digest(c) for c in code},
+            "version": self.version,  # recorded, not fingerprinted (see the module docstring)
         }
-        new["fingerprint"] = _digest({k: new[k] for k in ("config", "inputs", "upstream", "version")})
+        new["fingerprint"] = _digest({k: new[k] for k in ("config", "inputs", "upstream", "code")})
         self.hashes.save()
         rec = self.recorded.get(name)
         t = time.perf_counter()
@@ -236,7 +324,7 @@ class Steps:
             log.info("step %s: reused (unchanged; made in %.1fs)", name, rec.get("seconds") or 0)
             self._save()
             return None
-        keep = resumable and (reason.startswith("new") or reason == "did not finish")
+        keep = resumable and self._continues(rec, new, continuable)
         if not keep:
             for o in outs:
                 remove_path(self._inside(o))

@@ -18,6 +18,7 @@ Adding a step (calibration, robustness, subgroups, ...)::
         inputs=[out / "splits.csv"],                 # files read that no upstream step wrote (optional)
         upstream=[*infer_steps, "metrics"],          # steps whose outputs it reads
         outputs=[out / "calibration"],               # what it writes, inside the study folder
+        code=("lesionlab.evaluation.calibration",),   # the code it runs (hashed: a fix re-runs it); see STEP_CODE
     )
 
 Pass only the config sections (or keys, via `section(..., keep=/drop=)`) the step reads: a key it does not read
@@ -32,7 +33,6 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -45,26 +45,23 @@ from lesionlab.data.validation import drop_invalid, validate
 from lesionlab.evaluation.ensemble import ENSEMBLE
 from lesionlab.evaluation.metrics import summarize
 from lesionlab.evaluation.trust import (
-    TRUST_FILE,
     fit_trust,
-    read_trust,
     trust_metrics,
-    write_trust,
 )
 from lesionlab.exceptions import UserError
 from lesionlab.explain.gallery import make_gallery
 from lesionlab.io import atomic_write_csv, atomic_write_json, sha256_file
 from lesionlab.models import file_stem
 from lesionlab.report.study_report import report_study
+from lesionlab.study_folder import StudyFolder
+from lesionlab.training.provenance import TRAINING_CODE
 from lesionlab.workflows.external import evaluate_external
 from lesionlab.workflows.infer import predict_split_files
 from lesionlab.workflows.steps import (
     HASHES_FILE,
     STEPS_FILE,
     Steps,
-    changed_keys,
-    flatten_config,
-    name_list,
+    folder_lock,
     remove_path,
     section,
 )
@@ -108,60 +105,49 @@ def reset_study(out: str | Path) -> list[str]:
     return removed
 
 
-# ----------------------------------------------------------------------------- the train step's extra check
+# ----------------------------------------------------------------------------- the code each step runs
 
 
-# Data settings that cannot change a trained model (an item is the same with or without workers and cache, by
-# construction: EpochSampler, ImageCache; see training.fit.RESUME_FREE), so changing them retrains nothing.
-TRAIN_FREE_DATA = ("num_workers", "cache", "cache_dir")
-
-
-def train_config(cfg: StudyConfig, arch: str) -> dict[str, Any]:
-    """The config values one architecture's training reads (not the other architectures, workers or the cache)."""
-    from lesionlab.models.fusion import fusion_free
-
-    free = tuple(k.split(".", 1)[1] for k in fusion_free(cfg.train.metadata))
-    return {"arch": arch, "train": section(cfg.train, drop=("archs", *free)), "data": section(cfg.data, drop=TRAIN_FREE_DATA)}
-
-
-def run_folder_mismatch(run_dir: Path, cfg: StudyConfig, arch: str, split_hash: str) -> str | None:
-    """Why the checkpoint in `run_dir` (its model.json sidecar) was not trained by this config on this split, or None."""
-    from lesionlab import models
-
-    meta_file = Path(run_dir) / models.META_FILE
-    if not meta_file.exists():
-        return None
-    from lesionlab.models.fusion import fusion_free
-
-    meta = json.loads(meta_file.read_text())
-    want = flatten_config(train_config(cfg, arch))
-    had_train = meta.get("config", {}).get("train", {})
-    free = {"archs", *(k.split(".", 1)[1] for k in fusion_free(had_train.get("metadata")))}
-    had = flatten_config({"arch": meta.get("arch"), "train": {k: v for k, v in had_train.items() if k not in free},
-                          "data": {k: v for k, v in meta.get("config", {}).get("data", {}).items()
-                                   if k not in TRAIN_FREE_DATA}})
-    keys = changed_keys(had, want)
-    if keys:
-        return f"run folder trained with another config: {name_list(keys)}"
-    if meta.get("split_sha256") != split_hash:
-        return "run folder trained on another split (split SHA-256 differs)"
-    return None
+# Hashed into each step's fingerprint (lesionlab.workflows.steps.code_digest): a fix re-runs the steps that run the
+# changed code and, through their outputs, what reads them; nothing else. By hand rather than an import closure,
+# which would drag in every module a step's module imports for a name (infer -> the bundle code -> ...); as narrow
+# as the work is costly (training: modules), as wide as it is cheap (evaluation: the package). This module is not
+# listed: it wires the steps together, and hashing it would re-run every step on any edit; a step's numbers come
+# from the libraries listed. What training runs is lesionlab.training.provenance's TRAINING_CODE.
+_IMAGES = ("lesionlab.data.images", "lesionlab.data.color", "lesionlab.data.transforms", "lesionlab.data.dataset",
+           "lesionlab.data.cache", "lesionlab.data.metadata", "lesionlab.data.tables", "lesionlab.data.subsets")
+_PREDICT = ("lesionlab.inference", "lesionlab.models", "lesionlab.runtime", "lesionlab.labels", *_IMAGES)
+_EVAL = ("lesionlab.evaluation", "lesionlab.labels", "lesionlab.data.isic_csv", "lesionlab.report.evaluation_files",
+         "lesionlab.report.figures")
+STEP_CODE: dict[str, tuple[str, ...]] = {
+    "synth": ("lesionlab.data.synth", "lesionlab.data.images"),
+    "validate": ("lesionlab.data.tables", "lesionlab.data.validation", "lesionlab.data.images", "lesionlab.labels"),
+    "split": ("lesionlab.data.split", "lesionlab.labels"),
+    "train": TRAINING_CODE,
+    "truth": ("lesionlab.data.isic_csv", "lesionlab.data.subsets", "lesionlab.labels"),
+    "infer": ("lesionlab.workflows.infer", "lesionlab.data.isic_csv", *_PREDICT),
+    "ensemble": ("lesionlab.evaluation.ensemble", "lesionlab.data.isic_csv"),
+    "trust": ("lesionlab.evaluation.trust", "lesionlab.evaluation.calibration", "lesionlab.evaluation.conformal"),
+    "metrics": _EVAL,
+    "errors": ("lesionlab.evaluation.error_analysis", "lesionlab.evaluation.metrics"),
+    "subgroups": _EVAL,
+    "gallery": ("lesionlab.explain", *_PREDICT),
+    "external": ("lesionlab.workflows.external", "lesionlab.workflows.infer", *_PREDICT, *_EVAL),
+    "consistency": ("lesionlab.workflows.robustness", "lesionlab.evaluation"),
+    # the costly steps (inference under every perturbation, OOD features of the training split) name the evaluation
+    # modules they run rather than the package: a fix to calibration need not re-run the perturbations
+    "robustness": ("lesionlab.workflows.robustness", "lesionlab.data.perturbations", "lesionlab.evaluation.robustness",
+                   "lesionlab.evaluation.consistency", "lesionlab.evaluation.metrics", "lesionlab.evaluation.bootstrap",
+                   "lesionlab.evaluation.ensemble", "lesionlab.report.figures", *_PREDICT),
+    "ood": ("lesionlab.workflows.refusal", "lesionlab.clinic", "lesionlab.data.ood_images", "lesionlab.data.quality",
+            "lesionlab.evaluation.ood", "lesionlab.evaluation.calibration", "lesionlab.evaluation.conformal",
+            "lesionlab.evaluation.ensemble", "lesionlab.report.figures", *_PREDICT),
+}
 
 
 # ----------------------------------------------------------------------------- the protocol
 
 
-def load_probs(pred_dir: Path, names: list[str], tag: str) -> tuple[np.ndarray, dict[str, np.ndarray], list[str]]:
-    """(y_true, {name: probs}, image ids) from the CSVs written by `predict_split_files`."""
-    from lesionlab.data.isic_csv import align, read_isic_csv
-
-    truth = read_isic_csv(pred_dir / f"truth_{tag}.csv", kind="truth")
-    out = {}
-    y, ids = None, None
-    for n in names:
-        y, p, ids = align(truth, read_isic_csv(pred_dir / f"{file_stem(n)}_{tag}.csv", kind="prediction"))
-        out[n] = p
-    return y, out, ids
 
 
 def _check_archs(archs: list[str]) -> None:
@@ -188,26 +174,41 @@ def run_study(
 ) -> Path:
     """Run the protocol into `out_dir`, reusing every step whose inputs are unchanged; returns the HTML report path.
 
+    One study at a time per folder: a second `run_study` into a folder one is running in raises a one-line
+    UserError naming the other process (lesionlab.workflows.steps.folder_lock); two at once would train into the
+    same run folders, so weights and sidecar could come from different processes, and race on steps.json.
+
     Args:
-        fresh: first delete what an earlier study wrote into `out_dir` (see `reset_study`).
+        fresh: first delete what an earlier study wrote into `out_dir` (see `reset_study`), under the lock.
     """
     from lesionlab import models
-    from lesionlab.data.isic_csv import probs_frame, truth_frame, write_isic_csv
-    from lesionlab.evaluation.ensemble import mean_probabilities
-    from lesionlab.evaluation.error_analysis import analyse_errors, write_errors
-    from lesionlab.evaluation.evaluate import evaluate_arrays
-    from lesionlab.report.evaluation_files import plot_trust_reliability, write_evaluation
-    from lesionlab.training.fit import RESUME_FILE, check_resume, fit
 
     out = Path(out_dir)
     archs = models.expand_archs(cfg.train.archs)
     if not archs:
         raise UserError("train.archs is empty; give at least one architecture")
     _check_archs(archs)
-    if fresh:
-        reset_study(out)
     out.mkdir(parents=True, exist_ok=True)
+    with folder_lock(out):
+        if fresh:
+            reset_study(out)  # never the lock file: it is not one of the study's outputs
+        return _run_study(cfg, out, archs, data=data, metadata=metadata, duplicates=duplicates,
+                          skip_invalid=skip_invalid, progress=progress)
+
+
+def _run_study(cfg: StudyConfig, out: Path, archs: list[str], *, data: str | Path | None,
+               metadata: str | Path | None, duplicates: str | Path | None, skip_invalid: bool, progress: bool) -> Path:
+    """`run_study`'s protocol, run while holding the study folder's lock."""
+    from lesionlab import models
+    from lesionlab.evaluation.ensemble import mean_probabilities
+    from lesionlab.evaluation.error_analysis import analyse_errors, write_errors
+    from lesionlab.evaluation.evaluate import evaluate_arrays
+    from lesionlab.report.evaluation_files import plot_trust_reliability, write_evaluation
+    from lesionlab.training.fit import fit
+    from lesionlab.training.provenance import EPOCHS, run_folder_mismatch, training_reads
+
     steps = Steps(out)
+    sf = StudyFolder(out)
     save_config(cfg, out / "config.yaml")
 
     if data is None:
@@ -219,7 +220,7 @@ def run_study(
         steps.run("synth", lambda: make_synthetic(data, n_images=cfg.synth_images, seed=cfg.split.seed,
                                                   size=tuple(cfg.synth_size), progress=progress),
                   config={"synth_images": cfg.synth_images, "synth_size": cfg.synth_size, "split.seed": cfg.split.seed},
-                  outputs=[Path(data)])
+                  outputs=[Path(data)], code=STEP_CODE["synth"])
     table = read_table(data, metadata)
     image_files = sorted({Path(p) for p in table.df["path"] if p})
 
@@ -236,7 +237,7 @@ def run_study(
               # the content hashes of the table and images, not the synth step: the same data given as --data
               # later (or made again) is the same input
               inputs={"metadata": table.source, "images": image_files},
-              outputs=[out / "dataset.json", out / "validation_problems.csv"])
+              outputs=[out / "dataset.json", out / "validation_problems.csv"], code=STEP_CODE["validate"])
     # the validate step (now or in an earlier run) saved its problems: drop those rows without validating again
     bad = pd.read_csv(out / "validation_problems.csv", dtype=str, keep_default_na=False)
     table = drop_invalid(table, set(bad.loc[bad["problem"] != "image without a row", "image_id"]))
@@ -250,7 +251,7 @@ def run_study(
         atomic_write_csv(out / "split_summary.csv", summary_table(sp))
 
     steps.run("split", do_split, config={"split": cfg.split}, inputs={"duplicates": duplicates} if duplicates else (),
-              upstream=["validate"], outputs=[split_path, out / "split_summary.csv"])
+              upstream=["validate"], outputs=[split_path, out / "split_summary.csv"], code=STEP_CODE["split"])
     sp = read_split(split_path)
     split_hash = sha256_file(split_path)
     tr, va = split_frames(table, sp)
@@ -262,13 +263,10 @@ def run_study(
         run_dir = runs / file_stem(arch)
 
         def do_train(a=arch, d=run_dir):
-            why = run_folder_mismatch(d, cfg, a, split_hash)
-            if not why and (d / RESUME_FILE).exists():
-                try:
-                    check_resume(d / RESUME_FILE, a, cfg, split_hash)
-                except UserError as e:
-                    why = str(e)
-            if why:  # a leftover from another config (or an older LesionLab): start this model over
+            # the rule `train --resume` applies too (training.provenance): continue what matches, to more epochs
+            # if asked; start over from anything else (another config, fewer epochs than run, an older LesionLab)
+            why = run_folder_mismatch(d, a, cfg, split_hash)
+            if why:
                 log.info("train %s: %s; starting over", a, why)
                 remove_path(d)
             return fit(a, tr, va, cfg, d, cache_dir=cache_dir, resume=True, split_hash=split_hash, progress=progress)
@@ -276,73 +274,72 @@ def run_study(
         def check_train(a=arch, d=run_dir):
             if not (d / models.WEIGHTS_FILE).exists():
                 return f"outputs missing: {steps.rel(d / models.WEIGHTS_FILE)}"
-            return run_folder_mismatch(d, cfg, a, split_hash)
+            return run_folder_mismatch(d, a, cfg, split_hash)
 
-        steps.run(f"train {arch}", do_train, config=train_config(cfg, arch), upstream=["split"], outputs=[run_dir],
-                  check=check_train, resumable=True)
+        steps.run(f"train {arch}", do_train, config=training_reads(arch, cfg), upstream=["split"], outputs=[run_dir],
+                  check=check_train, resumable=True, continuable=(EPOCHS,), code=STEP_CODE["train"])
         train_steps.append(f"train {arch}")
     names = list(archs)  # the registry name is what model.json records as "arch"
-    pred_dir = out / "predictions"
     frames = {"val": va, "test": te}
 
     def do_truth():
         for tag, frame in frames.items():
-            write_isic_csv(pred_dir / f"truth_{tag}.csv", truth_frame(frame))
+            sf.write_truth(tag, frame)
 
-    steps.run("truth", do_truth, upstream=["split"], outputs=[pred_dir / f"truth_{t}.csv" for t in frames])
+    steps.run("truth", do_truth, upstream=["split"], outputs=[sf.truth_file(t) for t in frames], code=STEP_CODE["truth"])
     infer_cfg = {"eval.tta": cfg.eval.tta, "train.device": cfg.train.device, "train.precision": cfg.train.precision}
     infer_steps = []
     for arch in archs:
         d = runs / file_stem(arch)
-        steps.run(f"infer {arch}", lambda d=d: [predict_split_files([d], f, pred_dir, t, cfg, progress=progress, truth=False)
+        steps.run(f"infer {arch}", lambda d=d: [predict_split_files([d], f, sf, t, cfg, progress=progress, truth=False)
                                                 for t, f in frames.items()],
                   config=infer_cfg, upstream=[f"train {arch}", "split"],
-                  outputs=[*(pred_dir / f"{file_stem(arch)}_{t}.csv" for t in frames),
-                           pred_dir / f"{file_stem(arch)}_inference.json"])
+                  outputs=[*(sf.prediction_file(arch, t) for t in frames), sf.inference_record_file(arch)],
+                  code=STEP_CODE["infer"])
         infer_steps.append(f"infer {arch}")
 
     ens_steps = []
     if len(names) > 1:  # ensemble = mean of the members' probabilities, on both splits
         def do_ensemble():
             for tag in frames:
-                _, probs, ids = load_probs(pred_dir, names, tag)
-                write_isic_csv(pred_dir / f"{ENSEMBLE}_{tag}.csv", probs_frame(ids, mean_probabilities(list(probs.values()))))
+                _, probs, ids = sf.probabilities(names, tag)
+                sf.write_probabilities(ENSEMBLE, tag, ids, mean_probabilities(list(probs.values())))
 
         steps.run("ensemble", do_ensemble, upstream=["truth", *infer_steps],
-                  outputs=[pred_dir / f"{ENSEMBLE}_{t}.csv" for t in frames])
+                  outputs=[sf.prediction_file(ENSEMBLE, t) for t in frames], code=STEP_CODE["ensemble"])
         ens_steps = ["ensemble"]
     all_names = [*names, ENSEMBLE] if len(names) > 1 else names
     prob_steps = ["truth", *infer_steps, *ens_steps]
-    yv, pv, _ = load_probs(pred_dir, all_names, "val")
-    yt, pt, test_ids = load_probs(pred_dir, all_names, "test")
+    yv, pv, _ = sf.probabilities(all_names, "val")
+    yt, pt, test_ids = sf.probabilities(all_names, "test")
     lesion_of = dict(zip(sp["image_id"], sp["group_id"], strict=True))
     groups = np.array([lesion_of.get(i, i) for i in test_ids])
     # temperatures and conformal thresholds per model and for the ensemble, fitted on the validation split
-    trust_file = out / TRUST_FILE
-    steps.run("trust", lambda: write_trust(trust_file, fit_trust(yv, pv, cfg.trust)), config={"trust": cfg.trust},
-              upstream=prob_steps, outputs=[trust_file])
+    trust_file = sf.trust_file
+    steps.run("trust", lambda: sf.write_trust(fit_trust(yv, pv, cfg.trust)), config={"trust": cfg.trust},
+              upstream=prob_steps, outputs=[trust_file], code=STEP_CODE["trust"])
 
     def do_metrics():
-        trust = read_trust(trust_file)
+        trust = sf.trust()
         for n in all_names:
             m = evaluate_arrays(yt, pt[n], cfg=cfg.eval, groups=groups, val=(yv, pv[n]))
             m["val"] = {k: v for k, v in summarize(yv, pv[n]).items() if k in ("macro", "accuracy", "balanced_accuracy")}
             m.update(trust_metrics(yt, pt[n], trust, n, val=(yv, pv[n]), groups=groups, n_boot=cfg.eval.bootstrap,
                                    ci=cfg.eval.ci))  # "calibration", "conformal", "conformal_variants"
-            write_evaluation(m, yt, pt[n], out / "eval" / file_stem(n), title=n)
-            plot_trust_reliability(m, out / "eval" / file_stem(n) / "reliability.png", title=f"{n}, test split")
+            write_evaluation(m, yt, pt[n], sf.eval_dir(n), title=n)
+            plot_trust_reliability(m, sf.eval_dir(n) / "reliability.png", title=f"{n}, test split")
 
     steps.run("metrics", do_metrics, config={"eval": section(cfg.eval, drop=("tta", "error_class"))},
-              upstream=["split", *prob_steps, "trust"], outputs=[out / "eval" / file_stem(n) for n in all_names],
-              check=lambda: None if all((out / "eval" / file_stem(n) / "metrics.json").exists() for n in all_names)
-              else "outputs missing: eval/*/metrics.json")
-    mets = {n: json.loads((out / "eval" / file_stem(n) / "metrics.json").read_text()) for n in all_names}
+              upstream=["split", *prob_steps, "trust"], outputs=[sf.eval_dir(n) for n in all_names],
+              check=lambda: None if all(sf.metrics_file(n).exists() for n in all_names)
+              else "outputs missing: eval/*/metrics.json", code=STEP_CODE["metrics"])
+    mets = {n: sf.metrics(n) for n in all_names}
     best = max(names, key=lambda n: (mets[n]["val"]["balanced_accuracy"] or 0, mets[n]["val"]["macro"]["auc"] or 0))
 
     steps.run("errors", lambda: write_errors(analyse_errors(test_ids, yt, {n: pt[n] for n in names}, best=best,
                                                             cls=cfg.eval.error_class), out / "errors"),
               config={"eval.error_class": cfg.eval.error_class}, upstream=[*prob_steps, "metrics"],
-              outputs=[out / "errors"])
+              outputs=[out / "errors"], code=STEP_CODE["errors"])
     from lesionlab.evaluation.subgroups import subgroup_columns
     from lesionlab.report.evaluation_files import write_subgroups
 
@@ -356,50 +353,55 @@ def run_study(
             config={"eval": section(cfg.eval, keep=("bootstrap", "ci", "subgroup_columns", "subgroup_min_images")),
                     "subgroups.columns": sub_cols},  # the columns found in the table, not only those named
             inputs={"metadata": Path(table.source)}, upstream=["split", *prob_steps, "metrics"],
-            outputs=[out / "subgroups"])
+            outputs=[out / "subgroups"], code=STEP_CODE["subgroups"])
     if cfg.explain.gallery:
         steps.run("gallery", lambda: make_gallery([runs / file_stem(a) for a in archs], te, yt, pt, best, out / "gallery",
                                                   cfg, test_ids),
                   config={"explain": cfg.explain, "train.device": cfg.train.device},
-                  upstream=["split", *train_steps, *prob_steps, "metrics"], outputs=[out / "gallery"])
+                  upstream=["split", *train_steps, *prob_steps, "metrics"], outputs=[out / "gallery"],
+                  code=STEP_CODE["gallery"])
     for ext in cfg.external:
         d = out / "external" / file_stem(ext.name)
         ext_images = sorted(_external_paths(ext.images), key=str) if Path(ext.images).is_dir() else []
         steps.run(f"external {ext.name}", lambda e=ext, d=d: evaluate_external(
             [runs / file_stem(a) for a in archs], e.images, e.truth, d, cfg, skip_invalid=skip_invalid, progress=progress,
-            trust=read_trust(trust_file)),
+            trust=sf.trust()),
             config={"external": {"name": ext.name, "images": ext.images, "truth": ext.truth},
                     "eval": section(cfg.eval, drop=("error_class",)), **infer_cfg},
-            inputs={"truth": Path(ext.truth), "images": ext_images}, upstream=[*train_steps, "trust"], outputs=[d])
+            inputs={"truth": Path(ext.truth), "images": ext_images}, upstream=[*train_steps, "trust"], outputs=[d],
+            code=STEP_CODE["external"])
     if cfg.robustness.enabled:  # lesion consistency (from the stored test predictions) and acquisition robustness
         from lesionlab.workflows.robustness import run_robustness, write_consistency
 
         steps.run("consistency", lambda: write_consistency(out / "consistency", groups, pt, yt, n_boot=cfg.eval.bootstrap,
                                                            ci=cfg.eval.ci, seed=cfg.robustness.seed),
                   config={"eval": section(cfg.eval, keep=("bootstrap", "ci")), "robustness.seed": cfg.robustness.seed},
-                  upstream=["split", *prob_steps], outputs=[out / "consistency"])
+                  upstream=["split", *prob_steps], outputs=[out / "consistency"], code=STEP_CODE["consistency"])
         te_groups = te["image_id"].map(lesion_of).fillna(te["image_id"]).to_numpy()
         steps.run("robustness", lambda: run_robustness([runs / file_stem(a) for a in archs], te, out / "robustness", cfg,
                                                        lesion_ids=te_groups, consistency=False,
                                                        progress=progress),
                   config={"robustness": cfg.robustness, "data.max_image_pixels": cfg.data.max_image_pixels,
                           "train.device": cfg.train.device, "train.precision": cfg.train.precision},
-                  upstream=["split", *train_steps], outputs=[out / "robustness"])
+                  upstream=["split", *train_steps], outputs=[out / "robustness"], code=STEP_CODE["robustness"])
     if cfg.ood.method != "none":  # refusal of unevaluable images: OOD scores in / out for the report's Trust section
         def do_ood():
             from lesionlab.clinic.ood_model import fit_ood
+            from lesionlab.clinic.screening import Screener
             from lesionlab.inference.predictor import load_predictors
-            from lesionlab.workflows.refusal import ood_report
+            from lesionlab.workflows.refusal import refusal_report
 
-            preds = load_predictors([runs / file_stem(a) for a in archs], device=cfg.train.device,
+            preds = load_predictors([sf.run_dir(a) for a in archs], device=cfg.train.device,
                                     precision=cfg.train.precision)
             ood = fit_ood(preds, tr, va, cfg.ood, batch_size=cfg.data.batch_size, progress=progress)
-            ood_report(preds, ood, te, cfg.quality, out / "ood", n_degraded=min(100, len(te)),
-                       batch_size=cfg.data.batch_size, progress=progress)
+            # the pipeline a bundle of these models runs; refusals depend on neither calibration, the threshold nor
+            # TTA (OOD features come from the untransformed view), so none of them is needed here
+            refusal_report(Screener(preds, cfg.quality, ood), te, sf.folder("ood"),
+                           n_degraded=min(100, len(te)), batch_size=cfg.data.batch_size, progress=progress)
 
         steps.run("ood", do_ood, config={"ood": cfg.ood, "quality": cfg.quality, "train.device": cfg.train.device,
                                          "train.precision": cfg.train.precision},
-                  upstream=["split", *train_steps], outputs=[out / "ood"])
+                  upstream=["split", *train_steps], outputs=[out / "ood"], code=STEP_CODE["ood"])
     t = time.perf_counter()
     steps.record("report", "ran", "always runs (cheap; shows this run's step statuses)", 0.0)
     steps.prune(keep=[Path(data)])  # after the report's record: it is part of every study, never "removed"

@@ -97,9 +97,8 @@ class EnsemblePredictor:
         return self.tta
 
     def warm_up(self) -> None:
-        """One dummy prediction per member, so one-off work (TorchScript tracing) happens before the first patient."""
-        size = self.members[0].spec.input_size
-        self.screener._outputs([Image.new("RGB", (size * 3 // 2, size), (128, 128, 128))], None)
+        """One forward pass per member, so one-off work (TorchScript tracing) happens before the first patient."""
+        self.screener.warm_up()
 
     @property
     def device(self) -> str:
