@@ -21,7 +21,7 @@ def machine() -> str:
     from lesionlab import cpu
 
     gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
-    return (f"{cpu.describe()}; {os.cpu_count()} cores (torch threads {torch.get_num_threads()}, bf16 units: "
+    return (f"{cpu.model_name()}; {cpu.describe()}; {os.cpu_count()} cores (torch threads {torch.get_num_threads()}, bf16 units: "
             f"{cpu.has_bf16()}){gpu}; torch {torch.__version__}, Python {platform.python_version()}; "
             f"{dt.date.today().isoformat()}")
 
@@ -48,12 +48,13 @@ def write_section(name: str, body: str) -> None:
     print(body)
 
 
-def untrained_checkpoints(folder: Path, size: int) -> list[Path]:
-    """The four paper architectures as LesionLab checkpoints with random weights (speed does not depend on them)."""
+def untrained_checkpoints(folder: Path, size: int, archs: tuple[str, ...] | None = None) -> list[Path]:
+    """Architectures (the four paper ones by default) as LesionLab checkpoints with random weights (speed does not
+    depend on them)."""
     from lesionlab import models
 
     out = []
-    for arch in models.PAPER_ARCHS:
+    for arch in archs or models.PAPER_ARCHS:
         torch.manual_seed(0)
         m, spec = models.create_model(arch, pretrained="none")
         models.save_checkpoint(m, {"arch": arch, "timm_id": spec.timm_id, "input_size": size, "mean": [0.485, 0.456, 0.406],

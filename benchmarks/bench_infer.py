@@ -1,6 +1,7 @@
 """CPU inference speed: every engine (torch, ONNX Runtime, OpenVINO, auto) beside plain timm fp32 eager, for one
 model and the four-model ensemble, batch 16 and one image, with the CPU's flags; and, given trained runs and real
-images, how closely bf16 matches fp32.
+images, how closely bf16 matches fp32. `auto` against every engine, timed interleaved in one process, is
+benchmarks/bench_engines.py.
 
     python benchmarks/bench_infer.py [--batches 1,16] [--repeat 3] [--warmup 2]
     python benchmarks/bench_infer.py --runs STUDY/runs --data ../shared/data/ham10000-200x150 --images 1000
@@ -91,43 +92,8 @@ def speed(batches: list[int], repeat: int, warmup: int, size: int) -> list[str]:
             "onnxruntime and openvino run the fp32 ONNX export of the body, the head stays in torch; "
             "onnxruntime-int8 runs its static int8 quantisation (calibrated here on 16 image-like inputs: speed only, "
             "its agreement is not meaningful on random weights); `auto` verifies "
-            "each against fp32 and keeps the fastest single-image latency (lesionlab/inference/engines.py). Random "
+            "each against fp32 and keeps the fastest single-image latency (lesionlab/inference/engines/). Random "
             "weights: speed does not depend on them."]
-
-
-def auto_check(repeat: int, size: int) -> list[str]:
-    """The ensemble's single-image latency with `auto` against each exported engine, timed interleaved (one round
-    of every column after another), so load changes on a shared machine hit every column alike."""
-    import statistics
-    import tempfile
-    import time
-
-    from lesionlab.inference import engines
-    from lesionlab.inference.predictor import Predictor
-
-    cks = untrained_checkpoints(Path(tempfile.mkdtemp()), size)
-    cols = ["auto", *[e for e in ("torch", *engines.EXPORTED) if engines.available(e)]]
-    preds = {c: [Predictor(ck, device="cpu", precision="auto", engine=c) for ck in cks] for c in cols}
-    x = torch.randn(1, 3, size, size)
-    times: dict[str, list[float]] = {c: [] for c in cols}
-    for c in cols:
-        for p in preds[c]:
-            p.predict_batch(x)
-    for _ in range(repeat):
-        for c in cols:
-            t = time.perf_counter()
-            for p in preds[c]:
-                p.predict_batch(x)
-            times[c].append(time.perf_counter() - t)
-    med = {c: statistics.median(v) for c, v in times.items()}
-    best = min(v for c, v in med.items() if c != "auto")
-    rows = [f"| {c} | {med[c] * 1000:.0f} ms | {med[c] / best:.2f}x |" for c in cols]
-    for r in rows:
-        print(r, flush=True)
-    return [f"## `auto` against every engine: 4-model ensemble, one image, {size}x{size}, interleaved", "",
-            f"Machine: {machine()}", "", f"`auto` picked: {', '.join(p.engine for p in preds['auto'])}", "",
-            "| engine | median latency | vs best engine |", "|---|---:|---:|", *rows, "",
-            f"Median of {repeat} interleaved rounds after one warm-up each. Goal: auto within 1.10x of the best."]
 
 
 def agreement(runs: list[Path], data: Path, n: int) -> list[str]:
@@ -162,11 +128,7 @@ def main() -> None:
     ap.add_argument("--data", type=Path, help="real images for the bf16 agreement check")
     ap.add_argument("--images", type=int, default=1000)
     ap.add_argument("--skip-speed", action="store_true")
-    ap.add_argument("--auto-check", action="store_true", help="only time auto against each engine, interleaved")
     a = ap.parse_args()
-    if a.auto_check:
-        write_section("infer-auto", "\n".join(auto_check(a.repeat, a.size)))
-        return
     if not a.skip_speed:
         write_section("infer", "\n".join(speed([int(b) for b in a.batches.split(",")], a.repeat, a.warmup, a.size)))
     if a.runs and a.data:

@@ -1,12 +1,16 @@
 """The four paper models trained from random weights on real HAM10000 within a time cap each; test metrics as JSON.
 
-    python benchmarks/gpu_train_ham.py --data HAM_DIR --split splits.csv --seconds-per-model 40 --json out.json
+    python benchmarks/gpu_train_ham.py --data HAM_DIR --split splits.csv --seconds-per-model 55 --max-epochs 8 \
+        --json out.json
 
-Used by benchmarks/gpu_check.sh on a lent GPU. It reuses LesionLab's training pieces (uint8 cache, paper
-augmentation, weighted cross-entropy, Adam, train_one_epoch / evaluate, early stopping on validation loss)
-but adds a wall-clock cap per model, which `fit` does not have: a new epoch starts only if the last one's
-duration still fits. The best epoch (lowest validation loss) is evaluated on the test split; the ensemble is
-the mean of the members' probabilities. JSON is rewritten after every model.
+Used by benchmarks/gpu_check.sh on a lent GPU (which plans --max-epochs and --seconds-per-model from the
+section's time and the measured throughput). It reuses LesionLab's training pieces (uint8 cache, paper
+augmentation, on the GPU where `data.gpu_augment` would put it (`--gpu-augment auto`), weighted cross-entropy,
+Adam, train_one_epoch / evaluate, early stopping on validation loss) but adds a wall-clock cap per model, which
+`fit` does not have: a new epoch starts only if the last one's duration still fits. The best epoch (lowest
+validation loss) is evaluated on the test split (headline and per-class metrics); the ensemble is the mean of the
+members' probabilities. The JSON is rewritten (atomically) after every model, so a killed run keeps the models
+that finished.
 """
 
 from __future__ import annotations
@@ -24,8 +28,10 @@ from gpu_common import frames
 
 from lesionlab import models, runtime
 from lesionlab.data.dataset import make_dataset
-from lesionlab.data.transforms import build_eval_transform, build_train_transform, spec_from_timm
+from lesionlab.data.gpu_augment import on_device, training_transforms, use_gpu_augment
+from lesionlab.data.transforms import spec_from_timm
 from lesionlab.evaluation.metrics import summarize
+from lesionlab.io import atomic_write_text
 from lesionlab.labels import CLASS_INDEX
 from lesionlab.training.early_stopping import EarlyStopping
 from lesionlab.training.fit import evaluate, train_one_epoch
@@ -40,10 +46,18 @@ def headline(m: dict) -> dict:
             "mel_auc": mel["auc"]}
 
 
-def loader(ds, *, batch: int, workers: int, shuffle: bool) -> torch.utils.data.DataLoader:
+def per_class(m: dict) -> dict:
+    """Test metrics of every class (ISIC order), rounded."""
+    keys = ("sensitivity", "specificity", "precision", "f1", "auc", "support")
+    return {c: {k: (None if v[k] is None else round(float(v[k]), 4)) for k in keys} for c, v in m["per_class"].items()}
+
+
+def loader(ds, *, batch: int, workers: int, shuffle: bool, spec, device: torch.device, on_gpu: bool):
+    """A DataLoader over `ds`; with the GPU path its batches come out augmented on `device`."""
     workers = runtime.worker_count(workers)
-    return torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=shuffle, num_workers=workers,
-                                       pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
+    dl = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=shuffle, num_workers=workers,
+                                     pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
+    return on_device(dl, spec=spec, device=device, enabled=on_gpu)
 
 
 def train_capped(arch: str, fr: dict, a: argparse.Namespace, device: torch.device) -> tuple[dict, np.ndarray]:
@@ -52,16 +66,20 @@ def train_capped(arch: str, fr: dict, a: argparse.Namespace, device: torch.devic
     model, _ = models.create_model(arch, pretrained="none")
     spec = spec_from_timm(model, input_size=a.size)
     model = runtime.prepare_model(model, device, channels_last=True)
+    on_gpu = use_gpu_augment(a.gpu_augment, device)
+    train_tf, eval_tf = training_transforms(spec=spec, rotation=180.0, hflip=False, vflip=False, color_jitter=0.0,
+                                            device_side=on_gpu)
     mk = {"input_size": spec.input_size, "crop_fraction": spec.crop_fraction, "cache_dir": a.cache_dir, "progress": False}
-    train_ds = make_dataset(fr["train"], build_train_transform(spec=spec, rotation=180.0), **mk)
-    val_ds = make_dataset(fr["val"], build_eval_transform(spec=spec), **mk)
-    test_ds = make_dataset(fr["test"], build_eval_transform(spec=spec), **mk)
+    train_ds = make_dataset(fr["train"], train_tf, **mk)
+    val_ds = make_dataset(fr["val"], eval_tf, **mk)
+    test_ds = make_dataset(fr["test"], eval_tf, **mk)
+    lk = {"workers": a.workers, "spec": spec, "device": device, "on_gpu": on_gpu}
     y = np.array([CLASS_INDEX[c] for c in fr["train"]["label"]])
     w = torch.tensor(class_weights(y), dtype=torch.float32, device=device)
     crit = torch.nn.CrossEntropyLoss(weight=w)
     opt = torch.optim.Adam(model.parameters(), lr=a.lr)
-    tl = loader(train_ds, batch=a.batch, workers=a.workers, shuffle=True)
-    vl = loader(val_ds, batch=a.batch * 2, workers=a.workers, shuffle=False)
+    tl = loader(train_ds, batch=a.batch, shuffle=True, **lk)
+    vl = loader(val_ds, batch=a.batch * 2, shuffle=False, **lk)
     stopper = EarlyStopping(monitor="val_loss", patience=a.patience)
     best_state, history, last = None, [], 0.0
     while len(history) < a.max_epochs and not stopper.should_stop:
@@ -72,20 +90,23 @@ def train_capped(arch: str, fr: dict, a: argparse.Namespace, device: torch.devic
                              progress=False)
         vloss, p, t = evaluate(model, crit, vl, device, amp_dtype=torch.bfloat16)
         last = time.perf_counter() - te
+        steps = min(a.max_steps, len(tl)) if a.max_steps else len(tl)
         history.append({"epoch": len(history) + 1, "train_loss": round(tr, 4), "val_loss": round(vloss, 4),
-                        "seconds": round(last, 1)})
+                        "seconds": round(last, 1),
+                        "images_per_s": round((min(steps * a.batch, len(train_ds)) + len(val_ds)) / last, 1)})
         print(f"{arch} epoch {len(history)}: train {tr:.4f} val {vloss:.4f} ({last:.1f}s)", flush=True)
         if stopper.step(vloss, len(history) - 1):
             best_state = copy.deepcopy(models.unwrap(model).state_dict())
     model.load_state_dict(best_state)
-    _, probs, truth = evaluate(model, crit, loader(test_ds, batch=a.batch * 2, workers=a.workers, shuffle=False),
+    _, probs, truth = evaluate(model, crit, loader(test_ds, batch=a.batch * 2, shuffle=False, **lk),
                                device, amp_dtype=torch.bfloat16)
     if a.preds:  # validation + test probabilities of the best epoch, for calibration / conformal checks on CPU
         _, vprobs, _ = evaluate(model, crit, vl, device, amp_dtype=torch.bfloat16)
         write_preds(a.preds, arch, {"val": (fr["val"], vprobs), "test": (fr["test"], probs)})
-    res = {"arch": arch, "epochs": len(history), "best_epoch": stopper.best_epoch + 1,
+    m = summarize(truth, probs)
+    res = {"arch": arch, "gpu_augment": on_gpu, "epochs": len(history), "best_epoch": stopper.best_epoch + 1,
            "best_val_loss": round(stopper.best, 4), "seconds": round(time.perf_counter() - t0, 1),
-           "history": history, "test": headline(summarize(truth, probs))}
+           "history": history, "test": headline(m), "test_per_class": per_class(m)}
     return res, probs, truth
 
 
@@ -109,6 +130,25 @@ def write_preds(path: str, arch: str, parts: dict) -> None:
     (new if old is None else pd.concat([old, new])).to_csv(path, index=False, float_format="%.8g")
 
 
+def train_all(archs: list[str], train_one, out: dict, json_path: str | Path) -> dict:
+    """Train each architecture with `train_one(arch) -> (result, test probabilities, truth)`, rewriting `json_path`
+    after every model (a failure is recorded and the next model runs; a kill keeps the models that finished)."""
+    probs = []
+    for arch in archs:
+        try:
+            res, p, truth = train_one(arch)
+        except Exception as e:  # one model failing must not lose the others' results
+            res, p = {"arch": arch, "error": f"{type(e).__name__}: {e}"}, None
+            print(f"{arch}: FAILED {res['error']}", flush=True)
+        out["models"].append(res)
+        if p is not None:
+            probs.append(p)
+            m = summarize(truth, np.mean(probs, axis=0))
+            out["ensemble"] = {"members": len(probs), "test": headline(m), "test_per_class": per_class(m)}
+        atomic_write_text(Path(json_path), json.dumps(out, indent=1))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", required=True)
@@ -123,6 +163,7 @@ def main() -> None:
     ap.add_argument("--seconds-per-model", type=float, default=40.0)
     ap.add_argument("--limit", type=int, default=0, help="at most this many images per split (dry runs)")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--gpu-augment", default="auto", help="auto (on for CUDA) | on | off: data.gpu_augment")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache-dir", default="/tmp/lesionlab-train-cache")
     ap.add_argument("--json", required=True)
@@ -133,19 +174,10 @@ def main() -> None:
         torch.backends.cudnn.benchmark = True
     fr = frames(a.data, a.split, limit=a.limit)
     out = {"size": a.size, "batch": a.batch, "lr": a.lr, "seconds_per_model": a.seconds_per_model,
-           "device": str(device), "split_sizes": {k: len(v) for k, v in fr.items()}, "models": [], "ensemble": None}
-    probs = []
-    for arch in models.expand_archs(a.archs):
-        try:
-            res, p, truth = train_capped(arch, fr, a, device)
-        except Exception as e:  # one model failing must not lose the others' results
-            res, p = {"arch": arch, "error": f"{type(e).__name__}: {e}"}, None
-            print(f"{arch}: FAILED {res['error']}", flush=True)
-        out["models"].append(res)
-        if p is not None:
-            probs.append(p)
-            out["ensemble"] = {"members": len(probs), "test": headline(summarize(truth, np.mean(probs, axis=0)))}
-        Path(a.json).write_text(json.dumps(out, indent=1))
+           "max_epochs": a.max_epochs, "device": str(device), "gpu_augment": use_gpu_augment(a.gpu_augment, device),
+           "split_sizes": {k: len(v) for k, v in fr.items()}, "models": [], "ensemble": None}
+    atomic_write_text(Path(a.json), json.dumps(out, indent=1))
+    train_all(models.expand_archs(a.archs), lambda arch: train_capped(arch, fr, a, device), out, a.json)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,9 @@ class DataConfig:
     # none | shades_of_gray (Minkowski-norm illuminant estimate, lesionlab.data.color).
     color_constancy: str = "none"
     color_constancy_p: float = 6.0  # Minkowski p of shades_of_gray (6: the ISIC 2018/2019 winners; 1 = Gray World)
+    # Training augmentation (rotation, crop, flips, normalisation) batched on the device, workers sending uint8
+    # frames (lesionlab.data.gpu_augment): auto = on for CUDA, off on the CPU | on | off. Same tensors within 1/255.
+    gpu_augment: str = "auto"
 
 
 @dataclass

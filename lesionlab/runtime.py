@@ -15,7 +15,7 @@ def cpu_has_bf16() -> bool:
     """True when the CPU has native bf16 matrix units (AMX or AVX512-BF16), where bf16 autocast pays off.
 
     Asks `lesionlab.cpu`, so `LESIONLAB_CPU_FLAGS` (an emulated AVX2-only CPU, say) changes the answer; not cached
-    for that reason (the flags themselves are read from /proc/cpuinfo once).
+    for that reason (the flags themselves are read once).
     """
     return cpu.has_bf16()
 

@@ -11,7 +11,7 @@ import torch
 from helpers import make_tiny_checkpoint
 
 os.environ.setdefault("HF_HUB_OFFLINE", "0")
-# ONNX exports and `--engine auto` choices (inference/engines.py) go to a per-session folder, not ~/.cache.
+# ONNX exports and `--engine auto` choices (inference/engines/) go to a per-session folder, not ~/.cache.
 os.environ.setdefault("LESIONLAB_CACHE", tempfile.mkdtemp(prefix="lesionlab-test-cache-"))
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

@@ -1,4 +1,5 @@
-"""The CUDA path: bf16 + channels_last training steps, save/resume, Predictor and Grad-CAM against CPU fp32, NCCL DDP.
+"""The CUDA path: bf16 + channels_last training steps, save/resume, Predictor and Grad-CAM against CPU fp32, NCCL DDP,
+and the GPU augmentation path (lesionlab.data.gpu_augment) against the CPU transforms.
 
 These run on a GPU through `benchmarks/gpu_check.sh` (which sets LESIONLAB_HAM to a real HAM10000 copy) and skip
 themselves without CUDA. `gpu_check.sh --dry-run` (tests/test_gpu_check_dryrun.py, part of `make test`) runs
@@ -191,3 +192,60 @@ def test_ddp_step_through_torchrun(tmp_path):
     gpu_common.record("ddp", got)
     assert got["world_size"] == nproc and got["backend"] == gpu_common.ddp_backend()
     assert got["replicas_in_sync"] and got["weights_changed"] and np.isfinite(got["loss"])
+
+
+def test_gpu_augmentation_matches_the_cpu_transform_on_real_images(data):
+    """One preprocessing path on the device: real frames, drawn parameters, augmented on DEVICE == CPU path within 1/255."""
+    import time
+
+    from lesionlab.data.dataset import make_dataset
+    from lesionlab.data.gpu_augment import augment_batch, training_transforms
+    from lesionlab.data.transforms import DataSpec
+
+    spec = DataSpec(input_size=SIZE)
+    opts = {"spec": spec, "rotation": 180.0, "hflip": True, "vflip": True, "color_jitter": 0.0}
+    df = data["train"].iloc[: 16 if DRY else 128]
+    mk = {"input_size": SIZE, "crop_fraction": spec.crop_fraction, "cache_dir": None}
+    gpu_ds = make_dataset(df, training_transforms(**opts, device_side=True)[0], **mk)
+    cpu_ds = make_dataset(df, training_transforms(**opts, device_side=False)[0], **mk)
+    idx = [(i, 1000 + i) for i in range(len(df))]  # (index, per-sample seed), as EpochSampler yields them
+    items = [gpu_ds[k][0] for k in idx]
+    frames = torch.stack([it["image"] for it in items]).to(DEVICE)
+    geometry = torch.stack([it["geometry"] for it in items])
+    out = augment_batch(frames, geometry, spec=spec).cpu()
+    ref = torch.stack([cpu_ds[k][0] for k in idx])
+    diff = ((out - ref) * torch.tensor(spec.std).view(1, 3, 1, 1)).abs()
+    rec = {"images": len(df), "max_diff_255": float(diff.max()) * 255, "share_differing": float((diff > 1e-6).float().mean())}
+    # the same through DeviceLoader (pinned batches; on CUDA, copied and augmented on a side stream ahead of use)
+    from lesionlab.data.gpu_augment import DeviceLoader
+
+    dl = DeviceLoader(torch.utils.data.DataLoader(gpu_ds, batch_size=8, sampler=idx, pin_memory=CUDA), spec=spec,
+                      device=DEVICE)
+    via_loader = torch.cat([x.cpu() for x, _ in dl])
+    rec["loader_max_diff_255"] = float(((via_loader - ref) * torch.tensor(spec.std).view(1, 3, 1, 1)).abs().max()) * 255
+    if CUDA:  # the augmentation kernels alone, on a batch of 128 frames already on the GPU
+        big = frames[torch.arange(128) % len(frames)]
+        geo = geometry[torch.arange(128) % len(frames)]
+        augment_batch(big, geo, spec=spec)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(20):
+            augment_batch(big, geo, spec=spec)
+        torch.cuda.synchronize()
+        rec["augment_images_per_s"] = round(20 * 128 / (time.perf_counter() - t))
+    gpu_common.record("gpu_augment_vs_cpu", rec)
+    assert rec["max_diff_255"] <= 1.0 + 1e-4 and rec["loader_max_diff_255"] <= 1.0 + 1e-4, rec
+
+
+def test_fit_trains_through_the_gpu_augmentation_path(data, cache, tmp_path):
+    """`fit` with data.gpu_augment on (what auto picks on CUDA; the dry run forces it on the CPU)."""
+    import pandas as pd
+
+    from lesionlab.training.fit import HISTORY_FILE, fit
+
+    cfg = _cfg(epochs=1, max_steps_per_epoch=2 if DRY else 20)
+    cfg.data.gpu_augment = "on"
+    done = fit(TINY, data["train"], data["val"], cfg, tmp_path / "run", cache_dir=cache, progress=False)
+    hist = pd.read_csv(tmp_path / "run" / HISTORY_FILE)
+    gpu_common.record("fit_gpu_augment", {"val_loss": float(hist["val_loss"].iloc[-1]), "seconds": float(hist["seconds"].iloc[-1])})
+    assert done["epochs"] == 1 and np.isfinite(hist[["train_loss", "val_loss"]].to_numpy()).all()

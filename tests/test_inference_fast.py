@@ -54,3 +54,33 @@ def test_bf16_fast_path_agrees_with_fp32(checkpoint, images):
     assert (p_fast.argmax(1) == p_ref.argmax(1)).all()
     assert np.abs(p_fast - p_ref).max() < 0.02
     assert not np.array_equal(p_fast, p_ref)  # bf16 arithmetic happened (fp32 would be bit-identical)
+
+
+AVX2_ONLY = "sse4_2 avx avx2 fma"
+
+
+def test_cpu_flags_override_emulates_another_cpu(checkpoint, monkeypatch):
+    """LESIONLAB_CPU_FLAGS replaces /proc/cpuinfo's flags everywhere LesionLab asks (issue 16): an emulated AVX2-only
+    CPU gets fp32 under `precision auto` and its own engine-cache key; one with bf16 units gets the bf16 path."""
+    from lesionlab import cpu
+    from lesionlab.inference import engines
+
+    monkeypatch.delenv(cpu.FLAGS_ENV, raising=False)
+    real_key = engines.cpu_key()
+    monkeypatch.setenv(cpu.FLAGS_ENV, AVX2_ONLY)
+    assert cpu.flags() == {"sse4_2", "avx", "avx2", "fma"} and not runtime.cpu_has_bf16()
+    assert runtime.pick_precision("auto", torch.device("cpu")) is None
+    assert not Predictor(checkpoint, device="cpu", precision="auto").cpu_bf16
+    assert engines.cpu_key() != real_key and "avx512" not in engines.cpu_key()
+    monkeypatch.setenv(cpu.FLAGS_ENV, "avx2, avx512f,avx512_bf16")  # commas work too
+    assert runtime.cpu_has_bf16() and Predictor(checkpoint, device="cpu", precision="auto").cpu_bf16
+
+
+def test_one_module_reads_the_cpu_features():
+    """Only lesionlab/cpu.py reads /proc/cpuinfo, so its override reaches every decision and benchmark header."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    readers = [p.relative_to(root).as_posix() for folder in ("lesionlab", "benchmarks") for p in (root / folder).rglob("*.py")
+               if '"/proc/cpuinfo"' in p.read_text()]
+    assert readers == ["lesionlab/cpu.py"]

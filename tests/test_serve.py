@@ -218,7 +218,7 @@ def test_concurrent_predictions_and_explanations_match_serial_ones(tmp_path):
 def test_requests_for_other_settings_than_the_bundles_are_refused(client):
     h = client.get("/api/health").json()
     # tiny_bundle: threshold given by hand, no TTA stated, precision not stated
-    assert h["inference"]["tta"] is False and h["inference"]["threshold_chosen_with"] == {"tta": False, "precision": None}
+    assert h["inference"]["tta"] is False and h["inference"]["threshold_chosen_with"] == {"tta": False, "precision": None, "engine": "torch"}
     assert "precision was not stated" in h["inference"]["note"]
     im = _bytes(Image.new("RGB", (90, 60), (150, 90, 70)))
     r = _post(client, im, params="?tta=true")
@@ -239,8 +239,8 @@ def test_service_runs_a_bundle_at_its_recorded_settings(tmp_path):
     make_bundle(runs, tmp_path / "tta", threshold=0.2, tta=True, precision="fp32")
     c = TestClient(create_app(tmp_path / "tta", device="cpu"))
     h = c.get("/api/health").json()["inference"]
-    assert h == {"tta": True, "precision": "fp32", "threshold_chosen_with": {"tta": True, "precision": "fp32"},
-                 "note": None}
+    assert h == {"tta": True, "precision": "fp32", "engines": {"timm_resnet10t": "torch"},
+                 "threshold_chosen_with": {"tta": True, "precision": "fp32", "engine": "torch"}, "note": None}
     im = _bytes(Image.new("RGB", (90, 60), (150, 90, 70)))
     assert _post(c, im).json()["inference"]["tta"] is True  # TTA on by default: the bundle's setting
     r = _post(c, im, params="?tta=false")
@@ -254,7 +254,8 @@ def test_service_runs_a_bundle_at_its_recorded_settings(tmp_path):
     (tmp_path / "old" / "manifest.json").write_text(json.dumps(manifest))
     c = TestClient(create_app(tmp_path / "old", device="cpu", precision="fp32"))
     h = c.get("/api/health").json()["inference"]
-    assert h["threshold_chosen_with"] == {"tta": False, "precision": None} and "before inference settings" in h["note"]
+    assert h["threshold_chosen_with"] == {"tta": False, "precision": None, "engine": "torch"}
+    assert "before inference settings" in h["note"]
     assert _post(c, im, params="?tta=true").status_code == 400 and _post(c, im).status_code == 200
 
 

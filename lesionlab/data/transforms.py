@@ -72,6 +72,66 @@ def frame_image(img: torch.Tensor, size: int) -> torch.Tensor:
     return v2.functional.resize(img, [size, size], interpolation=InterpolationMode.BILINEAR, antialias=True)
 
 
+def draw_geometry(*, rotation: float = 180.0, hflip: bool = False, vflip: bool = False) -> torch.Tensor:
+    """One sample's random geometry, (angle in degrees, hflip 0/1, vflip 0/1) as float64, from torch's global RNG.
+
+    The one sampler of both augmentation paths: `RandomGeometry` (CPU, per image) calls it, and so does the GPU
+    path's worker step (`lesionlab.data.gpu_augment`), which sends the parameters with the uint8 image, so both
+    paths draw the same parameters from the same per-sample seed (`data.dataset.LesionDataset`). The draws are
+    torchvision's own, in the order its transforms made them (v2.RandomRotation's uniform angle, then one
+    `torch.rand(1) < 0.5` per enabled flip), so the CPU path's outputs are unchanged by this refactor.
+    """
+    angle = torch.empty(1).uniform_(-float(rotation), float(rotation)).item() if rotation > 0 else 0.0
+    h = bool(torch.rand(1) < 0.5) if hflip else False
+    v = bool(torch.rand(1) < 0.5) if vflip else False
+    return torch.tensor([angle, float(h), float(v)], dtype=torch.float64)
+
+
+def apply_geometry(img: torch.Tensor, params: torch.Tensor, *, size: int) -> torch.Tensor:
+    """uint8 (3, F, F) frame -> uint8 (3, size, size): rotation about the centre (bilinear, black corners), the
+    centre `size` square, then the flips; `params` as `draw_geometry` returns them. The CPU reference the GPU
+    path's batched kernels are tested against."""
+    angle, h, v = (float(p) for p in params)
+    if angle != 0.0:
+        img = v2.functional.rotate(img, angle, interpolation=InterpolationMode.BILINEAR, fill=0)
+    img = v2.functional.center_crop(img, [size, size])
+    if h:
+        img = v2.functional.horizontal_flip(img)
+    if v:
+        img = v2.functional.vertical_flip(img)
+    return img
+
+
+class RandomGeometry(torch.nn.Module):
+    """Random rotation in [-rotation, rotation], the centre `size` square, optional flips (CPU, one image)."""
+
+    def __init__(self, *, size: int, rotation: float = 180.0, hflip: bool = False, vflip: bool = False):
+        super().__init__()
+        self.size, self.rotation, self.hflip, self.vflip = int(size), float(rotation), bool(hflip), bool(vflip)
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        params = draw_geometry(rotation=self.rotation, hflip=self.hflip, vflip=self.vflip)
+        return apply_geometry(img, params, size=self.size)
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}, rotation={self.rotation:g}, hflip={self.hflip}, vflip={self.vflip}"
+
+
+def build_frame_transform(*, spec: DataSpec) -> v2.Compose:
+    """The deterministic uint8 start of every path: the square frame, then colour constancy when configured.
+
+    Training (CPU or GPU augmentation) and inference all begin with exactly this, so the pixels the random
+    geometry acts on are the same wherever it runs.
+    """
+    steps: list[torch.nn.Module] = [SquareFrame(frame_size(spec.input_size, spec.crop_fraction))]
+    # Colour constancy on the whole frame (the same pixels in training, cached or not, and at inference); the
+    # illuminant estimate then never sees the black corners that rotation adds.
+    cc = color_transform(spec.color_constancy, spec.color_constancy_p)
+    if cc is not None:
+        steps.append(cc)
+    return v2.Compose(steps)
+
+
 def build_train_transform(
     *,
     spec: DataSpec,
@@ -87,21 +147,14 @@ def build_train_transform(
     square. The frame keeps the context outside the crop, so rotated corners are filled with image, not black
     (up to 45 degrees the crop's corners stay inside the frame for crop_fraction <= 0.7). Rotation acts in the
     square frame, the geometry the model sees at inference. Flips and colour jitter are extra augmentations,
-    off in the paper protocol.
+    off in the paper protocol. The random geometry is `RandomGeometry` (parameters from `draw_geometry`, shared
+    with the GPU path in `lesionlab.data.gpu_augment`).
     """
-    steps: list[torch.nn.Module] = [SquareFrame(frame_size(spec.input_size, spec.crop_fraction))]
-    # Colour constancy on the whole frame (the same pixels in training, cached or not, and at inference); the
-    # illuminant estimate then never sees the black corners that rotation adds.
-    cc = color_transform(spec.color_constancy, spec.color_constancy_p)
-    if cc is not None:
-        steps.append(cc)
-    if rotation > 0:
-        steps.append(v2.RandomRotation(rotation, interpolation=InterpolationMode.BILINEAR))
-    steps.append(v2.CenterCrop(spec.input_size))
-    if hflip:
-        steps.append(v2.RandomHorizontalFlip())
-    if vflip:
-        steps.append(v2.RandomVerticalFlip())
+    steps: list[torch.nn.Module] = list(build_frame_transform(spec=spec).transforms)
+    if rotation > 0 or hflip or vflip:
+        steps.append(RandomGeometry(size=spec.input_size, rotation=rotation, hflip=hflip, vflip=vflip))
+    else:
+        steps.append(v2.CenterCrop(spec.input_size))
     if color_jitter > 0:
         steps.append(v2.ColorJitter(color_jitter, color_jitter, color_jitter, min(0.5, color_jitter / 2)))
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(spec.mean, spec.std)]

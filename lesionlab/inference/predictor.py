@@ -6,7 +6,7 @@ import copy
 import logging
 import threading
 import warnings
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,10 +48,22 @@ def find_checkpoints(paths: Iterable[str | Path]) -> list[Path]:
 
 
 class Predictor:
-    """One trained model kept warm for inference, with its own preprocessing (from the checkpoint sidecar)."""
+    """One trained model kept warm for inference, with its own preprocessing (from the checkpoint sidecar).
+
+    Args:
+        checkpoint: the checkpoint folder (model.safetensors + model.json).
+        device: `auto`, `cpu`, `cuda` or `cuda:N`.
+        precision: `auto` (bf16 on CUDA and on CPUs with bf16 units, else fp32), `fp32` or `bf16`.
+        channels_last: run the torch path in channels_last memory format.
+        engine: the CPU engine of the body (`inference.engines`): `torch` (this class's own path), `onnxruntime`,
+            `openvino`, `onnxruntime-int8`, or `auto` (the fastest verified on this machine, measured once and
+            cached; plain fp32 eager is among its candidates, so its torch path never loses to it).
+        listed_files: the files a bundle's manifest lists for this member: an exported or int8 body in the folder
+            that is not listed is ignored (the body is then exported into the cache). None (a run folder): any.
+    """
 
     def __init__(self, checkpoint: str | Path, *, device: str = "auto", precision: str = "auto", channels_last: bool = True,
-                 engine: str = "torch"):
+                 engine: str = "torch", listed_files: Collection[str] | None = None):
         self.engine_requested = engines.check_engine(engine)
         self.device = runtime.pick_device(device)
         model, self.meta = models.load_checkpoint(checkpoint)
@@ -80,14 +92,15 @@ class Predictor:
         self.cpu_bf16 = self.device.type == "cpu" and self.amp is torch.bfloat16
         self._fast: torch.nn.Module | None = None
         self._fast_lock = threading.Lock()
-        # CPU inference engine for the body (inference/engines.py); None = this class's own torch path.
+        # CPU inference engine for the body (inference/engines); None = this class's own torch path.
         self.engine = "torch"
         self.engine_trials: list[dict] = []
+        self._auto_choice: str | None = None
         self._body_engine = None
         if engine != "torch":
-            self._setup_engine(checkpoint, engine)
+            self._setup_engine(checkpoint, engine, listed_files)
 
-    def _setup_engine(self, checkpoint: str | Path, engine: str) -> None:
+    def _setup_engine(self, checkpoint: str | Path, engine: str, listed_files: Collection[str] | None) -> None:
         """Load the requested engine, or for `auto` the fastest one verified on this machine (cached)."""
         if self.device.type != "cpu":
             if engine != "auto":
@@ -95,40 +108,96 @@ class Predictor:
             return
         if engine != "auto":
             engines.require(engine)
-        int8 = engines.int8_for(checkpoint) if engines.available(engines.INT8) else None
+        int8 = engines.int8_for(checkpoint, listed_files=listed_files) if engines.available(engines.INT8) else None
         if engine == engines.INT8 and int8 is None:
             raise UserError(f"--engine {engines.INT8}: {checkpoint} has no accepted int8 model; make the bundle with "
                             "--int8 (it ships one only at >= 99% top-1 agreement with fp32) or use another engine")
-        candidates = [e for e in engines.EXPORTED if engines.available(e)] if engine == "auto" else [engine]
+        exported = [e for e in engines.EXPORTED if engines.available(e)] if engine == "auto" else [engine]
         if engine == "auto" and int8 is not None:
-            candidates.append(engines.INT8)
-        if not candidates:
-            return
-        onnx = engines.onnx_for(checkpoint, self.model, self.spec.input_size)
-        path_of = {name: int8 if name == engines.INT8 else onnx for name in candidates}
+            exported.append(engines.INT8)
+        onnx = engines.onnx_for(checkpoint, self.model, self.spec.input_size, listed_files=listed_files) if exported else None
+        path_of = {name: int8 if name == engines.INT8 else onnx for name in exported}
         if engine != "auto":
             self._body_engine = engines.load_body(engine, path_of[engine])
             self.engine = engine
             return
+        with_eager = self._torch_path() != "fp32"  # plain eager is a candidate of its own only where it differs
+        if not (exported or with_eager):  # nothing to choose between
+            return
+        loaded = {}  # engines loaded for the trials, kept for the one chosen
+        plain: torch.nn.Module | None = None
 
         def run_trials() -> list[engines.Trial]:
+            nonlocal plain
             bodies = {"torch": self._torch_body}
-            for name in candidates:
+            if with_eager:
+                plain = self._plain_model()
+                bodies[engines.EAGER] = lambda x: plain.forward_features(x.contiguous())
+            for name in exported:
                 try:
-                    run = engines.load_body(name, path_of[name])
+                    loaded[name] = engines.load_body(name, path_of[name])
                 except Exception as e:  # noqa: BLE001 - an engine that cannot load is not chosen
                     log.info("%s: engine %s unavailable (%s)", self.name, name, e)
                     continue
-                bodies[name] = lambda x, run=run: torch.from_numpy(run(x.float().contiguous().numpy()))
+                bodies[name] = lambda x, run=loaded[name]: torch.from_numpy(run(x.float().contiguous().numpy()))
             # fp32 engines are held to the tolerance; int8 (accepted on real images) and bf16 torch to the top-1
-            exact = set(candidates) - {engines.INT8}
+            exact = (set(exported) - {engines.INT8}) | {engines.EAGER}
             return engines.trial_engines(self._fp32_body, bodies, exact, self._head, self.spec.input_size)
 
-        choice, self.engine_trials = engines.choose_cached(onnx, run_trials, also=int8)
-        if choice != "torch":
-            self._body_engine = engines.load_body(choice, path_of[choice])
+        folder = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
+        files = [f for f in (onnx, int8) if f is not None] or [folder / models.WEIGHTS_FILE]
+        variant = f"torch={self._torch_path()}" + (f"|{engines.EAGER}" if with_eager else "")
+        choice, self.engine_trials = engines.choose_cached(files, run_trials, variant=variant)
+        self._auto_choice = choice
+        if choice == engines.EAGER:  # the torch path lost to plain fp32 eager on this CPU: become plain eager
+            self._become_plain_eager(plain if plain is not None else self._plain_model())
+            choice = "torch"
+        elif choice != "torch":
+            self._body_engine = loaded.get(choice) or engines.load_body(choice, path_of[choice])
         self.engine = choice
-        log.info("%s: inference engine %s (auto)", self.name, choice)
+        log.info("%s: inference engine %s (auto: %s)", self.name, choice, self._auto_choice)
+
+    def _torch_path(self) -> str:
+        """What this class's own path runs: `bf16-torchscript` (CPU bf16), `fp32-channels_last`, `fp32`, or on
+        CUDA the autocast precision."""
+        if self.cpu_bf16:
+            return "bf16-torchscript"
+        if self.device.type == "cuda" and self.amp is not None:
+            return "bf16" if self.amp is torch.bfloat16 else "fp16"
+        return "fp32-channels_last" if self.channels_last else "fp32"
+
+    def _plain_model(self) -> torch.nn.Module:
+        """A contiguous fp32 copy of the model: plain eager, the baseline `auto` holds the torch path to."""
+        return copy.deepcopy(self.model).to(memory_format=torch.contiguous_format).eval()
+
+    def _become_plain_eager(self, plain: torch.nn.Module) -> None:
+        """Make the torch path plain fp32 eager in contiguous format (where the fast path measured slower)."""
+        self.model, self.channels_last, self.cpu_bf16, self.amp = plain, False, False, None
+        with self._fast_lock:
+            self._fast = None
+
+    def engine_info(self) -> dict[str, Any]:
+        """What this Predictor actually runs, for bundles, health checks and audit records.
+
+        Returns:
+            `engine` (torch, onnxruntime, openvino, onnxruntime-int8), `requested` (the engine asked for),
+            `precision` of the body (fp32, bf16, fp16; int8 for the int8 engine), `device`, `channels_last`
+            (the torch path's memory format), `auto_choice` (the candidate `auto` picked, e.g. `torch-eager` when
+            the torch path fell back to plain eager; None without auto) and `trial_ms` (each verified candidate's
+            median one-image latency in ms as `auto` measured it; empty without auto).
+        """
+        if self.engine == engines.INT8:
+            precision = "int8"
+        elif self.engine != "torch":
+            precision = "fp32"
+        else:
+            precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.amp, "fp32")
+        return {
+            "engine": self.engine, "requested": self.engine_requested, "precision": precision,
+            "device": str(self.device), "channels_last": self.engine == "torch" and (self.cpu_bf16 or self.channels_last),
+            "auto_choice": self._auto_choice,
+            "trial_ms": {t["engine"]: t["ms_one"] for t in self.engine_trials if t["verified"]},
+        }
 
     def _fp32_body(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.forward_features(x.to(self.device))
@@ -184,13 +253,15 @@ class Predictor:
                       meta: torch.Tensor | None = None) -> dict[str, np.ndarray]:
         """`probs` (N, 7; averaged over the TTA views), and of the untransformed view `logits` (N, 7) and, with
         `features`, the pooled penultimate `features` (N, D) that out-of-distribution scores look at."""
-        x = runtime.to_device(x, self.device, channels_last=self.channels_last)
+        # only the torch path wants channels_last; an exported body takes a contiguous array
+        channels_last = self.channels_last and self._body_engine is None
+        x = runtime.to_device(x, self.device, channels_last=channels_last)
         views = tta_views(x) if tta else [x]
         acc = None
         out: dict[str, np.ndarray] = {}
         head_kw = {"meta": meta.to(self.device)} if self.encoding is not None and meta is not None else {}
         for i, v in enumerate(views):
-            v = v.contiguous(memory_format=torch.channels_last) if self.channels_last else v
+            v = v.contiguous(memory_format=torch.channels_last) if channels_last else v
             if self._body_engine is not None:
                 feats = torch.from_numpy(self._body_engine(v.float().contiguous().cpu().numpy()))
             elif self.cpu_bf16:
@@ -261,13 +332,22 @@ def infer_table(
 
 
 def load_predictors(checkpoints: Iterable[str | Path], *, device: str = "auto", precision: str = "auto",
-                    engine: str = "torch") -> list[Predictor]:
+                    engine: str = "torch", listed_files: Sequence[Collection[str] | None] | None = None
+                    ) -> list[Predictor]:
     """A Predictor per checkpoint; names made unique (two runs of one architecture: `arch`, `arch-2`).
 
-    `engine`: the CPU inference engine of each member (inference/engines.py); `auto` picks per member.
+    Args:
+        checkpoints: checkpoint folders.
+        device: see `Predictor`.
+        precision: see `Predictor`.
+        engine: the CPU inference engine of each member (inference/engines); `auto` picks per member.
+        listed_files: per checkpoint, in order, the files its bundle manifest lists (see `Predictor`); None: any.
     """
     engines.check_engine(engine)
-    preds = [Predictor(ck, device=device, precision=precision, engine=engine) for ck in checkpoints]
+    checkpoints = list(checkpoints)
+    listed = [None] * len(checkpoints) if listed_files is None else listed_files
+    preds = [Predictor(ck, device=device, precision=precision, engine=engine, listed_files=files)
+             for ck, files in zip(checkpoints, listed, strict=True)]
     for pr, name in zip(preds, unique_names([p.name for p in preds]), strict=True):
         pr.name = name
     return preds

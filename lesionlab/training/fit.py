@@ -17,7 +17,8 @@ from tqdm.auto import tqdm
 from lesionlab import models, runtime
 from lesionlab.config import StudyConfig
 from lesionlab.data.dataset import EpochSampler, make_dataset, seed_worker
-from lesionlab.data.transforms import build_eval_transform, build_train_transform, spec_from_timm
+from lesionlab.data.gpu_augment import on_device, training_transforms, use_gpu_augment
+from lesionlab.data.transforms import spec_from_timm
 from lesionlab.evaluation.metrics import balanced_accuracy
 from lesionlab.exceptions import UserError
 from lesionlab.io import atomic_write, atomic_write_csv
@@ -184,8 +185,10 @@ def fit(
         cam_layer = f"backbone.{cam_layer}"  # explanations use the image branch
     model = runtime.prepare_model(model, device, channels_last=tc.channels_last)
 
-    train_tf = build_train_transform(spec=dspec, rotation=dc.rotation, hflip=dc.hflip, vflip=dc.vflip, color_jitter=dc.color_jitter)
-    eval_tf = build_eval_transform(spec=dspec)
+    # data.gpu_augment (auto: on CUDA): workers send uint8 frames, the device rotates/crops/normalises each batch.
+    on_gpu = use_gpu_augment(dc.gpu_augment, device, color_jitter=dc.color_jitter)
+    train_tf, eval_tf = training_transforms(spec=dspec, rotation=dc.rotation, hflip=dc.hflip, vflip=dc.vflip,
+                                            color_jitter=dc.color_jitter, device_side=on_gpu)
     cache = cache_dir if dc.cache else None
     train_ds = make_dataset(train_df, train_tf, input_size=dspec.input_size, crop_fraction=dspec.crop_fraction,
                             cache_dir=cache, max_pixels=dc.max_image_pixels, progress=progress and rank == 0)
@@ -207,8 +210,9 @@ def fit(
     if world > 1:
         base = torch.utils.data.distributed.DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=tc.seed)
     sampler = EpochSampler(len(train_ds), seed=tc.seed, base=base)
-    train_loader = _make_loader(train_ds, batch_size=dc.batch_size, num_workers=dc.num_workers, sampler=sampler, device=device)
-    val_loader = _make_loader(val_ds, batch_size=dc.batch_size, num_workers=dc.num_workers, device=device)
+    train_loader, val_loader = (on_device(dl, spec=dspec, device=device, enabled=on_gpu, channels_last=tc.channels_last) for dl in (
+        _make_loader(train_ds, batch_size=dc.batch_size, num_workers=dc.num_workers, sampler=sampler, device=device),
+        _make_loader(val_ds, batch_size=dc.batch_size, num_workers=dc.num_workers, device=device)))
     train_model = model
     if world > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)

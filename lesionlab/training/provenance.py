@@ -52,7 +52,8 @@ EPOCHS = "train.epochs"
 TRAINING_CODE = (
     "lesionlab.training", "lesionlab.models", "lesionlab.runtime", "lesionlab.labels",
     "lesionlab.data.dataset", "lesionlab.data.cache", "lesionlab.data.images", "lesionlab.data.color",
-    "lesionlab.data.transforms", "lesionlab.data.metadata", "lesionlab.data.subsets", "lesionlab.data.tables",
+    "lesionlab.data.transforms", "lesionlab.data.gpu_augment", "lesionlab.data.metadata", "lesionlab.data.subsets",
+    "lesionlab.data.tables",
     "lesionlab.evaluation.metrics",
 )
 

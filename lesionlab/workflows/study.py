@@ -114,7 +114,8 @@ def reset_study(out: str | Path) -> list[str]:
 # as the work is costly (training: modules), as wide as it is cheap (evaluation: the package). This module is not
 # listed: it wires the steps together, and hashing it would re-run every step on any edit; a step's numbers come
 # from the libraries listed. What training runs is lesionlab.training.provenance's TRAINING_CODE.
-_IMAGES = ("lesionlab.data.images", "lesionlab.data.color", "lesionlab.data.transforms", "lesionlab.data.dataset",
+_IMAGES = ("lesionlab.data.images", "lesionlab.data.color", "lesionlab.data.transforms", "lesionlab.data.gpu_augment",
+           "lesionlab.data.dataset",
            "lesionlab.data.cache", "lesionlab.data.metadata", "lesionlab.data.tables", "lesionlab.data.subsets")
 _PREDICT = ("lesionlab.inference", "lesionlab.models", "lesionlab.runtime", "lesionlab.labels", *_IMAGES)
 _EVAL = ("lesionlab.evaluation", "lesionlab.labels", "lesionlab.data.isic_csv", "lesionlab.report.evaluation_files",
