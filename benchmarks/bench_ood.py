@@ -91,6 +91,7 @@ def main() -> None:
 
     from lesionlab.clinic.ood_model import fit_ood
     from lesionlab.clinic.screening import Screener
+    from lesionlab.data.images import load_image
     from lesionlab.data.ood_images import degraded_lesions, synthetic_ood_images
     from lesionlab.data.split import read_split
     from lesionlab.data.subsets import subset_frame
@@ -106,14 +107,14 @@ def main() -> None:
     train, val, test = (subset_frame(table, sp, s) for s in ("train", "val", "test"))
     ood, _ = fit_ood(predictors, train, val, cfg_ood, batch_size=64, return_val=True)
     screener = Screener(predictors, cfg_q, ood)  # the pipeline a bundle of these models runs
-    test_images = [Image.open(p).convert("RGB") for p in test["path"]]
+    test_images = [load_image(p) for p in test["path"]]  # decoded as predict and the service decode
     test_screened, in_scores = screened(screener, test_images)
 
     photos, photo_names = skimage_photos()
     groups: dict[str, list[Image.Image]] = {"skimage photos": photos, **synthetic_ood_images()}
     rng = np.random.default_rng(0)
     pick = rng.choice(len(test), size=min(a.degraded, len(test)), replace=False)
-    groups.update(degraded_lesions([Image.open(test["path"].iloc[i]).convert("RGB") for i in pick]))
+    groups.update(degraded_lesions([load_image(test["path"].iloc[i]) for i in pick]))
 
     rows, hist = [], {"HAM10000 test": in_scores["mahalanobis"]}
     per_photo = None

@@ -532,7 +532,8 @@ def _bundle(p: argparse.ArgumentParser):
                    help="also carry each member's body exported to ONNX, for --engine onnxruntime / openvino / auto")
     p.add_argument("--int8", action="store_true",
                    help="also quantise each body to int8 (ONNX Runtime, calibrated on 64 validation images); shipped "
-                        "only where its top-1 agrees with fp32 on >= 99%% of 500 further validation images")
+                        "only where it agrees with the validated path on top-1 and the melanoma flag on >= 99%% of 500 "
+                        "further validation images")
 
     p.add_argument("--data", type=Path, help="the study's images, if not where its dataset.json says (for the OOD model)")
     p.add_argument("--no-ood", dest="ood", action="store_false",

@@ -46,6 +46,11 @@ def pick_precision(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if cpu_has_bf16() else None
 
 
+def precision_name(dtype: torch.dtype | None) -> str:
+    """fp32 / bf16 / fp16 for an autocast dtype (None = fp32), as bundles and inference records name them."""
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None):
     """An autocast context for `dtype`, or a no-op for fp32."""
     if dtype is None:

@@ -1,4 +1,4 @@
-"""CPU inference engines (inference/engines.py): each agrees with torch fp32, `auto` picks a verified one."""
+"""CPU inference engines (inference/engines/): each agrees with torch fp32, `auto` picks a verified one."""
 
 import statistics
 

@@ -67,6 +67,12 @@ def test_predict_service_and_study_report_give_identical_answers(trust_ens, mixe
     pd.testing.assert_frame_equal(refusals, pd.DataFrame([refusal_row(a) for a in served]))
     codes = {p.stem: a.get("reason_codes") for p, a in zip(mixed_files, served, strict=True)}
     assert codes["blank"] == ["uniform"] and codes["thumb"] == ["too_small"] and "blurred" in codes["blurred"]
+    # the study's refusal report runs the same pipeline: fed the bundle's screener, it refuses what predict refused
+    from lesionlab.workflows.refusal import refusal_report
+
+    summary = refusal_report(trust_ens.screener, pd.DataFrame({"path": [str(p) for p in mixed_files]}),
+                             mixed_files[0].parent / "ood", n_degraded=2, batch_size=1, progress=False)
+    assert summary["test_refused"] == pytest.approx(np.mean([a["status"] != "ok" for a in predicted]))
     # research mode computes OOD scores of refused images but refuses exactly the same ones
     research = screen_table(trust_ens.screener, paths=mixed_files, research=True, progress=False)
     assert list(research["refused"]) == list(refusals["refused"]) and research["ood_score"].notna().all()

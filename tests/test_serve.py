@@ -240,6 +240,7 @@ def test_service_runs_a_bundle_at_its_recorded_settings(tmp_path):
     c = TestClient(create_app(tmp_path / "tta", device="cpu"))
     h = c.get("/api/health").json()["inference"]
     assert h == {"tta": True, "precision": "fp32", "engines": {"timm_resnet10t": "torch"},
+                 "precisions": {"timm_resnet10t": "fp32"},
                  "threshold_chosen_with": {"tta": True, "precision": "fp32", "engine": "torch"}, "note": None}
     im = _bytes(Image.new("RGB", (90, 60), (150, 90, 70)))
     assert _post(c, im).json()["inference"]["tta"] is True  # TTA on by default: the bundle's setting

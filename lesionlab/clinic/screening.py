@@ -30,7 +30,7 @@ from lesionlab.config import QualityConfig
 from lesionlab.data.quality import ADVICE, check_quality
 from lesionlab.evaluation.calibration import calibrate_probs
 from lesionlab.evaluation.conformal import ConformalSets
-from lesionlab.evaluation.ensemble import ENSEMBLE
+from lesionlab.evaluation.ensemble import ENSEMBLE, mean_probabilities
 from lesionlab.inference.outputs import image_outputs
 from lesionlab.inference.predictor import Predictor
 from lesionlab.labels import CLASS_INDEX, CLASSES, DISPLAY_NAMES
@@ -55,6 +55,18 @@ def refusal(quality_codes: list[tuple[str, str]], ood_score: float | None, ood_t
         return [(OOD_CODE, "The image does not look like the dermoscopy images the models were trained on "
                  f"(unusualness score {ood_score:.2f}, limit {ood_threshold:.2f}).")]
     return []
+
+
+def ensemble_probabilities(raw: dict[str, np.ndarray], trust: dict[str, Any] | None) -> np.ndarray:
+    """The calibrated ensemble: the mean of the members' raw probabilities, scaled by the ensemble's temperature
+    (none without trust). What answers show and the melanoma threshold is chosen and verified on."""
+    t = float(trust["models"][ENSEMBLE]["temperature"]) if trust and ENSEMBLE in trust["models"] else 1.0
+    return calibrate_probs(mean_probabilities(list(raw.values())), t)
+
+
+def melanoma_flags(ensemble: np.ndarray, threshold: float) -> np.ndarray:
+    """The melanoma flag of each calibrated ensemble probability row."""
+    return ensemble[:, CLASS_INDEX["MEL"]] >= threshold
 
 
 def explained_class(answer: dict[str, Any]) -> str | None:
@@ -100,7 +112,7 @@ class Screener:
     def calibrated(self, raw: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Calibrated ensemble probabilities (mean of the members' raw probabilities, then the ensemble's
         temperature) and calibrated member probabilities (trust.json keys members by file stem)."""
-        ens = calibrate_probs(np.mean(list(raw.values()), axis=0), self.temperature(ENSEMBLE))
+        ens = ensemble_probabilities(raw, self.trust)
         fitted = self.trust["models"] if self.trust else {}
         members = {n: calibrate_probs(p, self.temperature(file_stem(n))) if file_stem(n) in fitted else p
                    for n, p in raw.items()}
@@ -178,7 +190,7 @@ class Screener:
             "probabilities": {c: float(probs[k]) for k, c in enumerate(CLASSES)},
             "top": CLASSES[top], "top_name": DISPLAY_NAMES[CLASSES[top]], "top_probability": float(probs[top]),
             "melanoma_probability": mel, "melanoma_threshold": self.threshold,
-            "melanoma_flag": None if self.threshold is None else mel >= self.threshold,
+            "melanoma_flag": None if self.threshold is None else bool(melanoma_flags(probs[None], self.threshold)[0]),
             "members": member_rows, "agreement": f"{agree}/{len(member_rows)}", "members_agreeing": agree,
             "calibrated": self.trust is not None,
             "differential": differential,

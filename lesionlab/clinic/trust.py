@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 
 from lesionlab.clinic.ood_model import fit_ood
+from lesionlab.clinic.screening import ensemble_probabilities
 from lesionlab.config import OODConfig, TrustConfig
-from lesionlab.evaluation.calibration import calibrate_probs
-from lesionlab.evaluation.ensemble import ENSEMBLE
+from lesionlab.evaluation.ensemble import ENSEMBLE, mean_probabilities
 from lesionlab.evaluation.trust import fit_trust
 from lesionlab.exceptions import UserError
 from lesionlab.study_folder import StudyFolder
@@ -28,12 +28,12 @@ def fit_calibration(study: StudyFolder, names: list[str], cfg: TrustConfig) -> t
     if not study.has_probabilities(names, "val"):
         missing = [str(f) for f in [study.truth_file("val"), *(study.prediction_file(n, "val") for n in names)]
                    if not f.exists()]
-        raise UserError(f"{missing[0]} not found: cannot calibrate on validation; pass --threshold and --no-trust")
+        raise UserError(f"{missing[0]} not found: cannot calibrate on validation; re-run `lesionlab study` into "
+                        f"{study.root}, or pass --threshold without --study")
     y, probs, _ = study.probabilities(names, "val")
-    ens = np.mean(list(probs.values()), axis=0)
-    trust = fit_trust(y, {**probs, ENSEMBLE: ens}, cfg)
+    trust = fit_trust(y, {**probs, ENSEMBLE: mean_probabilities(list(probs.values()))}, cfg)
     trust["source"] = f"validation split of {study.root}"
-    return trust, y, calibrate_probs(ens, trust["models"][ENSEMBLE]["temperature"])
+    return trust, y, ensemble_probabilities(probs, trust)
 
 
 def fit_bundle_ood(predictors: list, study: StudyFolder, cfg: OODConfig, out_dir: Path, *,

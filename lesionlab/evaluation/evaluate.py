@@ -1,4 +1,5 @@
-"""Evaluate predictions against ground truth: metrics.json, metrics.csv, confusion matrices, ROC curves."""
+"""All metrics of one set of predictions against ground truth (the metrics.json contents; written by
+lesionlab.report.evaluation_files)."""
 
 from __future__ import annotations
 

@@ -1,1 +1,1 @@
-"""Inference: the Predictor and its engines, test-time augmentation, ensembling and clinic bundles."""
+"""Inference: the Predictor, its outputs, its CPU engines, test-time augmentation and perturbed copies."""

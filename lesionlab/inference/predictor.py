@@ -111,7 +111,7 @@ class Predictor:
         int8 = engines.int8_for(checkpoint, listed_files=listed_files) if engines.available(engines.INT8) else None
         if engine == engines.INT8 and int8 is None:
             raise UserError(f"--engine {engines.INT8}: {checkpoint} has no accepted int8 model; make the bundle with "
-                            "--int8 (it ships one only at >= 99% top-1 agreement with fp32) or use another engine")
+                            "--int8 (it ships one only at >= 99% agreement on top-1 and the melanoma flag) or use another engine")
         exported = [e for e in engines.EXPORTED if engines.available(e)] if engine == "auto" else [engine]
         if engine == "auto" and int8 is not None:
             exported.append(engines.INT8)
@@ -191,7 +191,7 @@ class Predictor:
         elif self.engine != "torch":
             precision = "fp32"
         else:
-            precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.amp, "fp32")
+            precision = runtime.precision_name(self.amp)
         return {
             "engine": self.engine, "requested": self.engine_requested, "precision": precision,
             "device": str(self.device), "channels_last": self.engine == "torch" and (self.cpu_bf16 or self.channels_last),

@@ -24,7 +24,6 @@ def predict_split_files(checkpoints: list[Path], df: pd.DataFrame, folder: Study
     refuses weights other than these.
     """
     from lesionlab import runtime
-    from lesionlab.clinic.bundle.manifest import precision_name
     from lesionlab.inference.predictor import infer_table
 
     weights = [sha256_file(Path(ck) / WEIGHTS_FILE) for ck in checkpoints]  # before inference: what was run
@@ -32,7 +31,7 @@ def predict_split_files(checkpoints: list[Path], df: pd.DataFrame, folder: Study
                         batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers, progress=progress)
     if record:  # resolved as each Predictor resolved it (runtime.pick_device / pick_precision)
         device = runtime.pick_device(cfg.train.device)
-        settings = {"precision": precision_name(runtime.pick_precision(cfg.train.precision, device)),
+        settings = {"precision": runtime.precision_name(runtime.pick_precision(cfg.train.precision, device)),
                     "device": str(device), "tta": bool(cfg.eval.tta), "engine": "torch"}
         for (name, _), ck, sha in zip(probs.items(), checkpoints, weights, strict=True):
             folder.write_inference_record(name, {**settings, "weights_sha256": sha,

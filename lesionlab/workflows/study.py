@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from lesionlab.config import StudyConfig, save_config
+from lesionlab.config import StudyConfig
 from lesionlab.data.split import read_duplicates, read_split, split_and_check, summary_table, write_split
 from lesionlab.data.subsets import split_frames, subset_frame
 from lesionlab.data.tables import read_table
@@ -50,7 +50,7 @@ from lesionlab.evaluation.trust import (
 )
 from lesionlab.exceptions import UserError
 from lesionlab.explain.gallery import make_gallery
-from lesionlab.io import atomic_write_csv, atomic_write_json, sha256_file
+from lesionlab.io import atomic_write_csv, sha256_file
 from lesionlab.models import file_stem
 from lesionlab.report.study_report import report_study
 from lesionlab.study_folder import StudyFolder
@@ -140,7 +140,8 @@ STEP_CODE: dict[str, tuple[str, ...]] = {
     "robustness": ("lesionlab.workflows.robustness", "lesionlab.data.perturbations", "lesionlab.evaluation.robustness",
                    "lesionlab.evaluation.consistency", "lesionlab.evaluation.metrics", "lesionlab.evaluation.bootstrap",
                    "lesionlab.evaluation.ensemble", "lesionlab.report.figures", *_PREDICT),
-    "ood": ("lesionlab.workflows.refusal", "lesionlab.clinic", "lesionlab.data.ood_images", "lesionlab.data.quality",
+    "ood": ("lesionlab.workflows.refusal", "lesionlab.clinic.screening", "lesionlab.clinic.ood_model",
+            "lesionlab.data.ood_images", "lesionlab.data.quality",
             "lesionlab.evaluation.ood", "lesionlab.evaluation.calibration", "lesionlab.evaluation.conformal",
             "lesionlab.evaluation.ensemble", "lesionlab.report.figures", *_PREDICT),
 }
@@ -210,7 +211,7 @@ def _run_study(cfg: StudyConfig, out: Path, archs: list[str], *, data: str | Pat
 
     steps = Steps(out)
     sf = StudyFolder(out)
-    save_config(cfg, out / "config.yaml")
+    sf.write_config(cfg)
 
     if data is None:
         if cfg.synth_images <= 0:
@@ -227,41 +228,40 @@ def _run_study(cfg: StudyConfig, out: Path, archs: list[str], *, data: str | Pat
 
     def do_validate():
         rep = validate(table, max_pixels=cfg.data.max_image_pixels, progress=progress)
-        rep.write_csv(out / "validation_problems.csv")
+        rep.write_csv(sf.validation_problems_file)
         blocking = [p for p in rep.problems if p.kind != "image without a row"]
         if blocking and not skip_invalid:
             raise UserError(rep.summary())
-        atomic_write_json(out / "dataset.json", {"source": str(table.source), "layout": table.layout,
-                                                 "rows": len(table.df), "problems": rep.counts(), "notes": rep.notes})
+        sf.write_dataset({"source": str(table.source), "layout": table.layout, "rows": len(table.df),
+                          "problems": rep.counts(), "notes": rep.notes})
 
     steps.run("validate", do_validate, config={"data.max_image_pixels": cfg.data.max_image_pixels},
               # the content hashes of the table and images, not the synth step: the same data given as --data
               # later (or made again) is the same input
               inputs={"metadata": table.source, "images": image_files},
-              outputs=[out / "dataset.json", out / "validation_problems.csv"], code=STEP_CODE["validate"])
+              outputs=[sf.dataset_file, sf.validation_problems_file], code=STEP_CODE["validate"])
     # the validate step (now or in an earlier run) saved its problems: drop those rows without validating again
-    bad = pd.read_csv(out / "validation_problems.csv", dtype=str, keep_default_na=False)
+    bad = pd.read_csv(sf.validation_problems_file, dtype=str, keep_default_na=False)
     table = drop_invalid(table, set(bad.loc[bad["problem"] != "image without a row", "image_id"]))
-    split_path = out / "splits.csv"
+    split_path = sf.split_file
 
     def do_split():
         dups = read_duplicates(duplicates) if duplicates else None
         sp = split_and_check(table.df, fractions=(cfg.split.train, cfg.split.val, cfg.split.test), seed=cfg.split.seed,
                              duplicates=dups)
         write_split(sp, split_path)
-        atomic_write_csv(out / "split_summary.csv", summary_table(sp))
+        atomic_write_csv(sf.split_summary_file, summary_table(sp))
 
     steps.run("split", do_split, config={"split": cfg.split}, inputs={"duplicates": duplicates} if duplicates else (),
-              upstream=["validate"], outputs=[split_path, out / "split_summary.csv"], code=STEP_CODE["split"])
+              upstream=["validate"], outputs=[split_path, sf.split_summary_file], code=STEP_CODE["split"])
     sp = read_split(split_path)
     split_hash = sha256_file(split_path)
     tr, va = split_frames(table, sp)
     te = subset_frame(table, sp, "test")
-    runs = out / "runs"
     cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else out / "cache"
     train_steps = []
     for arch in archs:
-        run_dir = runs / file_stem(arch)
+        run_dir = sf.run_dir(arch)
 
         def do_train(a=arch, d=run_dir):
             # the rule `train --resume` applies too (training.provenance): continue what matches, to more epochs
@@ -291,7 +291,7 @@ def _run_study(cfg: StudyConfig, out: Path, archs: list[str], *, data: str | Pat
     infer_cfg = {"eval.tta": cfg.eval.tta, "train.device": cfg.train.device, "train.precision": cfg.train.precision}
     infer_steps = []
     for arch in archs:
-        d = runs / file_stem(arch)
+        d = sf.run_dir(arch)
         steps.run(f"infer {arch}", lambda d=d: [predict_split_files([d], f, sf, t, cfg, progress=progress, truth=False)
                                                 for t, f in frames.items()],
                   config=infer_cfg, upstream=[f"train {arch}", "split"],
@@ -313,7 +313,7 @@ def _run_study(cfg: StudyConfig, out: Path, archs: list[str], *, data: str | Pat
     prob_steps = ["truth", *infer_steps, *ens_steps]
     yv, pv, _ = sf.probabilities(all_names, "val")
     yt, pt, test_ids = sf.probabilities(all_names, "test")
-    lesion_of = dict(zip(sp["image_id"], sp["group_id"], strict=True))
+    lesion_of = sf.lesion_of()
     groups = np.array([lesion_of.get(i, i) for i in test_ids])
     # temperatures and conformal thresholds per model and for the ensemble, fitted on the validation split
     trust_file = sf.trust_file
@@ -338,9 +338,9 @@ def _run_study(cfg: StudyConfig, out: Path, archs: list[str], *, data: str | Pat
     best = max(names, key=lambda n: (mets[n]["val"]["balanced_accuracy"] or 0, mets[n]["val"]["macro"]["auc"] or 0))
 
     steps.run("errors", lambda: write_errors(analyse_errors(test_ids, yt, {n: pt[n] for n in names}, best=best,
-                                                            cls=cfg.eval.error_class), out / "errors"),
+                                                            cls=cfg.eval.error_class), sf.folder("errors")),
               config={"eval.error_class": cfg.eval.error_class}, upstream=[*prob_steps, "metrics"],
-              outputs=[out / "errors"], code=STEP_CODE["errors"])
+              outputs=[sf.folder("errors")], code=STEP_CODE["errors"])
     from lesionlab.evaluation.subgroups import subgroup_columns
     from lesionlab.report.evaluation_files import write_subgroups
 
@@ -348,24 +348,24 @@ def _run_study(cfg: StudyConfig, out: Path, archs: list[str], *, data: str | Pat
     if sub_cols:  # subgroup performance over the metadata columns present (sex, age bands, site, ...)
         sub_names = [best, *([ENSEMBLE] if ENSEMBLE in all_names else [])]
         steps.run("subgroups", lambda: write_subgroups(
-            out / "subgroups", yt, {n: pt[n] for n in sub_names}, test_ids, table.df, groups=groups,
+            sf.folder("subgroups"), yt, {n: pt[n] for n in sub_names}, test_ids, table.df, groups=groups,
             columns=sub_cols, n_boot=cfg.eval.bootstrap, ci=cfg.eval.ci, min_images=cfg.eval.subgroup_min_images,
             file_names={n: file_stem(n) for n in sub_names}),
             config={"eval": section(cfg.eval, keep=("bootstrap", "ci", "subgroup_columns", "subgroup_min_images")),
                     "subgroups.columns": sub_cols},  # the columns found in the table, not only those named
             inputs={"metadata": Path(table.source)}, upstream=["split", *prob_steps, "metrics"],
-            outputs=[out / "subgroups"], code=STEP_CODE["subgroups"])
+            outputs=[sf.folder("subgroups")], code=STEP_CODE["subgroups"])
     if cfg.explain.gallery:
-        steps.run("gallery", lambda: make_gallery([runs / file_stem(a) for a in archs], te, yt, pt, best, out / "gallery",
+        steps.run("gallery", lambda: make_gallery([sf.run_dir(a) for a in archs], te, yt, pt, best, sf.folder("gallery"),
                                                   cfg, test_ids),
                   config={"explain": cfg.explain, "train.device": cfg.train.device},
-                  upstream=["split", *train_steps, *prob_steps, "metrics"], outputs=[out / "gallery"],
+                  upstream=["split", *train_steps, *prob_steps, "metrics"], outputs=[sf.folder("gallery")],
                   code=STEP_CODE["gallery"])
     for ext in cfg.external:
-        d = out / "external" / file_stem(ext.name)
+        d = sf.folder("external") / file_stem(ext.name)
         ext_images = sorted(_external_paths(ext.images), key=str) if Path(ext.images).is_dir() else []
         steps.run(f"external {ext.name}", lambda e=ext, d=d: evaluate_external(
-            [runs / file_stem(a) for a in archs], e.images, e.truth, d, cfg, skip_invalid=skip_invalid, progress=progress,
+            [sf.run_dir(a) for a in archs], e.images, e.truth, d, cfg, skip_invalid=skip_invalid, progress=progress,
             trust=sf.trust()),
             config={"external": {"name": ext.name, "images": ext.images, "truth": ext.truth},
                     "eval": section(cfg.eval, drop=("error_class",)), **infer_cfg},
@@ -374,17 +374,17 @@ def _run_study(cfg: StudyConfig, out: Path, archs: list[str], *, data: str | Pat
     if cfg.robustness.enabled:  # lesion consistency (from the stored test predictions) and acquisition robustness
         from lesionlab.workflows.robustness import run_robustness, write_consistency
 
-        steps.run("consistency", lambda: write_consistency(out / "consistency", groups, pt, yt, n_boot=cfg.eval.bootstrap,
+        steps.run("consistency", lambda: write_consistency(sf.folder("consistency"), groups, pt, yt, n_boot=cfg.eval.bootstrap,
                                                            ci=cfg.eval.ci, seed=cfg.robustness.seed),
                   config={"eval": section(cfg.eval, keep=("bootstrap", "ci")), "robustness.seed": cfg.robustness.seed},
-                  upstream=["split", *prob_steps], outputs=[out / "consistency"], code=STEP_CODE["consistency"])
+                  upstream=["split", *prob_steps], outputs=[sf.folder("consistency")], code=STEP_CODE["consistency"])
         te_groups = te["image_id"].map(lesion_of).fillna(te["image_id"]).to_numpy()
-        steps.run("robustness", lambda: run_robustness([runs / file_stem(a) for a in archs], te, out / "robustness", cfg,
+        steps.run("robustness", lambda: run_robustness([sf.run_dir(a) for a in archs], te, sf.folder("robustness"), cfg,
                                                        lesion_ids=te_groups, consistency=False,
                                                        progress=progress),
                   config={"robustness": cfg.robustness, "data.max_image_pixels": cfg.data.max_image_pixels,
                           "train.device": cfg.train.device, "train.precision": cfg.train.precision},
-                  upstream=["split", *train_steps], outputs=[out / "robustness"], code=STEP_CODE["robustness"])
+                  upstream=["split", *train_steps], outputs=[sf.folder("robustness")], code=STEP_CODE["robustness"])
     if cfg.ood.method != "none":  # refusal of unevaluable images: OOD scores in / out for the report's Trust section
         def do_ood():
             from lesionlab.clinic.ood_model import fit_ood
@@ -402,7 +402,7 @@ def _run_study(cfg: StudyConfig, out: Path, archs: list[str], *, data: str | Pat
 
         steps.run("ood", do_ood, config={"ood": cfg.ood, "quality": cfg.quality, "train.device": cfg.train.device,
                                          "train.precision": cfg.train.precision},
-                  upstream=["split", *train_steps], outputs=[out / "ood"], code=STEP_CODE["ood"])
+                  upstream=["split", *train_steps], outputs=[sf.folder("ood")], code=STEP_CODE["ood"])
     t = time.perf_counter()
     steps.record("report", "ran", "always runs (cheap; shows this run's step statuses)", 0.0)
     steps.prune(keep=[Path(data)])  # after the report's record: it is part of every study, never "removed"

@@ -27,9 +27,9 @@ from PIL import Image
 
 from lesionlab import __version__
 from lesionlab.clinic.bundle.manifest import FORMAT_VERSION, MANIFEST, PRECISIONS
+from lesionlab.clinic.screening import ensemble_probabilities, melanoma_flags
 from lesionlab.clinic.trust import fit_bundle_ood, fit_calibration
 from lesionlab.config import StudyConfig
-from lesionlab.evaluation.calibration import calibrate_probs
 from lesionlab.evaluation.ensemble import ENSEMBLE
 from lesionlab.evaluation.metrics import summarize
 from lesionlab.evaluation.operating_points import at_threshold, threshold_for_sensitivity
@@ -130,7 +130,8 @@ def ensemble_test_metrics(study: StudyFolder | None, names: list[str]) -> dict[s
     metrics (with CIs) when the bundle has exactly its models, else computed from the members' test predictions."""
     if study is None or len(names) < 2:
         return None
-    if sorted(names) == sorted(study.trained_models()) and study.metrics_summary(ENSEMBLE):
+    trained = sorted(file_stem(n) for n in unique_names(study.trained_models()))
+    if sorted(names) == trained and study.metrics_summary(ENSEMBLE):
         return {**study.metrics_summary(ENSEMBLE), "source": f"eval/{ENSEMBLE}/metrics.json of {study.root}"}
     if not study.has_probabilities(names, "test"):
         return None
@@ -175,9 +176,8 @@ def _int8_probs(pr: Predictor, body, images: list[Image.Image], tta: bool) -> np
 
 
 def _flags(probs: dict[str, np.ndarray], trust: dict[str, Any] | None, threshold: float) -> np.ndarray:
-    """Melanoma flags of the calibrated ensemble, as the screening pipeline computes them."""
-    t = float(trust["models"][ENSEMBLE]["temperature"]) if trust else 1.0
-    return calibrate_probs(np.mean(list(probs.values()), axis=0), t)[:, CLASS_INDEX["MEL"]] >= threshold
+    """Melanoma flags of the calibrated ensemble, computed by the screening pipeline's own functions."""
+    return melanoma_flags(ensemble_probabilities(probs, trust), threshold)
 
 
 def int8_members(tmp: Path, names: list[str], images: tuple[list[Image.Image], list[Image.Image]],
@@ -244,10 +244,25 @@ def int8_members(tmp: Path, names: list[str], images: tuple[list[Image.Image], l
 
 
 def _partial_folder(out: Path) -> Path:
+    """This run's hidden build folder beside `out`; those of killed runs (their process gone) are removed."""
+    for old in out.parent.glob(f".{out.name}.partial-*"):
+        pid = old.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
     return tmp
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
 
 
 def make_bundle(
@@ -281,6 +296,9 @@ def make_bundle(
         raise UserError(f"--precision {precision!r} must be one of {', '.join(PRECISIONS)}")
     names = [file_stem(n) for n in unique_names(read_meta(ck).get("arch", ck.name) for ck in cks)]
     sf = StudyFolder(study) if study else StudyFolder.of_checkpoint(cks[0])
+    if study and not sf.is_study():
+        raise UserError(f"--study {study} is not a study folder (no steps.json and predictions/ in it); give the "
+                        "folder `lesionlab study --out` wrote")
     uses_validation = threshold is None or (sf is not None and sf.truth_file("val").exists())
     weights = {n: check_member_weights(sf, n, ck) for n, ck in zip(names, cks, strict=True)} \
         if sf is not None and uses_validation else {}
@@ -311,6 +329,8 @@ def make_bundle(
             dest.mkdir(parents=True)
             for f in (WEIGHTS_FILE, META_FILE):
                 shutil.copy2(ck / f, dest / f)
+            if name in weights and sha256_file(dest / WEIGHTS_FILE) != weights[name]:
+                raise UserError(f"{ck / WEIGHTS_FILE} changed while the bundle was being made; make it again")
             meta = read_meta(dest)
             files = [WEIGHTS_FILE, META_FILE]
             if onnx or int8:  # the body as ONNX for the CPU engines (inference/engines), hashed like the weights
@@ -323,7 +343,7 @@ def make_bundle(
                 "name": name, "dir": f"members/{name}", "arch": meta.get("arch"), "timm_id": meta.get("timm_id"),
                 "source": str(ck.resolve()), "epoch": meta.get("epoch"), "pretrained": meta.get("pretrained"),
                 "split_sha256": meta.get("split_sha256"), "weights_validated_by_study": name in weights,
-                "test_metrics": sf.metrics_summary(name) if sf is not None else None, "int8": None, "files": files,
+                "test_metrics": sf.metrics_summary(name) if name in weights else None, "int8": None, "files": files,
             })
         if int8_images is not None:
             for m, (rec, extra) in zip(members, int8_members(tmp, names, int8_images, settings, float(thr["value"]),
@@ -346,7 +366,7 @@ def make_bundle(
             "melanoma_threshold": thr, "inference": settings,
             "quality": asdict(cfg.quality),
             "trust": trust, "ood": ood_entry, "members": members,
-            "ensemble_test_metrics": ensemble_test_metrics(sf, names),
+            "ensemble_test_metrics": ensemble_test_metrics(sf, names) if len(weights) == len(names) else None,
             "intended_use": "Decision support for trained clinicians; not a diagnosis.",
         }
         atomic_write_json(tmp / MANIFEST, manifest)

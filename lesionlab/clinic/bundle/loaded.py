@@ -8,13 +8,24 @@ from typing import Any
 import torch
 from PIL import Image
 
-from lesionlab.clinic.bundle.manifest import MANIFEST, bundle_settings, precision_name, verify_bundle
+from lesionlab.clinic.bundle.manifest import MANIFEST, bundle_settings, verify_bundle
 from lesionlab.clinic.ood_model import OODModel
 from lesionlab.clinic.screening import Screener, explained_class
 from lesionlab.data.quality import thresholds_from_dict
 from lesionlab.exceptions import UserError
 from lesionlab.inference.predictor import Predictor, load_predictors
 from lesionlab.io import sha256_file
+
+
+def usable_files(member: dict[str, Any]) -> list[str]:
+    """The files of a manifest's member entry that may be loaded: all it lists, except an int8 body whose record
+    predates the melanoma-flag check (bundles made before it were checked on top-1 only)."""
+    from lesionlab.inference import engines
+
+    files = list(member["files"])
+    if (member.get("int8") or {}).get("melanoma_flag_agreement") is None:
+        files = [f for f in files if f not in (engines.INT8_FILE, engines.INT8_RECORD)]
+    return files
 
 
 class EnsemblePredictor:
@@ -47,11 +58,12 @@ class EnsemblePredictor:
         members = self.manifest["members"]  # each member loads only the files its manifest entry lists
         self.members: list[Predictor] = load_predictors([self.root / m["dir"] for m in members], device=device,
                                                         precision=run_as, engine=engine,
-                                                        listed_files=[list(m["files"]) for m in members])
+                                                        listed_files=[usable_files(m) for m in members])
         for pr, m in zip(self.members, members, strict=True):
             pr.name = m["name"]
         self.version = sha256_file(self.root / MANIFEST)[:12]
-        self.precision = precision_name(self.members[0].amp)
+        self.precisions = {pr.name: pr.engine_info()["precision"] for pr in self.members}
+        self.precision = next(iter(set(self.precisions.values()))) if len(set(self.precisions.values())) == 1 else "mixed"
         self.tta = self.threshold_settings["tta"]
         ood = self.manifest.get("ood")
         self.screener = Screener(
@@ -75,7 +87,7 @@ class EnsemblePredictor:
     def inference_info(self) -> dict[str, Any]:
         """What predictions run with, and what the threshold was chosen under (for /api/health and answers)."""
         t = self.threshold_settings
-        info = {"tta": self.tta, "precision": self.precision, "engines": self.engines,
+        info = {"tta": self.tta, "precision": self.precision, "engines": self.engines, "precisions": self.precisions,
                 "threshold_chosen_with": {"tta": t["tta"], "precision": t["precision"], "engine": t["engine"]},
                 "note": None}
         if not t["recorded"]:
@@ -83,10 +95,12 @@ class EnsemblePredictor:
                             f"threshold's precision is unknown, running at {self.precision}; re-create the bundle")
         elif t["precision"] is None:
             info["note"] = f"the threshold's precision was not stated when the bundle was made; running at {self.precision}"
-        elif any(e != t["engine"] for e in self.engines.values()):
-            info["note"] = ("some members run on another engine than the one the threshold was chosen with: fp32 "
-                            "engines are verified against fp32 torch at load, int8 bodies against the validated path "
-                            "on top-1 and the melanoma flag when the bundle was made")
+        elif any(e != t["engine"] for e in self.engines.values()) or any(
+                p != t["precision"] for p in self.precisions.values()):
+            info["note"] = (f"the threshold was chosen on the {t['engine']} engine at {t['precision']}; members run on "
+                            f"{', '.join(f'{n}: {self.engines[n]} at {p}' for n, p in self.precisions.items())}. fp32 "
+                            "engines are verified against fp32 torch when loaded; int8 bodies were verified against "
+                            "the validated path on top-1 and the melanoma flag when the bundle was made")
         return info
 
     def resolve_tta(self, tta: bool | None) -> bool:

@@ -6,8 +6,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from lesionlab.exceptions import UserError
 from lesionlab.io import read_json, sha256_file
 from lesionlab.labels import CLASSES
@@ -16,11 +14,6 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 PRECISIONS = ("fp32", "bf16", "fp16")
-
-
-def precision_name(dtype: Any) -> str:
-    """fp32 / bf16 / fp16 for a Predictor's autocast dtype (None = fp32)."""
-    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
 def listed_files(root: Path, manifest: dict[str, Any]) -> set[Path]:

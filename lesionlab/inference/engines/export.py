@@ -3,7 +3,8 @@
 The body is exported once with torch.onnx; a bundle may carry it next to the safetensors (`model.onnx`, hashed like
 the rest), otherwise it is exported into the cache folder (LESIONLAB_CACHE, default ~/.cache/lesionlab) keyed by
 the weights' SHA-256. A bundle member may also carry an int8 body (`model.int8.onnx` with its record `int8.json`),
-shipped only when its top-1 agreement with fp32 on real images reached `INT8_MIN_AGREEMENT`.
+shipped only when it agrees with the validated path on real images, on top-1 and on the melanoma flag at the
+bundle's threshold, at `INT8_MIN_AGREEMENT` (lesionlab.clinic.bundle.build.int8_members).
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ log = logging.getLogger(__name__)
 
 ONNX_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
-INT8_RECORD = "int8.json"  # how the int8 body was calibrated and how often its top-1 agreed with fp32
-INT8_MIN_AGREEMENT = 0.99  # an int8 body is shipped only at >= 99% top-1 agreement with fp32 on real images
+INT8_RECORD = "int8.json"  # how the int8 body was calibrated and how often it agreed with the validated path
+INT8_MIN_AGREEMENT = 0.99  # int8 ships only at >= 99% agreement (top-1 and melanoma flag) on real images
 ONNX_OPSET = 17
 
 
@@ -125,7 +126,7 @@ def quantize_int8(onnx_fp32: str | Path, calibration: np.ndarray, out: str | Pat
     QDQ format, per-channel signed int8 weights, unsigned int8 activations whose ranges come from `calibration`
     (preprocessed images, N x 3 x S x S float32; LesionLab uses validation images). The graph is first run through
     ONNX Runtime's `quant_pre_process` (shape inference, fusions), as its documentation recommends. Whether the
-    result may be used is decided by its top-1 agreement with fp32 (see `top1_agreement`), not here.
+    result may be used is decided by the bundle (top-1 and melanoma-flag agreement), not here.
     """
     import tempfile
 
