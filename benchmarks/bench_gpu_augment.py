@@ -20,6 +20,7 @@ import argparse
 import itertools
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,12 +33,10 @@ from lesionlab.data.gpu_augment import on_device, training_transforms
 from lesionlab.data.transforms import DataSpec
 from lesionlab.io import atomic_write_text
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_train import _sync, throughput  # noqa: E402  one timing loop for both benchmarks
+
 PATHS = {"cpu": "real data path, CPU augmentation", "device": "real data path, GPU augmentation"}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def loader(train, *, path: str, spec: DataSpec, batch: int, workers: int, cache_dir: Path, device: torch.device):
@@ -62,20 +61,6 @@ def batches(dl, device: torch.device):
         for x, y in dl:
             yield runtime.to_device(x, device), y.to(device, non_blocking=True)
         epoch += 1
-
-
-def throughput(step, source, *, batch: int, seconds: float, min_steps: int, warmup: int, device: torch.device) -> dict:
-    """Run `step(x, y)` over `source`: `warmup` steps untimed, then at least `min_steps` steps and `seconds`."""
-    for _ in range(warmup):
-        step(*next(source))
-    _sync(device)
-    n, t0 = 0, time.perf_counter()
-    while n < min_steps or time.perf_counter() - t0 < seconds:
-        step(*next(source))
-        n += 1
-    _sync(device)
-    dt = time.perf_counter() - t0
-    return {"images_per_s": round(n * batch / dt, 1), "steps": n, "seconds": round(dt, 2)}
 
 
 def train_step(arch: str, device: torch.device, *, compiled: bool):
