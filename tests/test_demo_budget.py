@@ -1,8 +1,9 @@
 """`make demo` stays within its time budget: 300 s of study time on 2 cores without AVX-512 or AMX (issue 16).
 
-Nothing here is timed. benchmarks/bench_demo.py counts the image passes a demo config asks for (training images x
-epochs x input pixels per model, robustness conditions x images, OOD images, inference) and prices them at what an
-idle AVX2-only 2-core EPYC takes (fitted to the demo that took 548 s there). The demo config must stay under the
+Nothing here is timed. `estimate()` in benchmarks/bench_demo.py counts the work a demo config asks for (per model:
+optimiser steps, epochs, training images x input pixels; robustness conditions x test images; OOD fit and screened
+images; inference) and prices it at what an idle AVX2-only 2-core EPYC takes (fitted to the demo that took 548 s
+there and to the cut one measured under AVX2 emulation). The demo config must stay under the
 budget with headroom for the model's error, and within the per-kind numbers chosen when it was cut, so a config
 change that makes the first thing a new user runs slower fails here first; and it must stay a demo worth running
 (four models, robustness, refusals, CIs).
