@@ -34,7 +34,7 @@ from lesionlab.data.transforms import DataSpec
 from lesionlab.io import atomic_write_text
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import _sync, throughput  # noqa: E402  one timing loop for both benchmarks
+from bench_train import _sync, throughput, train_step  # noqa: E402  one timed step and loop for both benchmarks
 
 PATHS = {"cpu": "real data path, CPU augmentation", "device": "real data path, GPU augmentation"}
 
@@ -61,25 +61,6 @@ def batches(dl, device: torch.device):
         for x, y in dl:
             yield runtime.to_device(x, device), y.to(device, non_blocking=True)
         epoch += 1
-
-
-def train_step(arch: str, device: torch.device, *, compiled: bool):
-    torch.manual_seed(0)
-    model, _ = models.create_model(arch, pretrained="none")
-    model = runtime.prepare_model(model, device, channels_last=True).train()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    run_model = torch.compile(model) if compiled else model
-    crit = torch.nn.CrossEntropyLoss()
-    amp = torch.bfloat16 if device.type == "cuda" or runtime.cpu_has_bf16() else None
-
-    def step(x, y):
-        with runtime.autocast(device, amp):
-            loss = crit(run_model(x).float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    return step
 
 
 def main() -> None:
@@ -150,7 +131,8 @@ def main() -> None:
         x0 = runtime.to_device(torch.randn(a.batch, 3, a.size, a.size), device)
         y0 = torch.randint(0, 7, (a.batch,)).to(device)
         for compiled in {"off": [False], "on": [True], "both": [False, True]}[a.compile]:
-            step = train_step(out["arch"], device, compiled=compiled)
+            step = train_step(out["arch"], device, compiled=compiled,
+                              amp=torch.bfloat16 if device.type == "cuda" or runtime.cpu_has_bf16() else None)
             tc = time.perf_counter()
             step(x0, y0)  # the first step compiles (and cuDNN picks its algorithms)
             _sync(device)

@@ -119,21 +119,7 @@ def check_mode(a: argparse.Namespace) -> None:
     x0 = torch.randn(a.batch, 3, a.size, a.size)
     y0 = torch.randint(0, 7, (a.batch,))
     for compiled in {"off": [False], "on": [True], "both": [False, True]}[a.compile]:
-        torch.manual_seed(0)
-        model, _ = models.create_model(arch, pretrained="none")
-        model = runtime.prepare_model(model, device, channels_last=True).train()
-        opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-        run_model = torch.compile(model) if compiled else model
-        crit = torch.nn.CrossEntropyLoss()
-
-        def step(x, y, run_model=run_model, opt=opt, crit=crit):
-            x = runtime.to_device(x, device, channels_last=True)
-            y = y.to(device, non_blocking=True)
-            with runtime.autocast(device, torch.bfloat16):
-                loss = crit(run_model(x).float(), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+        step = train_step(arch, device, compiled=compiled)
 
         tc = time.perf_counter()
         step(x0, y0)  # the first step compiles
@@ -149,6 +135,28 @@ def check_mode(a: argparse.Namespace) -> None:
             save()
             print(f"{arch} compile={compiled} {source}: {r['images_per_s']} img/s ({r['steps']} steps)", flush=True)
     save()
+
+
+def train_step(arch: str, device: torch.device, *, compiled: bool, amp: torch.dtype | None = torch.bfloat16):
+    """One Adam step of `arch` (random weights, channels_last, cross-entropy, `amp` autocast) as a function of a
+    batch, which is moved to `device` if it is not there yet (bench_gpu_augment.py times the same step)."""
+    torch.manual_seed(0)
+    model, _ = models.create_model(arch, pretrained="none")
+    model = runtime.prepare_model(model, device, channels_last=True).train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    run_model = torch.compile(model) if compiled else model
+    crit = torch.nn.CrossEntropyLoss()
+
+    def step(x, y):
+        x = runtime.to_device(x, device, channels_last=True)
+        y = y.to(device, non_blocking=True)
+        with runtime.autocast(device, amp):
+            loss = crit(run_model(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
 
 
 def main() -> None:
