@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 $(STAMP): pyproject.toml requirements.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c requirements.lock -e '.[serve,test,bench,engines]'
+	$(BIN)/python -m pip install -q -c requirements.lock -e '.[serve,test,bench,engines,postgres]'
 	@touch $(STAMP)
 
 demo: $(STAMP)

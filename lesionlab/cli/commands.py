@@ -1,41 +1,14 @@
-"""Command line: argument parsing only; every command calls library functions."""
+"""The core sub-commands: data, training, studies, evaluation, bundles, prediction and the service."""
 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from lesionlab import __version__
+from lesionlab.cli.registry import _config_args, _data_args, command
 from lesionlab.exceptions import UserError
-
-COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
-
-
-def command(name: str, help: str):
-    """Register `add_args(parser)` + `run(args)` for a sub-command (a registry, not if/elif)."""
-
-    def deco(fn):
-        COMMANDS[name] = (fn, help)
-        return fn
-
-    return deco
-
-
-def _data_args(p: argparse.ArgumentParser, required: bool = False) -> None:
-    p.add_argument("--data", type=Path, required=required, help="dataset folder (images anywhere below it)")
-    p.add_argument("--metadata", type=Path, help="HAM10000 metadata CSV or ISIC ground-truth CSV (default: found in --data)")
-    p.add_argument("--groupings", type=Path, help="ISIC lesion groupings CSV (image, lesion_id)")
-    p.add_argument("--skip-invalid", action="store_true", help="leave out invalid rows/images (listed in a CSV) instead of stopping")
-
-
-def _config_args(p: argparse.ArgumentParser, default: str | None = "paper") -> None:
-    p.add_argument("--config", default=default, help="YAML config path or a shipped name: paper, demo")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a config value, e.g. --set train.epochs=5 (repeatable)")
-
 
 # ----------------------------------------------------------------------------- foundation
 
@@ -639,40 +612,3 @@ def _serve(p: argparse.ArgumentParser):
     return run
 
 
-# ----------------------------------------------------------------------------- entry point
-
-
-def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argparse.Namespace], int]]]:
-    parser = argparse.ArgumentParser(
-        prog="lesionlab",
-        description="LesionLab: dermoscopy lesion classification. Decision support for clinicians, not a diagnosis.",
-    )
-    parser.add_argument("--version", action="version", version=f"lesionlab {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="show debug logging and tracebacks")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    runners = {}
-    for name, (add, help_) in COMMANDS.items():
-        sp = sub.add_parser(name, help=help_, description=help_)
-        runners[name] = add(sp)
-    return parser, runners
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser, runners = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
-    if not args.command:
-        parser.print_help()
-        return 2
-    try:
-        return int(runners[args.command](args) or 0)
-    except UserError as e:
-        print(f"lesionlab {args.command}: error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print(f"lesionlab {args.command}: interrupted", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from lesionlab.cli.main import main
+
+sys.exit(main())
