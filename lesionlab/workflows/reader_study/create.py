@@ -9,6 +9,7 @@ clinician page makes (`EnsemblePredictor.predict`, then `.explain` for the heatm
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import logging
@@ -25,6 +26,7 @@ from PIL import Image
 from lesionlab.exceptions import UserError
 from lesionlab.labels import CLASSES, MALIGNANT
 from lesionlab.workflows.reader_study.db import Admin, Case, Reader, ReaderDB, Study, utcnow
+from lesionlab.workflows.reader_study.errors import Conflict
 from lesionlab.workflows.reader_study.reading import SCALES, check_admin, has_admin, study_named
 from lesionlab.workflows.reader_study.tokens import new_token, token_hash
 
@@ -151,6 +153,15 @@ def _jpeg(image: Image.Image) -> bytes:
 # ----------------------------------------------------------------------------- the study
 
 
+def case_keys(study: str, seed: int, n: int) -> list[str]:
+    """Opaque case ids: they reveal neither the class nor the image id, and differ between studies (so a case id
+    of another study is unknown here, answered 404, never taken for one of this study's cases)."""
+    keys = [f"c{hashlib.sha256(f'{study}|{seed}|{k}'.encode()).hexdigest()[:10]}" for k in range(n)]
+    if len(set(keys)) != n:  # 40 bits: a clash is astronomically unlikely, but must never pass silently
+        raise UserError(f"study {study!r}: case ids clash; choose another --seed")
+    return keys
+
+
 def _check_names(names: Iterable[str]) -> list[str]:
     out = [str(x).strip() for x in names]
     bad = [x for x in out if not x or len(x) > 200 or any(ch in x for ch in "\n\r\t")]
@@ -181,7 +192,7 @@ def add_readers(s: sa.orm.Session, study: Study, names: Iterable[str]) -> dict[s
     taken = set(s.scalars(sa.select(Reader.name).where(Reader.study_id == study.id)))
     clash = [x for x in names if x in taken]
     if clash:
-        raise UserError(f"reader {clash[0]!r} is already invited to study {study.name!r}")
+        raise Conflict(f"reader {clash[0]!r} is already invited to study {study.name!r}")
     k = len(taken)
     out = {}
     for name in names:
@@ -263,8 +274,7 @@ def create_study(
         rows.append({"image_id": str(r.image_id), "truth": r.label, "image": _jpeg(im), "ai": answer, **ai_summary(answer)})
         if (k + 1) % 20 == 0:
             log.info("reader study %s: %d/%d cases prepared", name, k + 1, len(cases))
-    keys = np.random.default_rng(seed).permutation(len(rows))  # case keys reveal neither class nor image id
-    width = max(3, len(str(len(rows))))
+    keys = case_keys(name, seed, len(rows))
     bundle_info = None
     if ens is not None:
         bundle_info = {"version": ens.version, "members": [m.name for m in ens.members],
@@ -280,6 +290,6 @@ def create_study(
         except sa.exc.IntegrityError:
             raise UserError(f"a reader study named {name!r} already exists in this database; choose another --name") from None
         for pos, (row, key) in enumerate(zip(rows, keys, strict=True)):
-            s.add(Case(study_id=study.id, key=f"c{int(key) + 1:0{width}d}", position=pos, image_type="image/jpeg", **row))
+            s.add(Case(study_id=study.id, key=key, position=pos, image_type="image/jpeg", **row))
         invitations = add_readers(s, study, names)
     return CreatedStudy(name=name, cases=len(rows), admin_token=new_admin, invitations=invitations)
