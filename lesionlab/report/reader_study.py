@@ -201,6 +201,11 @@ POOLED_COLUMNS = ("modality", "readers", "sensitivity", "specificity", "excise_s
                   "auc", "accuracy")
 
 
+def figures_of(summary: dict[str, Any]) -> dict[str, Path]:
+    """The figure files `run_analysis` wrote (key -> path), from its summary."""
+    return {k.removeprefix("figure_"): Path(v) for k, v in summary.get("files", {}).items() if k.startswith("figure_")}
+
+
 def add_reader_study_section(rep: Report, summary: dict[str, Any], figures: Mapping[str, Path], *,
                              md_dir: str = "", level: int = 2) -> None:
     """Write the reader-study section (tables, MRMC results, figures) into `rep`.
