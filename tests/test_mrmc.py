@@ -182,3 +182,13 @@ def test_too_few_readers_or_cases_refused():
         or_rrrc(truth, np.zeros((2, 1, 4)), modalities=["a", "b"], readers=["r"])
     with pytest.raises(ValueError, match="two positive"):
         auc_and_jackknife(np.array([0, 0, 1]), np.array([1.0, 2.0, 3.0]))
+
+
+def test_no_reader_by_modality_variation_uses_the_chi_square_limit():
+    # every reader gains exactly the same AUC: MS(T*R) = 0, ddf infinite, F's limit is chi-square on df1
+    truth = np.array([0, 0, 0, 1, 1, 1])
+    base = np.array([[1, 2, 3, 2, 3, 4], [1, 3, 2, 2, 4, 3]], float)
+    better = base + np.array([0, 0, 0, 2, 2, 2])
+    r = or_rrrc(truth, np.stack([better, base]), modalities=["b", "a"], readers=["x", "y"])
+    assert r.ms_tr == pytest.approx(0, abs=1e-15) and np.isinf(r.ddf)
+    assert 0 <= r.p_value <= 1 and r.differences[0].estimate > 0

@@ -247,7 +247,12 @@ def or_rrrc(truth: np.ndarray, ratings: np.ndarray, *, modalities: Sequence[str]
     den = ms_tr + n_rdr * max(c["cov2"] - c["cov3"], 0.0)
     f = ms_t / den if den > 0 else float("nan")
     ddf = den ** 2 / (ms_tr ** 2 / ((n_mod - 1) * (n_rdr - 1))) if ms_tr > 0 else float("inf")
-    p = float(stats.f.sf(f, n_mod - 1, ddf)) if np.isfinite(f) else float("nan")
+    if not np.isfinite(f):
+        p = float("nan")
+    elif np.isinf(ddf):  # no reader-by-modality variation: the F test's limit is chi-square (scipy's F gives NaN)
+        p = float(stats.chi2.sf(f * (n_mod - 1), n_mod - 1))
+    else:
+        p = float(stats.f.sf(f, n_mod - 1, ddf))
     # Variance components by the method of moments (Hillis 2008 / MRMCaov "reader" and "treatment:reader").
     var_tr = ms_tr - c["var"] + c["cov1"] + c["cov2"] - c["cov3"]
     var_r = (ms_r - var_tr - c["var"] - (n_mod - 1) * c["cov1"] + c["cov2"] + (n_mod - 1) * c["cov3"]) / n_mod

@@ -226,7 +226,10 @@ def _overview(reads: pd.DataFrame, simulated: bool) -> str:
 
 
 def _analyse_full(reads: pd.DataFrame, cases: pd.DataFrame | None, simulated: bool) -> tuple[dict, dict]:
-    cases = cases_from_reads(reads) if cases is None or cases.empty else cases
+    if cases is None or cases.empty:
+        cases = cases_from_reads(reads)
+    else:  # the model on the cases that were read (a study in progress has unread cases)
+        cases = cases[cases["case"].astype(str).isin(set(reads["case"].astype(str)))]
     present = [m for m in MODALITIES if (reads["modality"] == m).any()]
     order = [m for m in ("aided", "unaided") if m in present]  # differences read aided - unaided
     tasks: dict[str, Any] = {}
@@ -286,6 +289,8 @@ def _analyse_full(reads: pd.DataFrame, cases: pd.DataFrame | None, simulated: bo
 
 def _analyse_long(reads: pd.DataFrame, simulated: bool) -> tuple[dict, dict]:
     modalities = list(dict.fromkeys(reads["modality"]))
+    if set(modalities) == set(MODALITIES):
+        modalities = ["aided", "unaided"]  # differences read aided - unaided, as for the full reads table
     rows = []
     for (reader, modality), g in reads.groupby(["reader", "modality"], sort=False):
         t = g["truth"].to_numpy(bool)
