@@ -378,6 +378,9 @@ def _evaluate_external(p: argparse.ArgumentParser):
         for n, v in s["models"].items():
             print(f"{n}: accuracy {v['accuracy']:.3f}, balanced accuracy {v['balanced_accuracy']:.3f}, macro AUC "
                   + (f"{v['macro']['auc']:.3f}" if v["macro"]["auc"] is not None else "n/a"))
+        if s.get("dicom_metadata"):
+            print(f"{s['dicom_images']} DICOM image(s): their header metadata is in {s['dicom_metadata']} "
+                  "(pass it to `lesionlab subgroups --metadata` to split by device or polarization)")
         print(f"wrote {a.out}")
         return 0
 
@@ -550,7 +553,8 @@ def _predict(p: argparse.ArgumentParser):
     p.add_argument("--research", action="store_true",
                    help="research use only: also give the models' output for images refused as unevaluable")
     p.add_argument("--metadata", type=Path, help="for metadata-fusion bundles: CSV with image_id (file name without "
-                   "extension) and age, sex, localization (or site) columns")
+                   "extension) and age, sex, localization (or site) columns; a DICOM file's header gives them too, "
+                   "and a value given here or by --age/--sex/--site wins over the header's")
     p.add_argument("--age", help="patient age for every image given (metadata-fusion bundles)")
     p.add_argument("--sex", help="patient sex for every image given: male or female")
     p.add_argument("--site", help="body site for every image given, e.g. back, face, lower extremity")
@@ -573,8 +577,19 @@ def _predict(p: argparse.ArgumentParser):
         print(f"lesionlab predict: TTA {'on' if inf['tta'] else 'off'}, {inf['precision']}, as the bundle's threshold "
               f"was chosen; engine {engines}" + (f" (note: {inf['note']})" if inf["note"] else ""), file=sys.stderr)
         res = predict_files(ens, a.images, batch_size=a.batch_size, tta=tta, research=a.research,
-                            metadata_for=metadata_for, explain_dir=a.explain, warn=_warner("predict"))
-        print(format_results(res.rows, a.format))
+                            metadata_for=metadata_for, explain_dir=a.explain, sr_dir=a.sr_dir,
+                            warn=_warner("predict"))
+        if a.format == "fhir":
+            import json
+
+            from lesionlab.clinic.fhir import fhir_bundle
+
+            print(json.dumps(fhir_bundle(res.rows, bundle_info={"path": str(a.bundle)}, patient_ref=a.patient),
+                             indent=2))
+        else:
+            print(format_results(res.rows, a.format))
+        if res.reports:
+            print(f"lesionlab predict: wrote {len(res.reports)} DICOM SR(s) to {a.sr_dir}", file=sys.stderr)
         print("Decision support, not a diagnosis: a clinician must examine every lesion.", file=sys.stderr)
         if res.failed:
             print(f"lesionlab predict: {len(res.failed)} of {res.inputs} input(s) failed", file=sys.stderr)

@@ -3,17 +3,23 @@
 Images are read and predicted batch by batch, each with its metadata (for metadata-fusion bundles) and, if asked,
 a Grad-CAM overlay; the result has one row per input in the order given (unreadable files and image-less folders
 as `{"image", "error"}` rows) and the command's exit status.
+
+DICOM inputs: the row carries the header under `dicom` (UIDs, patient fields, acquisition attributes:
+lesionlab.data.dicom.DicomInfo.to_dict); for a metadata-fusion bundle the header's age, sex and body site are the
+image's metadata, and metadata given explicitly (the `--age/--sex/--site` values, a `--metadata` CSV row) wins
+over the header field by field; with `sr_dir`, a DICOM Structured Report per DICOM input is written there.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lesionlab.clinic.bundle import EnsemblePredictor
-from lesionlab.data.image_files import expand_images, readable_images
+from lesionlab.data.image_files import expand_images, readable_inputs
+from lesionlab.data.images import Decoded
 from lesionlab.data.metadata import lookup_rows, read_metadata
 from lesionlab.exceptions import UserError
 from lesionlab.explain.overlay import overlay, save_png
@@ -46,6 +52,7 @@ class FileResults:
     rows: list[dict[str, Any]]
     failed: list[tuple[Path, str]]
     inputs: int  # image files found, plus image-less folders
+    reports: list[Path] = field(default_factory=list)  # DICOM SRs written
 
     @property
     def refused(self) -> int:
@@ -57,14 +64,30 @@ class FileResults:
         return 1 if self.failed else 3 if self.refused else 0
 
 
+def uses_metadata(ens: EnsemblePredictor) -> bool:
+    """Whether any member of the bundle is a metadata-fusion model."""
+    return any(pr.encoding is not None for pr in ens.members)
+
+
+def batch_metadata(decoded: list[Decoded], explicit: list[dict] | None, *, use_headers: bool) -> list[dict] | None:
+    """Per-image metadata: the file's own (a DICOM header's age, sex, localization; only with `use_headers`), then
+    the explicit values over it field by field; None when there is none at all (answers then say nothing about it)."""
+    headers = [d.metadata() if use_headers else {} for d in decoded]
+    if explicit is None and not any(headers):
+        return None
+    return [{**h, **e} for h, e in zip(headers, explicit or [{} for _ in decoded], strict=True)]
+
+
 def predict_files(ens: EnsemblePredictor, items: list[Path], *, batch_size: int, tta: bool, research: bool = False,
                   metadata_for: MetadataFor | None = None, explain_dir: Path | None = None,
-                  warn: Callable[[str], None] = lambda _: None) -> FileResults:
+                  sr_dir: Path | None = None, warn: Callable[[str], None] = lambda _: None) -> FileResults:
     """Predict every image file in `items` (folders expanded), `batch_size` images at a time.
 
     Args:
-        metadata_for: per-image metadata for a batch of paths (`metadata_lookup`).
+        metadata_for: per-image explicit metadata for a batch of paths (`metadata_lookup`); wins over a DICOM
+            header's.
         explain_dir: write a Grad-CAM overlay of the ensemble per evaluated image here.
+        sr_dir: write a DICOM Structured Report (`<file stem>_sr.dcm`) per DICOM input here.
         warn: receives one line per problem and per metadata note, as they happen.
 
     Raises:
@@ -75,19 +98,30 @@ def predict_files(ens: EnsemblePredictor, items: list[Path], *, batch_size: int,
     if not paths:
         raise UserError("no images found in the given paths")
     rows: list[dict] = []
+    reports: list[Path] = []
+    use_headers = uses_metadata(ens)
     for start in range(0, len(paths), batch_size):
-        loaded = list(readable_images(paths[start : start + batch_size], failed, warn))
-        ok_paths, batch = [p for p, _ in loaded], [im for _, im in loaded]
-        results = ens.predict(batch, tta=tta, research=research,
-                              metadata=metadata_for(ok_paths) if metadata_for else None)
-        for path, im, res in zip(ok_paths, batch, results, strict=True):
+        loaded = list(readable_inputs(paths[start : start + batch_size], failed, warn))
+        ok_paths, decoded = [p for p, _ in loaded], [d for _, d in loaded]
+        batch = [d.image for d in decoded]
+        meta = batch_metadata(decoded, metadata_for(ok_paths) if metadata_for else None, use_headers=use_headers)
+        results = ens.predict(batch, tta=tta, research=research, metadata=meta)
+        for path, d, res in zip(ok_paths, decoded, results, strict=True):
             if res.get("metadata", {}).get("note"):
                 warn(f"{path}: {res['metadata']['note']}")
-            rows.append({"image": str(path), **res})
+            row = {"image": str(path), **res}
+            if d.dicom is not None:
+                row["dicom"] = d.dicom.to_dict()
+            rows.append(row)
             if explain_dir and res["status"] == "ok":
-                ex = ens.explain(im, res)  # the class the answer shows (screening.explained_class)
+                ex = ens.explain(d.image, res)  # the class the answer shows (screening.explained_class)
                 save_png(overlay(ex.display, ex.ensemble), explain_dir / f"{path.stem}_gradcam_{ex.cls}.png")
+            if sr_dir is not None and d.dicom is not None:
+                from lesionlab.clinic.dicom_sr import write_structured_report
+
+                reports.append(write_structured_report(res, d.dicom.header, sr_dir / f"{path.stem}_sr.dcm"))
     rows += [{"image": str(p), "error": err} for p, err in failed]
     order = {str(p): i for i, p in enumerate(paths)}  # image-less folders (not in paths) first
     rows.sort(key=lambda r: order.get(r["image"], -1))
-    return FileResults(rows=rows, failed=failed, inputs=len(paths) + sum(str(p) not in order for p, _ in failed))
+    return FileResults(rows=rows, failed=failed, inputs=len(paths) + sum(str(p) not in order for p, _ in failed),
+                       reports=reports)

@@ -1,4 +1,11 @@
-"""External validation: each model and their ensemble on an image set from elsewhere, with the study's trust parts."""
+"""External validation: each model and their ensemble on an image set from elsewhere, with the study's trust parts.
+
+DICOM images in the set (`.dcm`, or named without a suffix and found by their preamble) are decoded like any image;
+their headers are written to `dicom_metadata.csv` (image_id, age, sex, localization, body_site, manufacturer,
+device_model, polarization, contact_method, immersion_media, magnification, ..., UIDs), the table to pass to
+`lesionlab subgroups --metadata` to split the external results by device or polarisation, and a metadata-fusion
+model reads each image's age, sex and localization from it.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +15,11 @@ from typing import Any
 import numpy as np
 
 from lesionlab.config import StudyConfig
+from lesionlab.data.dicom import header_table
 from lesionlab.data.subsets import external_table
 from lesionlab.evaluation.ensemble import ENSEMBLE
 from lesionlab.evaluation.trust import trust_metrics
-from lesionlab.io import atomic_write_json
+from lesionlab.io import atomic_write_csv, atomic_write_json
 from lesionlab.labels import CLASS_INDEX, CLASSES
 from lesionlab.models import file_stem
 from lesionlab.study_folder import StudyFolder
@@ -31,13 +39,22 @@ def evaluate_external(checkpoints: list[Path], images: str | Path, truth: str | 
 
     out = Path(out_dir)
     df = external_table(images, truth, skip_invalid=skip_invalid)
+    headers = header_table(list(df["path"]))
+    if headers is not None:
+        atomic_write_csv(out / "dicom_metadata.csv", headers)
+        by_id = headers.set_index("image_id")
+        for col in ("age", "sex", "localization"):  # what a fused model reads from its frame
+            if col in by_id.columns and col not in df.columns:
+                df[col] = df["image_id"].map(by_id[col])
     probs = predict_split_files(checkpoints, df, StudyFolder(out), "external", cfg, progress=progress, record=False)
     if len(probs) > 1:
         probs[ENSEMBLE] = mean_probabilities(list(probs.values()))
     y = np.array([CLASS_INDEX[c] for c in df["label"]])
     summary = {"images": str(images), "truth": str(truth), "n": len(df),
                "classes_present": [c for c in CLASSES if (df["label"] == c).any()],
-               "classes_absent": [c for c in CLASSES if not (df["label"] == c).any()], "models": {}}
+               "classes_absent": [c for c in CLASSES if not (df["label"] == c).any()], "models": {},
+               "dicom_images": 0 if headers is None else len(headers),
+               "dicom_metadata": None if headers is None else str(out / "dicom_metadata.csv")}
     for n, p in probs.items():
         m = evaluate_arrays(y, p, cfg=cfg.eval)
         if trust is not None and n in trust["models"]:
