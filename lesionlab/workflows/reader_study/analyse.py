@@ -365,7 +365,7 @@ def run_analysis(reads: pd.DataFrame, cases: pd.DataFrame | None, out_dir: Path,
     summary = {"simulated": bool(simulated), **summary}
     out_dir.mkdir(parents=True, exist_ok=True)
     figs = write_figures(plots, out_dir, simulated=simulated)
-    title = "Reader study" + (" - SIMULATED readers" if simulated else "")
+    title = "Reader-study analysis" + (" - SIMULATED readers" if simulated else "")
     rep = Report(title)
     add_reader_study_section(rep, summary, figs, level=2)
     files = {"markdown": out_dir / "reader_study.md", "html": out_dir / "reader_study.html",
