@@ -1,98 +1,223 @@
-"""Load test of `lesionlab serve` on loopback: N concurrent clients for a bounded time; p50/p95 latency, errors, memory.
+"""Load test of `lesionlab serve` on loopback (issue 17): many clients, mixed 600x450 and 48-MP uploads, explain on.
 
-    python benchmarks/bench_service.py [--bundle BUNDLE] [--clients 4] [--seconds 30]
-Without --bundle it builds one from the four paper architectures (random weights: speed does not depend on them).
-Traffic goes to 127.0.0.1 only, and the test stops by itself.
+    python benchmarks/bench_service.py --clients 50 --seconds 60 [--bundle BUNDLE] [--size 224]
+
+Without --bundle it builds one from the four paper architectures (random weights: speed does not depend on
+them). The server runs with tokens, its default workers/queue/deadline, and an audit log; the test checks that no
+answer is a 5xx other than 503, and reads the server's peak resident memory (VmHWM) against the bound it states.
+`run_load` is also what tests/test_serve_clinic.py runs at a small size. Traffic goes to 127.0.0.1 only.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import concurrent.futures as cf
 import io
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import numpy as np
-from _common import machine, untrained_checkpoints, write_section
 from PIL import Image
 
-from lesionlab import models
-from lesionlab.clinic.bundle import make_bundle
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def build_bundle(tmp: Path, size: int) -> Path:
-    make_bundle(untrained_checkpoints(tmp / "runs", size), tmp / "bundle", threshold=0.3)
-    return tmp / "bundle"
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
-def rss_mb(pid: int) -> float:
+def jpeg(w: int, h: int, seed: int = 0, quality: int = 90) -> bytes:
+    """A smooth skin-toned photo with a dark blob and mild noise (a 48-MP one compresses to a few MB, like a
+    dermatoscope's JPEG; pure noise would not)."""
+    rng = np.random.default_rng(seed)
+    small = np.zeros((max(h // 16, 8), max(w // 16, 8), 3), np.float32)
+    yy, xx = np.mgrid[0:small.shape[0], 0:small.shape[1]]
+    r = np.hypot((yy - small.shape[0] / 2) / small.shape[0], (xx - small.shape[1] / 2) / small.shape[1])
+    small[...] = np.array([205, 160, 140]) - (r < 0.22)[..., None] * np.array([120, 100, 90])
+    small += rng.normal(0, 12, small.shape)
+    im = Image.fromarray(small.clip(0, 255).astype(np.uint8)).resize((w, h), Image.Resampling.BILINEAR)
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def peak_rss_mb(pid: int) -> float:
+    """The process's peak resident set (VmHWM), MB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS"):
+        if line.startswith("VmHWM"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
 
+class Server:
+    """`lesionlab serve` in a subprocess on a free loopback port; stopped with SIGTERM (graceful drain)."""
+
+    def __init__(self, bundle: Path, *, token_file: Path, audit_log: Path, extra: list[str] = (),
+                 https: tuple[Path, Path] | None = None):
+        self.port = free_port()
+        cmd = [sys.executable, "-m", "lesionlab.cli", "serve", "--bundle", str(bundle), "--port", str(self.port),
+               "--device", "cpu", "--engine", "torch", "--tokens", str(token_file), "--audit-log", str(audit_log),
+               *extra]
+        if https:
+            cmd += ["--ssl-certfile", str(https[0]), "--ssl-keyfile", str(https[1])]
+        self.base = f"{'https' if https else 'http'}://127.0.0.1:{self.port}"
+        self.log = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        self.verify = str(https[0]) if https else True
+
+    def wait_ready(self, timeout: float = 180) -> None:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}: {self.output()}")
+            try:
+                if httpx.get(self.base + "/readyz", timeout=2, verify=self.verify).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise RuntimeError(f"server not ready after {timeout} s: {self.output()}")
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")[-3000:]
+
+    def stop(self, timeout: float = 120) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=timeout)
+
+
+@dataclass
+class LoadResult:
+    statuses: collections.Counter = field(default_factory=collections.Counter)
+    latencies: dict[str, list[float]] = field(default_factory=lambda: collections.defaultdict(list))
+    wall_s: float = 0.0
+    transport_errors: int = 0
+
+    @property
+    def requests(self) -> int:
+        return sum(self.statuses.values())
+
+    def bad_5xx(self) -> int:
+        return sum(n for s, n in self.statuses.items() if s >= 500 and s != 503)
+
+
+def run_load(base: str, token: str, payloads: dict[str, bytes], *, clients: int, seconds: float,
+             verify=True, mix: dict[str, float] | None = None, seed: int = 0) -> LoadResult:
+    """`clients` threads posting `payloads` (chosen by `mix` weights) with explain on, for `seconds`."""
+    names = list(payloads)
+    weights = np.array([(mix or {}).get(n, 1.0) for n in names], float)
+    weights /= weights.sum()
+    res = LoadResult()
+    end = time.perf_counter() + seconds
+
+    def client(i: int) -> None:
+        rng = np.random.default_rng(seed + i)
+        with httpx.Client(timeout=600, verify=verify, headers={"Authorization": f"Bearer {token}"}) as c:
+            while time.perf_counter() < end:
+                name = names[rng.choice(len(names), p=weights)]
+                t = time.perf_counter()
+                try:
+                    r = c.post(base + "/api/predict?explain=true",
+                               files={"image": (f"{name}.jpg", payloads[name], "image/jpeg")})
+                except httpx.HTTPError:
+                    res.transport_errors += 1
+                    continue
+                res.statuses[r.status_code] += 1
+                if r.status_code == 503:
+                    time.sleep(min(float(r.headers.get("retry-after", 1)), 2.0) * rng.uniform(0.5, 1.0))
+                else:
+                    res.latencies[name].append(time.perf_counter() - t)
+
+    t0 = time.perf_counter()
+    with cf.ThreadPoolExecutor(clients) as pool:
+        list(pool.map(client, range(clients)))
+    res.wall_s = time.perf_counter() - t0
+    return res
+
+
+def make_token(file: Path) -> str:
+    out = subprocess.run([sys.executable, "-m", "lesionlab.cli", "tokens", "add", "load-test", "--file", str(file)],
+                         capture_output=True, text=True, check=True)
+    return out.stdout.strip().splitlines()[-1]
+
+
 def main() -> None:
+    from _common import machine, untrained_checkpoints, write_section
+
+    from lesionlab import models
+    from lesionlab.clinic.bundle import make_bundle
+
     ap = argparse.ArgumentParser()
     ap.add_argument("--bundle", type=Path)
-    ap.add_argument("--clients", type=int, default=4)
-    ap.add_argument("--seconds", type=float, default=30)
+    ap.add_argument("--clients", type=int, default=50)
+    ap.add_argument("--seconds", type=float, default=60)
     ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--queue", type=int, default=8)
+    ap.add_argument("--big-share", type=float, default=0.2, help="share of 48-MP uploads")
+    ap.add_argument("--write", action="store_true", help="write the result into docs/benchmarks.md")
     a = ap.parse_args()
     tmp = Path(tempfile.mkdtemp())
-    bundle = a.bundle or build_bundle(tmp, a.size)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "lesionlab.cli", "serve", "--bundle", str(bundle), "--port", str(port),
-                               "--device", "cpu"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
+    bundle = a.bundle
+    if bundle is None:
+        make_bundle(untrained_checkpoints(tmp / "runs", a.size), tmp / "bundle", threshold=0.3)
+        bundle = tmp / "bundle"
+    token = make_token(tmp / "tokens.json")
+    payloads = {"600x450": jpeg(600, 450, 1), "48MP": jpeg(8000, 6000, 2)}
+    server = Server(bundle, token_file=tmp / "tokens.json", audit_log=tmp / "audit.jsonl",
+                    extra=["--workers", str(a.workers), "--queue", str(a.queue), "--max-upload-mb", "30"])
     try:
-        for _ in range(600):
-            try:
-                if httpx.get(base + "/api/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        rss0 = rss_mb(server.pid)
-        buf = io.BytesIO()
-        Image.fromarray(np.random.default_rng(0).integers(0, 255, (450, 600, 3), dtype=np.uint8)).save(buf, "JPEG")
-        payload = buf.getvalue()
-        deadline = time.perf_counter() + a.seconds
-
-        def client(_):
-            lat, errors = [], 0
-            with httpx.Client(timeout=60) as c:
-                while time.perf_counter() < deadline:
-                    t = time.perf_counter()
-                    r = c.post(base + "/api/predict", files={"image": ("x.jpg", payload, "image/jpeg")})
-                    lat.append(time.perf_counter() - t)
-                    errors += r.status_code != 200
-            return lat, errors
-
-        t0 = time.perf_counter()
-        with cf.ThreadPoolExecutor(a.clients) as pool:
-            results = list(pool.map(client, range(a.clients)))
-        wall = time.perf_counter() - t0
-        lat = np.concatenate([r[0] for r in results])
-        errors = sum(r[1] for r in results)
-        rss1 = rss_mb(server.pid)
+        server.wait_ready()
+        idle = peak_rss_mb(server.proc.pid)
+        res = run_load(server.base, token, payloads, clients=a.clients, seconds=a.seconds,
+                       mix={"600x450": 1 - a.big_share, "48MP": a.big_share})
+        peak = peak_rss_mb(server.proc.pid)
     finally:
-        server.terminate()
-        server.wait(timeout=30)
-    lines = [f"## Service load test (loopback, {a.clients} concurrent clients, {a.seconds:.0f} s, 600x450 JPEG, "
-             f"{len(models.PAPER_ARCHS)}-model ensemble at {a.size}x{a.size})", "", f"Machine: {machine()}", "",
-             "| requests | errors | throughput | p50 latency | p95 latency | server RSS before / after |", "|---:|---:|---:|---:|---:|---:|",
-             f"| {len(lat)} | {errors} | {len(lat) / wall:.2f} req/s | {np.percentile(lat, 50) * 1000:.0f} ms | "
-             f"{np.percentile(lat, 95) * 1000:.0f} ms | {rss0:.0f} / {rss1:.0f} MB |", "",
-             "Requests queue behind each other on 2 cores: latency under load is roughly clients x single-request time."]
-    write_section("service", "\n".join(lines))
+        code = server.stop()
+    audit_lines = (tmp / "audit.jsonl").read_text().count("\n")
+    # The bound: each admitted request holds one upload; each worker at most a decoded 50-MP RGB image and its
+    # working copies (about 4 x 150 MB), on top of the idle server.
+    bound = idle + (a.workers + a.queue) * 30 + a.workers * 4 * 150
+    ok = {n: np.array(v) for n, v in res.latencies.items() if v}
+    served = sum(res.statuses[s] for s in res.statuses if s != 503)
+    lines = [
+        f"## Service load test (loopback, {a.clients} clients for {a.seconds:.0f} s, explain on, "
+        f"{1 - a.big_share:.0%} 600x450 / {a.big_share:.0%} 48-MP JPEG uploads, "
+        f"{len(models.PAPER_ARCHS) if a.bundle is None else 'given'}-model bundle at {a.size} px, "
+        f"{a.workers} workers, queue {a.queue})", "",
+        f"Machine: {machine()}", "",
+        f"Command: `python benchmarks/bench_service.py --clients {a.clients} --seconds {a.seconds:.0f} "
+        f"--size {a.size} --workers {a.workers} --queue {a.queue} --write`", "",
+        "| answers | by status | 5xx other than 503 | transport errors | served throughput | server exit |",
+        "|---:|---|---:|---:|---:|---:|",
+        f"| {res.requests} | {dict(sorted(res.statuses.items()))} | {res.bad_5xx()} | {res.transport_errors} | "
+        f"{served / res.wall_s:.2f} req/s | {code} |", "",
+        "| upload | served | p50 latency | p95 latency |", "|---|---:|---:|---:|",
+        *[f"| {n} | {len(v)} | {np.percentile(v, 50):.2f} s | {np.percentile(v, 95):.2f} s |" for n, v in ok.items()],
+        "",
+        f"Memory: server peak RSS {peak:.0f} MB (idle {idle:.0f} MB) against the stated bound of {bound:.0f} MB "
+        f"(idle + (workers + queue) x 30 MB uploads + workers x 600 MB for a decoded 50-MP image and its working "
+        f"copies). Audit log: {audit_lines} lines. Latency counts only served (non-503) answers; a 503 carries "
+        "Retry-After and the client waits before trying again.",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    if a.write:
+        write_section("service", text)
+    if res.bad_5xx() or code not in (0, -signal.SIGTERM):
+        sys.exit(1)
 
 
 if __name__ == "__main__":

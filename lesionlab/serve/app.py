@@ -1,31 +1,57 @@
-"""FastAPI app: POST /api/predict, GET /api/health, GET / (the clinician page). Thin over bundle/explain."""
+"""FastAPI app: the clinician page and its API, thin over the clinic pipeline (`clinic.bundle`, `clinic.screening`).
+
+Endpoints: `POST /api/predict`, `GET /api/health`, `GET /livez`, `GET /readyz`, `GET /metrics`, `GET /` (page),
+`GET /docs` (API docs, served from this package: no CDN). What guards them is in `security`, `gate`, `work`.
+"""
 
 from __future__ import annotations
 
 import base64
-import datetime as dt
 import io
 import json
-import logging
-import threading
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image
 from starlette.formparsers import MultiPartParser
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from lesionlab import __version__
 from lesionlab.clinic.bundle import EnsemblePredictor
+from lesionlab.clinic.bundle.manifest import MANIFEST
 from lesionlab.clinic.screening import DISCLAIMER
 from lesionlab.data.images import ImageError, decode_image
 from lesionlab.exceptions import UserError
-from lesionlab.io import sha256_bytes
+from lesionlab.io import sha256_bytes, sha256_file
+from lesionlab.serve.audit import AuditLog
+from lesionlab.serve.docs import mount_offline_docs
+from lesionlab.serve.gate import Gate
+from lesionlab.serve.metrics import ServiceMetrics
+from lesionlab.serve.security import OriginCheck
+from lesionlab.serve.tokens import TokenStore
+from lesionlab.serve.work import Busy, WorkLimiter
 
-log = logging.getLogger(__name__)
-STATUS_FOR_IMAGE_ERROR = {"too_large": 413, "truncated": 400, "unreadable": 415}
+STATUS_FOR_IMAGE_ERROR = {"too_large": 413, "truncated": 400, "unreadable": 415, "unsupported": 415}
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    """Everything that bounds and guards the service (the CLI's `serve` options map one to one)."""
+
+    max_upload_mb: float = 20.0
+    max_pixels: int = 50_000_000
+    workers: int = 2             # inference workers: requests decoded/predicted/explained at once
+    queue: int = 8               # admitted requests that may wait for a worker; beyond: 503 + Retry-After
+    deadline_s: float = 120.0    # per request, from admission to answer
+    explain_max_px: int = 1024   # explanations are computed and returned with the long side at most this
+    audit_log: Path | None = None
+    tokens: Path | None = None   # token file: when set, every API call needs `Authorization: Bearer`
+    allowed_hosts: tuple[str, ...] | None = None   # Host header values answered (None: any, for library use)
+    allowed_origins: tuple[str, ...] = ()
 
 
 class _TooLarge(Exception):
@@ -47,6 +73,7 @@ class BodySizeLimit:
             return await self._reject(send)
         seen = 0
         started = False
+        replaced = False
 
         async def counting_receive():
             nonlocal seen
@@ -58,14 +85,21 @@ class BodySizeLimit:
             return msg
 
         async def tracking_send(msg):
-            nonlocal started
+            # FastAPI turns an error raised while it reads the form into its own 400 ("error parsing the
+            # body"); a streamed upload over the limit is answered 413 whatever the framework made of it.
+            nonlocal started, replaced
+            if msg["type"] == "http.response.start" and seen > self.max_bytes:
+                replaced = True
+                return await self._reject(send)
+            if replaced:
+                return None
             started = started or msg["type"] == "http.response.start"
             await send(msg)
 
         try:
             await self.app(scope, counting_receive, tracking_send)
         except _TooLarge:
-            if not started:
+            if not started and not replaced:
                 await self._reject(send)
 
     async def _reject(self, send):
@@ -80,75 +114,110 @@ def _png_data_url(arr) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-class AuditLog:
-    """Append-only JSON lines: time, image hash, outputs, bundle version. Never the image or its file name."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-
-    def write(self, record: dict[str, Any]) -> None:
-        line = json.dumps({"time": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"), **record})
-        with self._lock, open(self.path, "a") as f:
-            f.write(line + "\n")
+def capped(image: Image.Image, max_px: int) -> Image.Image:
+    """The image with its long side at most `max_px` (explanations are shown on screen, never at 48 MP)."""
+    if max(image.size) <= max_px:
+        return image
+    small = image.copy()
+    small.thumbnail((max_px, max_px), Image.Resampling.LANCZOS)
+    return small
 
 
 def create_app(
     bundle: str | Path | EnsemblePredictor,
+    settings: ServiceSettings | None = None,
     *,
-    max_upload_mb: float = 20.0,
-    max_pixels: int = 50_000_000,
-    audit_log: str | Path | None = None,
     device: str = "auto",
     precision: str = "auto",
     engine: str = "torch",
+    **overrides: Any,
 ) -> FastAPI:
     """Build the app; the bundle is verified and its models loaded once, here, and kept warm.
 
     Predictions run at the TTA and precision the bundle's threshold was chosen under (`precision` may only
     confirm it); explanations run on private copies of the fp32 models (see `explain.gradcam.explain_model`),
     so concurrent requests never share hooked modules and predictions stay concurrent.
+    `overrides` replace single `ServiceSettings` fields (e.g. `max_upload_mb=2`).
     """
-    if isinstance(bundle, EnsemblePredictor):
-        ens = bundle
-    else:
-        ens = EnsemblePredictor(bundle, device=device, precision=precision, engine=engine)
+    s = replace(settings or ServiceSettings(), **overrides)
+    ens = bundle if isinstance(bundle, EnsemblePredictor) else EnsemblePredictor(
+        bundle, device=device, precision=precision, engine=engine)
+    tokens = TokenStore.load(s.tokens) if s.tokens else None
     ens.warm_up()
-    max_bytes = int(max_upload_mb * 2**20)
+    max_bytes = int(s.max_upload_mb * 2**20)
     # Starlette spools multipart files above 1 MB to a temporary file on disk; uploads must stay in memory
     # (privacy), so the spool threshold sits above the largest upload we accept.
     MultiPartParser.spool_max_size = max(MultiPartParser.spool_max_size, max_bytes + 2**20)
-    audit = AuditLog(Path(audit_log)) if audit_log else None
-    app = FastAPI(title="LesionLab", version=__version__,
+    limiter = WorkLimiter(s.workers, s.queue, s.deadline_s)
+    info = ens.inference_info()
+    # The manifest lists every file's SHA-256, so its own hash identifies the whole bundle.
+    identity = {"bundle_version": ens.version, "bundle_sha256": sha256_file(Path(ens.root) / MANIFEST),
+                "engines": ens.engines, "precision": ens.precision}
+    metrics = ServiceMetrics(limiter, {k: str(v) for k, v in {
+        "bundle_version": ens.version, "bundle_sha256": identity["bundle_sha256"], "lesionlab_version": __version__,
+        "members": ",".join(m.name for m in ens.members), "precision": ens.precision,
+        "engines": ",".join(sorted(set(ens.engines.values()))),
+        "tta": info.get("tta")}.items()})
+    audit = AuditLog(s.audit_log) if s.audit_log else None
+
+    app = FastAPI(title="LesionLab", version=__version__, docs_url=None, redoc_url=None,
                   description="Dermoscopy lesion classification for clinicians. " + DISCLAIMER)
+    mount_offline_docs(app)
+    # Outermost first: Host check, then Origin check, then the gate (id, auth, admission, metrics, audit),
+    # then the body limit right around the routes.
     app.add_middleware(BodySizeLimit, max_bytes=max_bytes + 64 * 1024)  # multipart framing overhead
-    app.state.ensemble = ens
+    app.add_middleware(Gate, limiter=limiter, metrics=metrics, audit=audit, tokens=tokens,
+                       identity=lambda: identity)
+    app.add_middleware(OriginCheck, allowed_origins=s.allowed_origins)
+    if s.allowed_hosts is not None:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(s.allowed_hosts))
+    app.state.ensemble, app.state.settings, app.state.limiter, app.state.ready = ens, s, limiter, True
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, exc: HTTPException):
-        return JSONResponse({"error": exc.detail}, status_code=exc.status_code)
+        return JSONResponse({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(UserError)
     async def _user_error(request: Request, exc: UserError):
         return JSONResponse({"error": str(exc)}, status_code=400)
 
+    @app.exception_handler(Busy)
+    async def _busy(request: Request, exc: Busy):
+        request.state.audit["outcome"] = "deadline"
+        return JSONResponse({"error": str(exc)}, status_code=503, headers={"Retry-After": str(exc.retry_after)})
+
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> str:
         return resources.files("lesionlab.serve").joinpath("static/index.html").read_text()
+
+    @app.get("/livez", include_in_schema=False)
+    def livez() -> dict[str, str]:
+        return {"status": "alive"}
+
+    @app.get("/readyz", include_in_schema=False)
+    def readyz() -> JSONResponse:
+        ready = bool(app.state.ready)
+        return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
+
+    @app.get("/metrics", include_in_schema=False)
+    def prometheus() -> Response:
+        return Response(metrics.render(), media_type=metrics.content_type)
 
     @app.get("/api/health")
     def health() -> dict[str, Any]:
         return {"status": "ok", "lesionlab_version": __version__, "bundle_version": ens.version,
                 "members": [m.name for m in ens.members], "device": ens.device,
-                "melanoma_threshold": ens.threshold, "inference": ens.inference_info(),
-                "trust": ens.screener.describe(),
-                "max_upload_mb": max_upload_mb, "disclaimer": DISCLAIMER}
+                "melanoma_threshold": ens.threshold, "inference": info,
+                "trust": ens.screener.describe(), "max_upload_mb": s.max_upload_mb,
+                "workers": s.workers, "queue": s.queue, "deadline_s": s.deadline_s,
+                "explain_max_px": s.explain_max_px, "disclaimer": DISCLAIMER}
 
     @app.post("/api/predict")
     def predict(
-        image: UploadFile = File(..., description="dermoscopy image (JPEG or PNG)"),
-        explain: bool = Query(False, description="add a Grad-CAM heatmap overlay (PNG data URL)"),
+        request: Request,
+        image: UploadFile = File(..., description="dermoscopy image: JPEG, PNG, TIFF, BMP, WebP or DICOM"),
+        explain: bool = Query(False, description="add a Grad-CAM heatmap overlay (PNG data URL), long side at "
+                              "most the service's explain_max_px (see /api/health)"),
         research: bool = Query(False, description="research use only: for an image refused as unevaluable, add "
                                "the models' output under `research` (never a diagnosis)"),
         tta: bool | None = Query(None, description="average flips and 90-degree rotations; only the bundle's own "
@@ -157,38 +226,41 @@ def create_app(
         sex: str | None = Form(None, description="male or female (optional; metadata-fusion bundles)"),
         site: str | None = Form(None, description="body site, e.g. back, face (optional; metadata-fusion bundles)"),
     ) -> dict[str, Any]:
+        record = request.state.audit
+        deadline = request.state.deadline
+        record.update(explain=explain, research=research)
         tta = ens.resolve_tta(tta)  # another setting than the bundle's: a UserError, answered 400
+        record["tta"] = tta
         data = image.file.read(max_bytes + 1)
         if not data:
-            raise HTTPException(400, "empty upload: choose a JPEG or PNG dermoscopy image")
+            raise HTTPException(400, "empty upload: choose a dermoscopy image (JPEG, PNG, TIFF, BMP, WebP or DICOM)")
         if len(data) > max_bytes:
-            raise HTTPException(413, f"upload larger than the limit of {max_upload_mb:g} MB")
-        digest = sha256_bytes(data)
-        try:
-            im = decode_image(io.BytesIO(data), name="upload", max_pixels=max_pixels)
-        except ImageError as e:
-            if audit:
-                audit.write({"image_sha256": digest, "status": "rejected", "reason": e.kind, "bundle_version": ens.version})
-            raise HTTPException(STATUS_FOR_IMAGE_ERROR.get(e.kind, 400), str(e)) from None
-        given = {k: v for k, v in (("age", age), ("sex", sex), ("localization", site)) if v not in (None, "")}
-        result = ens.predict([im], tta=tta, research=research, metadata=[given] if given else None)[0]
-        if explain and result["status"] == "ok":
-            from lesionlab.explain.overlay import overlay
+            raise HTTPException(413, f"upload larger than the limit of {s.max_upload_mb:g} MB")
+        record["image_sha256"] = sha256_bytes(data)
+        with limiter.worker(deadline):
+            try:
+                im = decode_image(io.BytesIO(data), name="upload", max_pixels=s.max_pixels)
+            except ImageError as e:
+                record.update(status="rejected", reasons=[e.kind])
+                raise HTTPException(STATUS_FOR_IMAGE_ERROR.get(e.kind, 400), str(e)) from None
+            del data
+            limiter.check(deadline, "prediction")
+            given = {k: v for k, v in (("age", age), ("sex", sex), ("localization", site)) if v not in (None, "")}
+            result = ens.predict([im], tta=tta, research=research, metadata=[given] if given else None)[0]
+            if explain and result["status"] == "ok":
+                from lesionlab.explain.overlay import overlay
 
-            ex = ens.explain(im, result)  # the class the answer shows (screening.explained_class)
-            result["heatmap"] = _png_data_url(overlay(ex.display, ex.ensemble))
-            result["heatmap_crop"] = _png_data_url(ex.display)
-            result["heatmap_class"] = ex.cls
-        if audit:
-            rec = {"image_sha256": digest, "status": result["status"], "bundle_version": ens.version, "tta": tta,
-                   "precision": ens.precision, "engines": ens.engines, "explain": explain, "research": research,
-                   "ood_score": result["ood_score"]}
-            if result["status"] == "ok":
-                rec.update({"probabilities": result["probabilities"], "top": result["top"],
-                            "melanoma_flag": result["melanoma_flag"], "differential": result["differential"]})
-            else:
-                rec["reasons"] = result["reason_codes"]
-            audit.write(rec)
+                limiter.check(deadline, "the explanation")
+                ex = ens.explain(capped(im, s.explain_max_px), result)  # the class the answer shows
+                result["heatmap"] = _png_data_url(overlay(ex.display, ex.ensemble))
+                result["heatmap_crop"] = _png_data_url(ex.display)
+                result["heatmap_class"] = ex.cls
+        record.update(status=result["status"], outcome=result["status"], ood_score=result["ood_score"])
+        if result["status"] == "ok":
+            record.update({k: result[k] for k in ("probabilities", "top", "melanoma_flag", "differential")})
+        else:
+            record["reasons"] = result["reason_codes"]
+        result["request_id"] = request.state.request_id
         return result
 
     return app

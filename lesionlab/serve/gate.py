@@ -1,0 +1,103 @@
+"""The one door every API request passes: request id, authentication, admission, metrics and the audit log.
+
+An ASGI middleware (not a FastAPI dependency) so that requests refused before any route runs (no token, queue
+full, upload too large) are counted and logged exactly like answered ones, in one place.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from lesionlab.serve.audit import AuditLog
+from lesionlab.serve.metrics import ServiceMetrics
+from lesionlab.serve.security import bearer
+from lesionlab.serve.tokens import TokenStore
+from lesionlab.serve.work import WorkLimiter
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+PREDICT = "/api/predict"
+
+
+def endpoint_of(path: str) -> str | None:
+    """The metrics/audit label of a path, or None for what is not an API call (page, docs, probes)."""
+    if path.startswith("/api/") or path == "/metrics":
+        return path if path in (PREDICT, "/api/health", "/metrics") else "other"
+    return None
+
+
+def outcome_of(status: int) -> str:
+    if status < 400:
+        return "ok"
+    return {401: "unauthorized", 403: "forbidden", 413: "too_large", 503: "busy"}.get(
+        status, "error" if status >= 500 else "rejected")
+
+
+class Gate:
+    def __init__(self, app, *, limiter: WorkLimiter, metrics: ServiceMetrics, audit: AuditLog | None,
+                 tokens: TokenStore | None, identity: Callable[[], dict[str, Any]]):
+        self.app = app
+        self.limiter, self.metrics, self.audit, self.tokens, self.identity = limiter, metrics, audit, tokens, identity
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or (endpoint := endpoint_of(scope["path"])) is None:
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers") or []}
+        given = headers.get("x-request-id", "")
+        rid = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+        state = scope.setdefault("state", {})
+        state.update(request_id=rid, audit={}, token_name=None)
+        status = [500]
+
+        async def send_with_id(msg):
+            if msg["type"] == "http.response.start":
+                status[0] = msg["status"]
+                msg = {**msg, "headers": [*msg.get("headers", []), (b"x-request-id", rid.encode())]}
+            await send(msg)
+
+        t0 = time.monotonic()
+        try:
+            if self.tokens is not None:
+                state["token_name"] = self.tokens.verify(bearer(headers))
+                if state["token_name"] is None:
+                    return await self._refuse(send_with_id, 401, "missing or unknown API token: send "
+                                              "`Authorization: Bearer TOKEN` (tokens come from `lesionlab tokens add`)",
+                                              [(b"www-authenticate", b'Bearer realm="lesionlab"')])
+            if endpoint == PREDICT and scope["method"] == "POST":
+                deadline = self.limiter.try_admit()
+                if deadline is None:
+                    wait = self.limiter.retry_after()
+                    return await self._refuse(send_with_id, 503, "the service is at capacity; try again later",
+                                              [(b"retry-after", str(wait).encode())])
+                state["deadline"] = deadline
+                try:
+                    return await self.app(scope, receive, send_with_id)
+                finally:
+                    self.limiter.release()
+            return await self.app(scope, receive, send_with_id)
+        finally:
+            self._record(scope, endpoint, status[0], time.monotonic() - t0, headers)
+
+    async def _refuse(self, send, status: int, message: str, extra: list[tuple[bytes, bytes]]):
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"), *extra]})
+        await send({"type": "http.response.body", "body": json.dumps({"error": message}).encode()})
+
+    def _record(self, scope, endpoint: str, status: int, seconds: float, headers: dict[str, str]) -> None:
+        state = scope["state"]
+        detail: dict[str, Any] = state.get("audit") or {}
+        outcome = detail.pop("outcome", None) or outcome_of(status)
+        self.metrics.observe(endpoint, outcome, seconds, detail.get("reasons"))
+        if self.audit is None or (endpoint != PREDICT and outcome not in ("unauthorized", "forbidden", "error")):
+            return
+        client = scope.get("client")
+        self.audit.write({
+            "request_id": state["request_id"], "endpoint": endpoint, "method": scope["method"],
+            "client": client[0] if client else None, "token_name": state.get("token_name"),
+            "http_status": status, "outcome": outcome, "seconds": round(seconds, 4),
+            **self.identity(), **detail,
+        })

@@ -1,0 +1,38 @@
+"""Run the app on uvicorn: TLS or a trusted proxy, and a graceful shutdown that drains admitted requests.
+
+On SIGTERM/SIGINT uvicorn stops accepting connections and waits for requests in flight, the queued ones included
+(they are requests in flight as far as uvicorn knows), for at most `drain_s`; /readyz answers 503 from the
+first signal on, so a load balancer stops sending work while the queue drains.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import uvicorn
+from fastapi import FastAPI
+
+
+class _DrainingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, app: FastAPI):
+        super().__init__(config)
+        self._app = app
+
+    def handle_exit(self, sig, frame):
+        self._app.state.ready = False
+        super().handle_exit(sig, frame)
+
+
+def run(app: FastAPI, *, host: str, port: int, ssl_certfile: Path | None = None, ssl_keyfile: Path | None = None,
+        behind_proxy: bool = False, forwarded_allow_ips: str = "127.0.0.1", drain_s: float = 120.0) -> None:
+    s = app.state.settings
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level="info",
+        ssl_certfile=str(ssl_certfile) if ssl_certfile else None, ssl_keyfile=str(ssl_keyfile) if ssl_keyfile else None,
+        # Only a proxy we were told about may set the client address (X-Forwarded-For) and scheme.
+        proxy_headers=behind_proxy, forwarded_allow_ips=forwarded_allow_ips if behind_proxy else None,
+        # Connections beyond what can be admitted are answered 503 by uvicorn itself before any body is read.
+        limit_concurrency=max(64, 4 * (s.workers + s.queue)),
+        timeout_graceful_shutdown=drain_s,
+    )
+    _DrainingServer(config, app).run()
