@@ -8,13 +8,16 @@ const MGMT_NAMES = {"excise": "Excise / biopsy", "follow-up": "Follow-up", "reas
 const RATING_KEYS = ["q", "w", "e", "r", "t", "y"];
 let state = null, current = null, busy = false, imageUrl = null;
 
-(function takeToken() {
+function takeToken() {
   const m = location.hash.match(/token=([^&]+)/);
   if (m) {
     localStorage.setItem(KEY, decodeURIComponent(m[1]));
     history.replaceState(null, "", location.pathname);  // the token leaves the address bar
   }
-})();
+}
+takeToken();
+// a link opened in a tab already on this page only changes the fragment: take its token and start over
+window.addEventListener("hashchange", () => { takeToken(); showError(""); start(); });
 const token = () => localStorage.getItem(KEY);
 
 async function api(path, opts = {}) {
