@@ -22,9 +22,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from PIL import Image
-
 from helpers import lesion_like
+from PIL import Image
 
 DERMOSCOPIC = "1.2.840.10008.5.1.4.1.1.77.1.7"
 
