@@ -20,14 +20,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _serve(bundle):
+def _serve(bundle, **settings):
     """The service over `bundle` on a free loopback port, in a thread; yields its URL."""
     import uvicorn
 
     from lesionlab.serve.app import create_app
 
     port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(create_app(bundle, device="cpu"), host="127.0.0.1", port=port, log_level="warning"))
+    app = create_app(bundle, device="cpu", **settings)
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     t = threading.Thread(target=srv.run, daemon=True)
     t.start()
     for _ in range(100):
@@ -165,5 +166,50 @@ def test_calibrated_result_differential_and_refusal_card(chromium, trust_server,
             page.set_input_files("#file", str(good))
             page.wait_for_selector("#out", state="visible", timeout=60_000)
             assert not page.is_visible("#refusal")
+        finally:
+            browser.close()
+
+
+@pytest.fixture(scope="module")
+def token_server(tiny_bundle, tmp_path_factory):
+    from lesionlab.serve.tokens import TokenStore
+
+    f = tmp_path_factory.mktemp("tok") / "tokens.json"
+    store, token = TokenStore.load(f, create=True).add("exam-room-1")
+    store.save()
+    for url in _serve(tiny_bundle, tokens=f, allowed_hosts=("127.0.0.1",)):
+        yield url, token
+
+
+def test_page_asks_for_the_token_once_per_session(chromium, token_server, tmp_path):
+    """With tokens required, the page asks for one, rejects a wrong one, and then works for the whole browser
+    session without asking again (the token is kept in sessionStorage only)."""
+    from playwright.sync_api import sync_playwright
+
+    url, token = token_server
+    img = tmp_path / "lesion.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(60, 200, (150, 200, 3), dtype=np.uint8)).save(img)
+    with sync_playwright() as p:
+        browser = _launch(p, chromium)
+        try:
+            context = browser.new_context(viewport={"width": 1200, "height": 900})
+            page = context.new_page()
+            page.goto(url + "/")
+            page.wait_for_selector("#token-form", state="visible", timeout=30_000)
+            assert "waiting for your API token" in page.inner_text("#bundle")
+            page.fill("#token", "llab_not-the-token")
+            page.click("#token-form button")
+            page.wait_for_function("document.getElementById('token-error').textContent.length > 0")
+            page.fill("#token", token)
+            page.click("#token-form button")
+            page.wait_for_function("document.getElementById('bundle').textContent.includes('2 models')")
+            assert not page.is_visible("#token-form")
+            page.set_input_files("#file", str(img))
+            page.wait_for_selector("#bars .bar", timeout=60_000)
+            assert len(page.query_selector_all("#bars .bar")) == 7
+            # same session, new page load: not asked again; the token never appears in the page or URL
+            page.goto(url + "/")
+            page.wait_for_function("document.getElementById('bundle').textContent.includes('2 models')")
+            assert not page.is_visible("#token-form") and token not in page.url and token not in page.content()
         finally:
             browser.close()

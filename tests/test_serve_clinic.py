@@ -298,3 +298,63 @@ def test_real_server_tls_tokens_413_load_and_graceful_drain(tiny_bundle, tmp_pat
         server.stop()
     audit = [json.loads(x) for x in (tmp_path / "a.jsonl").read_text().splitlines()]
     assert any(x["outcome"] == "too_large" for x in audit) and all(x["token_name"] == "load-test" for x in audit)
+
+
+def test_bad_input_corpus_through_the_service_is_4xx_or_a_correct_answer(secured):
+    from corpus import corpus
+
+    status_for = {"too_large": 413, "truncated": 400, "unreadable": 415}
+    for item in corpus():
+        r = secured.post("/api/predict", headers=_auth(secured.token),
+                         files={"image": (item.name, item.data, "application/octet-stream")})
+        if item.expect == "ok":
+            assert r.status_code == 200, (item.name, r.text)
+        else:
+            if not item.data:
+                assert r.status_code == 400, item.name  # an empty upload
+            elif item.kind is None:  # any refusal will do
+                assert 400 <= r.status_code < 500, (item.name, r.status_code, r.text)
+            else:
+                assert r.status_code == status_for[item.kind], (item.name, r.status_code, r.text)
+            assert r.json()["error"] and "\n" not in r.json()["error"], item.name
+    assert secured.get("/livez").status_code == 200
+
+
+def test_dicom_in_fhir_and_sr_out(secured, monkeypatch):
+    import pydicom
+    from corpus import make_dicom
+    from fhir.resources.R4B.bundle import Bundle
+
+    h = _auth(secured.token)
+    dcm = make_dicom(jpeg=True)
+    src = pydicom.dcmread(io.BytesIO(dcm))
+    files = {"image": ("lesion.dcm", dcm, "application/dicom")}
+    r = secured.post("/api/predict", headers=h, files=files)
+    assert r.status_code == 200 and r.json()["dicom"]["sop_instance_uid"] == src.SOPInstanceUID
+    assert r.json()["dicom"]["acquisition"]  # polarisation, device ... kept for subgroups
+
+    fhir = secured.post("/api/predict?format=fhir&patient=Patient/p1", headers=h, files=files)
+    assert fhir.status_code == 200 and fhir.headers["content-type"].startswith("application/fhir+json")
+    bundle = Bundle.model_validate(fhir.json())  # round-trips through fhir.resources
+    kinds = [e.resource.get_resource_type() for e in bundle.entry]
+    assert kinds.count("DiagnosticReport") == 1 and kinds.count("Observation") >= 7
+    assert src.SOPInstanceUID in fhir.text and "Patient/p1" in fhir.text
+
+    sr = secured.post("/api/predict?format=dicom-sr", headers=h, files=files)
+    assert sr.status_code == 200 and sr.headers["content-type"] == "application/dicom"
+    ds = pydicom.dcmread(io.BytesIO(sr.content))
+    assert ds.StudyInstanceUID == src.StudyInstanceUID and src.SOPInstanceUID in str(ds)
+    bad = secured.post("/api/predict?format=dicom-sr", headers=h, files={"image": ("x.jpg", _jpeg(), "image/jpeg")})
+    assert bad.status_code == 400 and "DICOM" in bad.json()["error"]
+
+    # a fusion bundle reads the header's age/sex/site; a form field wins over the header's
+    import lesionlab.serve.app as app_module
+
+    seen = []
+    ens = secured.app.state.ensemble
+    real = ens.predict
+    monkeypatch.setattr(app_module, "uses_metadata", lambda _ens: True)
+    monkeypatch.setattr(ens, "predict", lambda ims, **k: (seen.append(k["metadata"]), real(ims, tta=k["tta"],
+                                                          research=k["research"]))[1])
+    secured.post("/api/predict", headers=h, files=files, data={"sex": "male"})
+    assert seen[-1][0]["age"] == 45 and seen[-1][0]["sex"] == "male" and seen[-1][0].get("localization")

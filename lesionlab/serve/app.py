@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -23,8 +23,9 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from lesionlab import __version__
 from lesionlab.clinic.bundle import EnsemblePredictor
 from lesionlab.clinic.bundle.manifest import MANIFEST
+from lesionlab.clinic.predict_files import batch_metadata, uses_metadata
 from lesionlab.clinic.screening import DISCLAIMER
-from lesionlab.data.images import ImageError, decode_image
+from lesionlab.data.images import ImageError, decode_input
 from lesionlab.exceptions import UserError
 from lesionlab.io import sha256_bytes, sha256_file
 from lesionlab.serve.audit import AuditLog
@@ -225,7 +226,11 @@ def create_app(
         age: str | None = Form(None, description="patient age in years (optional; used by metadata-fusion bundles)"),
         sex: str | None = Form(None, description="male or female (optional; metadata-fusion bundles)"),
         site: str | None = Form(None, description="body site, e.g. back, face (optional; metadata-fusion bundles)"),
-    ) -> dict[str, Any]:
+        format: Literal["json", "fhir", "dicom-sr"] = Query(
+            "json", description="json: LesionLab's answer; fhir: a FHIR R4 Bundle with one DiagnosticReport and its "
+            "Observations; dicom-sr: for a DICOM upload, a DICOM Structured Report referencing the image's UIDs"),
+        patient: str | None = Query(None, description="with format=fhir: the report's subject, e.g. Patient/123"),
+    ) -> Any:
         record = request.state.audit
         deadline = request.state.deadline
         record.update(explain=explain, research=research)
@@ -239,14 +244,22 @@ def create_app(
         record["image_sha256"] = sha256_bytes(data)
         with limiter.worker(deadline):
             try:
-                im = decode_image(io.BytesIO(data), name="upload", max_pixels=s.max_pixels)
+                decoded = decode_input(io.BytesIO(data), name="upload", max_pixels=s.max_pixels)
             except ImageError as e:
                 record.update(status="rejected", reasons=[e.kind])
                 raise HTTPException(STATUS_FOR_IMAGE_ERROR.get(e.kind, 400), str(e)) from None
             del data
+            if format == "dicom-sr" and decoded.dicom is None:
+                raise HTTPException(400, "format=dicom-sr needs a DICOM upload; use format=fhir or json for "
+                                         f"a {decoded.format} image")
+            im = decoded.image
             limiter.check(deadline, "prediction")
             given = {k: v for k, v in (("age", age), ("sex", sex), ("localization", site)) if v not in (None, "")}
-            result = ens.predict([im], tta=tta, research=research, metadata=[given] if given else None)[0]
+            # a DICOM header's age, sex and body site feed fusion bundles; form fields win field by field
+            meta = batch_metadata([decoded], [given] if given else None, use_headers=uses_metadata(ens))
+            result = ens.predict([im], tta=tta, research=research, metadata=meta)[0]
+            if decoded.dicom is not None:
+                result["dicom"] = decoded.dicom.to_dict()
             if explain and result["status"] == "ok":
                 from lesionlab.explain.overlay import overlay
 
@@ -261,6 +274,20 @@ def create_app(
         else:
             record["reasons"] = result["reason_codes"]
         result["request_id"] = request.state.request_id
+        record["format"] = format
+        if format == "fhir":
+            from lesionlab.clinic.fhir import fhir_for_answer
+
+            doc = fhir_for_answer({k: v for k, v in result.items() if not k.startswith("heatmap")},
+                                  bundle_info={"manifest_sha256": identity["bundle_sha256"]},
+                                  source=result.get("dicom"), patient_ref=patient)
+            return JSONResponse(doc, media_type="application/fhir+json")
+        if format == "dicom-sr":
+            from lesionlab.clinic.dicom_sr import structured_report
+
+            buf = io.BytesIO()
+            structured_report(result, decoded.dicom.header).save_as(buf, enforce_file_format=True)
+            return Response(buf.getvalue(), media_type="application/dicom")
         return result
 
     return app
