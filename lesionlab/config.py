@@ -42,6 +42,9 @@ class DataConfig:
     # Training augmentation (rotation, crop, flips, normalisation) batched on the device, workers sending uint8
     # frames (lesionlab.data.gpu_augment): auto = on for CUDA, off on the CPU | on | off. Same tensors within 1/255.
     gpu_augment: str = "auto"
+    # The label set (lesionlab.labels): ham7 (HAM10000's seven classes) | isic2019 (eight, SCC apart) | binary
+    # (MALIGNANT vs BENIGN) | a YAML file mapping each source's diagnosis codes to classes.
+    labels: str = "ham7"
 
 
 @dataclass
@@ -52,6 +55,9 @@ class SplitConfig:
     val: float = PAPER_SPLIT[1] / sum(PAPER_SPLIT)
     test: float = PAPER_SPLIT[2] / sum(PAPER_SPLIT)
     seed: int = 42
+    # several sources: images of two sources whose perceptual hashes (pHash, 64 bits) differ in at most this many
+    # bits are one image, kept in one split (lesionlab.data.multi); -1 = check file ids only
+    phash_distance: int = 4
 
 
 @dataclass
@@ -181,6 +187,15 @@ class ExternalSet:
 
 
 @dataclass
+class SourceConfig:
+    """One source of a several-source study: a data folder in any layout lesionlab.data.sources reads."""
+
+    name: str = ""  # default: the folder's name
+    data: str = ""
+    metadata: str = ""  # default: found in `data`
+
+
+@dataclass
 class StudyConfig:
     """The whole protocol; `configs/paper.yaml` and `configs/demo.yaml` fill it."""
 
@@ -197,6 +212,8 @@ class StudyConfig:
     synth_images: int = 0  # > 0: the demo makes a synthetic dataset of this many images
     synth_size: list[int] = field(default_factory=lambda: [600, 450])
     external: list[ExternalSet] = field(default_factory=list)
+    # several sources in one study (or `--data` given more than once); empty: the one `--data`
+    sources: list[SourceConfig] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

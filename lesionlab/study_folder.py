@@ -142,6 +142,16 @@ class StudyFolder:
         """The saved config, or the defaults for a folder without one (its quality / ood / trust sections)."""
         return load_config(self.config_file) if self.config_file.exists() else StudyConfig()
 
+    def label_set(self):
+        """The study's label set (config `data.labels`; ham7 for a folder without a config)."""
+        from lesionlab.labels import get_label_set
+
+        return get_label_set(self.config().data.labels)
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.label_set().classes
+
     def has_config(self) -> bool:
         return self.config_file.exists()
 
@@ -177,7 +187,8 @@ class StudyFolder:
             data = metadata.parent
         if not Path(data).is_dir():
             raise UserError(f"the study's images are not at {data}; pass --data DATA")
-        table = read_table(data, metadata if metadata is not None and metadata.is_file() else None)
+        table = read_table(data, metadata if metadata is not None and metadata.is_file() else None,
+                           labels=self.config().data.labels)
         sp = self.split()
         return {s: subset_frame(table, sp, s) for s in splits}
 
@@ -187,7 +198,7 @@ class StudyFolder:
         f = self.truth_file(split)
         if not f.exists():
             raise UserError(f"{f} not found: the study has no {split} predictions; run `lesionlab study` to make them")
-        return read_isic_csv(f, kind="truth")
+        return read_isic_csv(f, kind="truth", classes=self.classes)
 
     def has_probabilities(self, models: list[str], split: str) -> bool:
         return self.truth_file(split).exists() and all(self.prediction_file(m, split).exists() for m in models)
@@ -197,13 +208,14 @@ class StudyFolder:
         from lesionlab.data.isic_csv import align, read_isic_csv
 
         truth = self.truth(split)
+        classes = self.classes
         out: dict[str, np.ndarray] = {}
         y, ids = None, None
         for m in models:
             f = self.prediction_file(m, split)
             if not f.exists():
                 raise UserError(f"{f} not found: the study has no {split} predictions of {m}; run `lesionlab study`")
-            y, out[m], ids = align(truth, read_isic_csv(f, kind="prediction"), truth_name=str(self.truth_file(split)),
+            y, out[m], ids = align(truth, read_isic_csv(f, kind="prediction", classes=classes), truth_name=str(self.truth_file(split)),
                                    pred_name=str(f))
         if y is None:
             raise UserError("no models given to read probabilities of")
@@ -228,7 +240,8 @@ class StudyFolder:
         m = self.metrics(model)
         if m is None:
             return None
-        return {"macro": m["macro"], "balanced_accuracy": m["balanced_accuracy"], "MEL": m["per_class"]["MEL"]}
+        flag = self.label_set().flag  # melanoma, or the label set's flag class (MALIGNANT for binary)
+        return {"macro": m["macro"], "balanced_accuracy": m["balanced_accuracy"], flag: m["per_class"][flag]}
 
     def trust(self) -> dict[str, Any] | None:
         from lesionlab.evaluation.trust import read_trust
@@ -270,14 +283,14 @@ class StudyFolder:
         from lesionlab.data.isic_csv import truth_frame, write_isic_csv
 
         f = self.truth_file(split)
-        write_isic_csv(f, truth_frame(frame))
+        write_isic_csv(f, truth_frame(frame, self.classes))
         return f
 
     def write_probabilities(self, model: str, split: str, image_ids, probs: np.ndarray) -> Path:
         from lesionlab.data.isic_csv import probs_frame, write_isic_csv
 
         f = self.prediction_file(model, split)
-        write_isic_csv(f, probs_frame(image_ids, probs))
+        write_isic_csv(f, probs_frame(image_ids, probs, self.classes))
         return f
 
     def write_inference_record(self, model: str, record: dict[str, Any]) -> Path:

@@ -92,7 +92,8 @@ def fit_ood(predictors: list[Predictor], train_df: pd.DataFrame, val_df: pd.Data
     if len(train_df) == 0 or len(val_df) == 0:
         raise UserError("the OOD refusal needs training and validation images; set ood.method=none to skip it")
     fit_df = balanced_sample(train_df, cfg.fit_per_class, cfg.seed)
-    y = fit_df["label"].map(CLASS_INDEX).to_numpy()
+    index = predictors[0].label_set.index if predictors else CLASS_INDEX  # the members' classes
+    y = fit_df["label"].map(index).to_numpy()
     members: dict[str, MahalanobisStats] = {}
     val_out: dict[str, dict[str, np.ndarray]] = {}
     for pr in predictors:

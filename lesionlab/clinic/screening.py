@@ -33,7 +33,7 @@ from lesionlab.evaluation.conformal import ConformalSets
 from lesionlab.evaluation.ensemble import ENSEMBLE, mean_probabilities
 from lesionlab.inference.outputs import image_outputs
 from lesionlab.inference.predictor import Predictor
-from lesionlab.labels import CLASS_INDEX, CLASSES, DISPLAY_NAMES
+from lesionlab.labels import CLASS_INDEX, HAM7
 from lesionlab.models.registry import file_stem
 
 DISCLAIMER = "Decision support, not a diagnosis. A clinician must examine the lesion; histopathology decides."
@@ -65,8 +65,12 @@ def ensemble_probabilities(raw: dict[str, np.ndarray], trust: dict[str, Any] | N
 
 
 def melanoma_flags(ensemble: np.ndarray, threshold: float) -> np.ndarray:
-    """The melanoma flag of each calibrated ensemble probability row."""
-    return ensemble[:, CLASS_INDEX["MEL"]] >= threshold
+    """The melanoma flag of each calibrated ensemble probability row: the label set's flag class (column 0: MEL,
+    or MALIGNANT under the binary set; lesionlab.labels) at or above the threshold."""
+    return ensemble[:, FLAG_COLUMN] >= threshold
+
+
+FLAG_COLUMN = CLASS_INDEX["MEL"]  # 0: every label set puts its flag class first (lesionlab.labels.LabelSet)
 
 
 def explained_class(answer: dict[str, Any]) -> str | None:
@@ -102,6 +106,9 @@ class Screener:
     def __post_init__(self):
         conformal = (self.trust or {}).get("models", {}).get(ENSEMBLE, {}).get("conformal")
         self.sets = ConformalSets.from_dict(conformal) if conformal else None
+        # the classes the members were trained for (load_predictors checks they agree); ham7 without members
+        self.label_set = self.members[0].label_set if self.members else HAM7
+        self.classes = self.label_set.classes
 
     # -- the trust parts
     def temperature(self, name: str) -> float:
@@ -182,15 +189,23 @@ class Screener:
                ) -> dict[str, Any]:
         """The diagnosis part of an answer: calibrated probabilities, top class, melanoma flag, members."""
         top = int(np.argmax(probs))
-        mel = float(probs[CLASS_INDEX["MEL"]])
-        member_rows = {n: {"top": CLASSES[int(np.argmax(p))], "probability": float(p.max()),
-                           "melanoma_probability": float(p[CLASS_INDEX["MEL"]])} for n, p in members.items()}
-        agree = sum(1 for r in member_rows.values() if r["top"] == CLASSES[top])
+        classes, lset = self.classes, self.label_set
+        flag_p = float(probs[FLAG_COLUMN])
+        flagged = None if self.threshold is None else bool(melanoma_flags(probs[None], self.threshold)[0])
+        is_mel = lset.flag == "MEL"  # melanoma_* fields only where the flag class is melanoma
+        member_rows = {n: {"top": classes[int(np.argmax(p))], "probability": float(p.max()),
+                           "flag_probability": float(p[FLAG_COLUMN]),
+                           "melanoma_probability": float(p[FLAG_COLUMN]) if is_mel else None}
+                       for n, p in members.items()}
+        agree = sum(1 for r in member_rows.values() if r["top"] == classes[top])
         return {
-            "probabilities": {c: float(probs[k]) for k, c in enumerate(CLASSES)},
-            "top": CLASSES[top], "top_name": DISPLAY_NAMES[CLASSES[top]], "top_probability": float(probs[top]),
-            "melanoma_probability": mel, "melanoma_threshold": self.threshold,
-            "melanoma_flag": None if self.threshold is None else bool(melanoma_flags(probs[None], self.threshold)[0]),
+            "label_set": lset.name, "classes": list(classes),
+            "probabilities": {c: float(probs[k]) for k, c in enumerate(classes)},
+            "top": classes[top], "top_name": lset.display_name(classes[top]), "top_probability": float(probs[top]),
+            "flag_class": lset.flag, "flag_class_name": lset.display_name(lset.flag), "flag_probability": flag_p,
+            "flag_threshold": self.threshold, "flagged": flagged,
+            "melanoma_probability": flag_p if is_mel else None, "melanoma_threshold": self.threshold if is_mel else None,
+            "melanoma_flag": flagged if is_mel else None,
             "members": member_rows, "agreement": f"{agree}/{len(member_rows)}", "members_agreeing": agree,
             "calibrated": self.trust is not None,
             "differential": differential,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -28,10 +28,12 @@ class LesionDataset(torch.utils.data.Dataset):
     augmentation does not depend on which worker process made it or on what ran before.
     """
 
-    def __init__(self, df: pd.DataFrame, transform, *, cache: ImageCache | None = None, max_pixels: int = DEFAULT_MAX_PIXELS):
+    def __init__(self, df: pd.DataFrame, transform, *, cache: ImageCache | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 classes: Sequence[str] | None = None):
         self.paths = df["path"].tolist()
         labels = df["label"] if "label" in df else pd.Series([""] * len(df))
-        self.targets = [CLASS_INDEX.get(lbl, -1) for lbl in labels]
+        index = CLASS_INDEX if classes is None else {c: i for i, c in enumerate(classes)}
+        self.targets = [index.get(lbl, -1) for lbl in labels]
         self.transform = transform
         self.cache = cache
         self.max_pixels = max_pixels
@@ -111,10 +113,11 @@ def make_dataset(
     cache_dir: str | Path | None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     progress: bool = True,
+    classes: Sequence[str] | None = None,
 ) -> LesionDataset:
     """A `LesionDataset`, backed by an `ImageCache` (images stored at the transforms' square frame) when `cache_dir` is given."""
     cache = None
     if cache_dir and len(df):
         size = frame_size(input_size, crop_fraction)
         cache = ImageCache(df["path"].tolist(), size, cache_dir, max_pixels=max_pixels).build(progress)
-    return LesionDataset(df, transform, cache=cache, max_pixels=max_pixels)
+    return LesionDataset(df, transform, cache=cache, max_pixels=max_pixels, classes=classes)

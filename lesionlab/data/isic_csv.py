@@ -1,8 +1,12 @@
-"""ISIC 2018 Task 3 CSV format (image + 7 class columns): read with checks, write atomically, align."""
+"""ISIC 2018 Task 3 CSV format (image + one column per class): read with checks, write atomically, align.
+
+The class columns are the run's label set (lesionlab.labels), ham7's seven by default; `align` takes them from the
+truth file, so it works for any label set.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -11,20 +15,24 @@ import pandas as pd
 from lesionlab.data.tables import read_csv_checked
 from lesionlab.exceptions import UserError
 from lesionlab.io import atomic_write_csv
-from lesionlab.labels import CLASS_INDEX, CLASSES
+from lesionlab.labels import CLASSES
 
 
-def probs_frame(image_ids: Iterable[str], probs: np.ndarray) -> pd.DataFrame:
-    df = pd.DataFrame(np.asarray(probs, float), columns=list(CLASSES))
+def probs_frame(image_ids: Iterable[str], probs: np.ndarray, classes: Sequence[str] = CLASSES) -> pd.DataFrame:
+    df = pd.DataFrame(np.asarray(probs, float), columns=list(classes))
     df.insert(0, "image", list(image_ids))
     return df
 
 
-def truth_frame(df: pd.DataFrame) -> pd.DataFrame:
+def truth_frame(df: pd.DataFrame, classes: Sequence[str] = CLASSES) -> pd.DataFrame:
     """One-hot ground truth in ISIC 2018 Task 3 format from a table with image_id and label."""
-    onehot = np.zeros((len(df), len(CLASSES)))
-    onehot[np.arange(len(df)), [CLASS_INDEX[c] for c in df["label"]]] = 1.0
-    return probs_frame(df["image_id"], onehot)
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = sorted(set(df["label"]) - set(index))
+    if unknown:
+        raise UserError(f"label {unknown[0]!r} is not one of the classes {', '.join(classes)}")
+    onehot = np.zeros((len(df), len(classes)))
+    onehot[np.arange(len(df)), [index[c] for c in df["label"]]] = 1.0
+    return probs_frame(df["image_id"], onehot, classes)
 
 
 def write_isic_csv(path: str | Path, frame: pd.DataFrame) -> None:
@@ -33,17 +41,27 @@ def write_isic_csv(path: str | Path, frame: pd.DataFrame) -> None:
     atomic_write_csv(Path(path), frame, float_format="%.9g", lineterminator="\n")
 
 
-def read_isic_csv(path: str | Path, *, kind: str) -> pd.DataFrame:
-    """Read an ISIC-format CSV (image + 7 class columns), checking values; `kind` is 'truth' or 'prediction'."""
+def read_isic_csv(path: str | Path, *, kind: str, classes: Sequence[str] | None = None) -> pd.DataFrame:
+    """Read an ISIC-format CSV (image + one column per class of `classes`), checking values; `kind` is 'truth' or
+    'prediction'.
+
+    Args:
+        classes: the class columns, in order; None: ham7's when the file has them all, else every column but
+            `image` (a file of another label set), in the file's order.
+    """
     path = Path(path)
     df = read_csv_checked(path, kind, dtype={"image": str})
-    missing = [c for c in ("image", *CLASSES) if c not in df.columns]
+    if classes is None:
+        others = [c for c in df.columns if c != "image"]
+        classes = list(CLASSES) if set(CLASSES) <= set(others) or not others else others
+    classes = list(classes)
+    missing = [c for c in ("image", *classes) if c not in df.columns]
     if missing:
-        raise UserError(f"{path}: missing columns {', '.join(missing)}; expected image,{','.join(CLASSES)}")
+        raise UserError(f"{path}: missing columns {', '.join(missing)}; expected image,{','.join(classes)}")
     dup = df["image"][df["image"].duplicated()]
     if len(dup):
         raise UserError(f"{path}: image {dup.iloc[0]} appears twice (row {dup.index[0] + 2})")
-    vals = df[list(CLASSES)].apply(pd.to_numeric, errors="coerce")
+    vals = df[classes].apply(pd.to_numeric, errors="coerce")
     bad = vals.isna().any(axis=1) | ~np.isfinite(vals.to_numpy(dtype=float, na_value=np.nan)).all(axis=1)
     if bad.any():
         i = int(np.flatnonzero(bad.to_numpy())[0])
@@ -57,7 +75,7 @@ def read_isic_csv(path: str | Path, *, kind: str) -> pd.DataFrame:
     elif (arr < 0).any():
         i = int(np.flatnonzero((arr < 0).any(1))[0])
         raise UserError(f"{path}: row {i + 2} ({df['image'].iloc[i]}) has a negative probability")
-    out = pd.DataFrame(arr, columns=list(CLASSES))
+    out = pd.DataFrame(arr, columns=classes)
     out.insert(0, "image", df["image"].str.strip().to_numpy())
     return out
 
@@ -74,7 +92,8 @@ def align(truth: pd.DataFrame, pred: pd.DataFrame, *, truth_name: str = "truth",
         if extra:
             parts.append(f"{len(extra)} predicted images are not in {truth_name} (first: {', '.join(extra[:3])})")
         raise UserError(f"{pred_name} and {truth_name} cover different images: " + "; ".join(parts))
-    p = pred.set_index("image").loc[truth["image"], list(CLASSES)].to_numpy(float)
-    y = truth[list(CLASSES)].to_numpy(float).argmax(1)
+    classes = [c for c in truth.columns if c != "image"]  # read_isic_csv keeps exactly the class columns
+    p = pred.set_index("image").loc[truth["image"], classes].to_numpy(float)
+    y = truth[classes].to_numpy(float).argmax(1)
     return y, p, truth["image"].tolist()
 

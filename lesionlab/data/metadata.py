@@ -69,6 +69,25 @@ def read_metadata(path: str | Path) -> pd.DataFrame:
     return df.rename(columns={a: c for a, c in ALIASES.items() if a in df.columns and c not in df.columns})
 
 
+def leaky_columns(fields: Sequence[str]) -> list[str]:
+    """The fields that give the label away (a diagnosis, its one-hot columns, PAD-UFES-20's `biopsed`, ISIC 2020's
+    `benign_malignant`, ...: lesionlab.data.sources.LEAKY_COLUMNS). The one place that decides which metadata
+    columns a model may see: `MetadataEncoding.fit` refuses these."""
+    from lesionlab.data.sources import LEAKY_COLUMNS
+
+    return [f for f in fields if str(f).strip().lower() in LEAKY_COLUMNS or str(f).strip().lower() in
+            {"label", "lesion_id", "patient_id", "image_id", "path", "source_label"}]
+
+
+def check_model_columns(fields: Sequence[str], where: str = "train.metadata") -> None:
+    """Raise a one-line UserError when a model would be fed a column that leaks the label or identifies the
+    lesion / patient."""
+    bad = leaky_columns(fields)
+    if bad:
+        raise UserError(f"{where} names {bad[0]!r}, a column that gives the label away (or identifies the lesion); "
+                        "a model may not see it: remove it")
+
+
 @dataclass
 class MetadataEncoding:
     """How metadata fields become the fused model's input vector (see the module docstring)."""
@@ -81,6 +100,7 @@ class MetadataEncoding:
     def fit(cls, df: pd.DataFrame, fields: Sequence[str]) -> MetadataEncoding:
         """Fit on training rows; a field is numeric when every known value is a number."""
         fields = [ALIASES.get(f, f) for f in fields]
+        check_model_columns(fields)
         absent = [f for f in fields if f not in df.columns]
         if absent:
             raise UserError(f"train.metadata names {absent[0]!r}, but the dataset has no such column; "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -113,12 +114,18 @@ def make_split(
 ) -> pd.DataFrame:
     """Lesion-grouped, stratified train/val/test split of a table (image_id, lesion_id, dx, label).
 
+    With several sources (a `source` column with more than one value) every part is stratified by source and
+    class together, and groups never span sources (their lesion ids carry the source, lesionlab.data.multi).
+
     Returns:
         A frame with `SPLIT_COLUMNS`, rows in the input order.
     """
     out = df[["image_id", "lesion_id", "dx", "label"]].copy().reset_index(drop=True)
     out["group_id"] = merge_duplicate_groups(out, duplicates).to_numpy()
-    part = grouped_stratified_assign(out["group_id"].to_numpy(), out["label"].to_numpy(), fractions, seed)
+    strata = out["label"].to_numpy()
+    if "source" in df.columns and df["source"].nunique() > 1:
+        strata = (df["source"].astype(str).to_numpy() + "|" + strata.astype(str)).astype(object)
+    part = grouped_stratified_assign(out["group_id"].to_numpy(), strata, fractions, seed)
     out["split"] = np.asarray(SPLITS)[part]
     return out[SPLIT_COLUMNS]
 
@@ -199,10 +206,10 @@ def split_and_check(df: pd.DataFrame, *, fractions: tuple[float, float, float], 
     return sp
 
 
-def summary_table(split: pd.DataFrame) -> pd.DataFrame:
+def summary_table(split: pd.DataFrame, classes: Sequence[str] = CLASSES) -> pd.DataFrame:
     """Images and lesions per class per split, with totals."""
     rows = []
-    for cls in [*CLASSES, "total"]:
+    for cls in [*classes, "total"]:
         sub = split if cls == "total" else split[split["label"] == cls]
         row = {"class": cls}
         for s in SPLITS:

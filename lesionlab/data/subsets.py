@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -12,7 +13,6 @@ from lesionlab.data.tables import Table
 from lesionlab.data.validation import load_valid_table
 from lesionlab.exceptions import UserError
 from lesionlab.io import sha256_file
-from lesionlab.labels import CLASSES
 
 
 def load_split_tables(
@@ -51,15 +51,25 @@ def split_frames(table: Table, split_df: pd.DataFrame) -> tuple[pd.DataFrame, pd
     return subset_frame(table, split_df, "train"), subset_frame(table, split_df, "val")
 
 
-def external_table(images: str | Path, truth: str | Path, *, skip_invalid: bool = False) -> pd.DataFrame:
-    """Rows (image_id, label, path) of an external set in ISIC ground-truth format."""
+def external_table(images: str | Path, truth: str | Path, *, skip_invalid: bool = False,
+                   classes: Sequence[str] | None = None) -> pd.DataFrame:
+    """Rows (image_id, label, path) of an external set in ISIC ground-truth format.
+
+    Args:
+        classes: the class columns the models predict (a bundle's / study's label set); the truth file must have
+            exactly these (a file of another label set is refused in one line). None: the file's own.
+    """
     from lesionlab.data.isic_csv import read_isic_csv
 
-    gt = read_isic_csv(truth, kind="truth")
+    gt = read_isic_csv(truth, kind="truth", classes=classes)
+    if classes is not None and [c for c in pd.read_csv(truth, nrows=0).columns if c != "image"] != list(classes):
+        raise UserError(f"{truth}: its class columns are not the model's label set ({', '.join(classes)}); "
+                        "give ground truth in the model's label set")
+    classes = [c for c in gt.columns if c != "image"]
     found = find_images(images) if Path(images).is_dir() else None
     if found is None:
         raise UserError(f"external images folder {images} does not exist")
-    df = pd.DataFrame({"image_id": gt["image"], "label": [CLASSES[i] for i in gt[list(CLASSES)].to_numpy().argmax(1)]})
+    df = pd.DataFrame({"image_id": gt["image"], "label": [classes[i] for i in gt[classes].to_numpy().argmax(1)]})
     df["path"] = [str(found.get(i, "")) for i in df["image_id"]]
     missing = df[df["path"] == ""]
     if len(missing):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -96,18 +97,29 @@ def validate(
     """Check a table and its images; see the issue list in the README (`lesionlab validate`)."""
     df = table.df
     rep = ValidationReport(source=table.source, n_rows=len(df), notes=list(table.notes))
-    required = ["image_id", "lesion_id"] + (["dx"] if table.layout == "ham10000" else [])
+    required = ["image_id", "lesion_id"] + (["dx"] if table.layout not in ("isic2018", "isic2019") else [])
     for col in required:
         for r, iid in zip(df.loc[df[col] == "", "row"], df.loc[df[col] == "", "image_id"], strict=True):
             rep.problems.append(Problem(f"empty {col}", int(r), iid or "?", ""))
-    bad_dx = df[(df["label"] == "") & (df["dx"] != "")]
-    for r, iid, dx in zip(bad_dx["row"], bad_dx["image_id"], bad_dx["dx"], strict=True):
-        detail = "not one-hot" if table.layout == "isic2018" else f"dx={dx!r}"
-        rep.problems.append(Problem("unknown dx code" if table.layout == "ham10000" else "bad label row", int(r), iid, detail))
+    excluded = df["excluded"].astype(bool) if "excluded" in df else pd.Series(False, index=df.index)
+    if excluded.any():
+        codes = df.loc[excluded, "dx"].value_counts()
+        rep.notes.append(f"label set {table.labels.name!r} leaves out {int(excluded.sum())} images whose diagnosis it "
+                         "has no class for (" + ", ".join(f"{c}: {n}" for c, n in codes.items()) + ")")
+    for r, iid, dx in zip(*(df.loc[(df["label"] == "") & ~excluded, c] for c in ("row", "image_id", "dx")), strict=True):
+        if table.layout in ("isic2018", "isic2019") and dx in ("", "?"):
+            rep.problems.append(Problem("bad label row", int(r), iid, "not one-hot"))
+        elif dx != "":  # an empty dx is reported as "empty dx" above
+            rep.problems.append(Problem("unknown dx code", int(r), iid,
+                                        f"dx={dx!r}, not in label set {table.labels.name!r}"))
+    if table.leaky:
+        rep.notes.append("columns that give the label away (never fed to a model): " + ", ".join(table.leaky))
     dup = df[df["image_id"].duplicated(keep="first") & (df["image_id"] != "")]
     for r, iid in zip(dup["row"], dup["image_id"], strict=True):
         rep.problems.append(Problem("duplicate image id", int(r), iid, ""))
     labelled = df[(df["label"] != "") & (df["lesion_id"] != "")]
+    if "group_by" in df:  # a patient (ISIC 2020, PAD-UFES-20 without lesion ids) may have lesions of several classes
+        labelled = labelled[labelled["group_by"] == "lesion"]
     n_dx = labelled.groupby("lesion_id")["label"].nunique()
     for lesion in n_dx[n_dx > 1].index:
         rows = labelled[labelled["lesion_id"] == lesion]
@@ -136,7 +148,7 @@ def drop_invalid(table: Table, bad: set[str]) -> Table:
     and rows without an image file."""
     keep = ~table.df["image_id"].isin(bad) & (table.df["path"] != "") & (table.df["label"] != "")
     df = table.df[keep].drop_duplicates("image_id").reset_index(drop=True)
-    return Table(df=df, source=table.source, layout=table.layout, notes=table.notes, image_index=table.image_index)
+    return dataclasses.replace(table, df=df)
 
 
 def load_valid_table(
@@ -148,9 +160,10 @@ def load_valid_table(
     check_images: bool = True,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     groupings: str | Path | None = None,
+    labels: str | None = None,
 ) -> tuple[Table, ValidationReport]:
     """Read + validate; raise `UserError` with the summary unless clean or `skip_invalid`."""
-    table = read_table(data_dir, metadata, groupings=groupings)
+    table = read_table(data_dir, metadata, groupings=groupings, labels=labels)
     rep = validate(table, check_images=check_images, max_pixels=max_pixels)
     blocking = [p for p in rep.problems if p.kind != "image without a row"]
     if blocking and not skip_invalid:

@@ -33,7 +33,7 @@ import numpy as np
 
 from lesionlab.evaluation.bootstrap import bootstrap_ci
 from lesionlab.exceptions import UserError
-from lesionlab.labels import CLASSES
+from lesionlab.labels import CLASSES, names_for
 
 METHODS = ("lac", "aps", "raps")
 
@@ -172,7 +172,7 @@ def fit_conformal(
     seed: int = 0,
     raps_lambda: float = 0.01,
     raps_k_reg: int = 1,
-    classes: Sequence[str] = CLASSES,
+    classes: Sequence[str] | None = None,
     class_coverage: Mapping[str, float] | None = None,
 ) -> ConformalSets:
     """Calibrate a set predictor on held-out (validation) probabilities and labels.
@@ -187,6 +187,7 @@ def fit_conformal(
     if class_coverage is not None and not isinstance(class_coverage, Mapping):
         raise UserError(f"trust.class_coverage must map classes to coverages (e.g. {{MEL: 0.95}}), got {class_coverage!r}")
     class_coverage = dict(class_coverage or {})
+    classes = names_for(np.asarray(probs).shape[1], classes)
     unknown = sorted(set(class_coverage) - set(classes))
     if unknown:
         raise UserError(f"trust.class_coverage: unknown class {unknown[0]}; valid: {', '.join(classes)}")
@@ -210,11 +211,12 @@ def fit_conformal(
                          raps_k_reg=int(raps_k_reg), class_coverage={c: float(v) for c, v in class_coverage.items()})
 
 
-def set_metrics(y_true: np.ndarray, sets: np.ndarray, classes: Sequence[str] = CLASSES) -> dict[str, float]:
+def set_metrics(y_true: np.ndarray, sets: np.ndarray, classes: Sequence[str] | None = None) -> dict[str, float]:
     """Flat set statistics (for `bootstrap_ci`): coverage, mean set size, share of empty and single-class sets,
     and `<CLASS>_coverage` / `<CLASS>_set_size` over the images of each true class (NaN without such images)."""
     y = np.asarray(y_true, int)
     m = np.asarray(sets, bool)
+    classes = names_for(m.shape[1], classes) if m.ndim == 2 else classes or CLASSES
     if len(y) == 0:
         return {"coverage": math.nan, "mean_set_size": math.nan, "empty": math.nan, "singleton": math.nan}
     hit = m[np.arange(len(y)), y]
@@ -236,7 +238,7 @@ def coverage_report(
     n_boot: int = 1000,
     ci: float = 0.95,
     seed: int = 0,
-    classes: Sequence[str] = CLASSES,
+    classes: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Marginal and per-class empirical coverage and set size, with (lesion) bootstrap CIs.
 
@@ -246,6 +248,7 @@ def coverage_report(
     """
     y = np.asarray(y_true, int)
     m = np.asarray(sets, bool)
+    classes = names_for(m.shape[1], classes)
 
     def stat(yy: np.ndarray, mm: np.ndarray) -> dict[str, float]:
         return set_metrics(yy, mm, classes)

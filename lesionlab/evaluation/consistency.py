@@ -11,7 +11,7 @@ lesion and not the photograph gives all of them the same class. Here:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -20,22 +20,24 @@ from lesionlab.evaluation.bootstrap import bootstrap_ci
 from lesionlab.evaluation.metrics import rank_auc
 from lesionlab.evaluation.robustness import condition_metrics
 from lesionlab.exceptions import UserError
-from lesionlab.labels import CLASS_INDEX, CLASSES
+from lesionlab.labels import CLASS_INDEX, names_for
 
 KEY_METRICS = ("balanced_accuracy", "mel_sensitivity", "macro_auc", "mel_auc")
 
 
-def lesion_table(lesion_ids: np.ndarray, probs: np.ndarray, y_true: np.ndarray | None = None) -> pd.DataFrame:
+def lesion_table(lesion_ids: np.ndarray, probs: np.ndarray, y_true: np.ndarray | None = None,
+                 classes: Sequence[str] | None = None) -> pd.DataFrame:
     """One row per lesion: images, distinct predicted classes, whether all agree (and all are correct)."""
     lesion_ids, probs = np.asarray(lesion_ids), np.asarray(probs, float)
     if len(lesion_ids) != len(probs):
         raise ValueError(f"{len(lesion_ids)} lesion ids for {len(probs)} probability rows")
+    names = names_for(probs.shape[1], classes)
     df = pd.DataFrame({"lesion_id": lesion_ids, "pred": probs.argmax(1)})
     if y_true is not None:
         df["correct"] = df["pred"].to_numpy() == np.asarray(y_true, int)
     g = df.groupby("lesion_id", sort=True)
     out = pd.DataFrame({"n_images": g.size(), "n_classes": g["pred"].nunique(),
-                        "classes": g["pred"].agg(lambda s: ",".join(CLASSES[k] for k in sorted(set(s))))})
+                        "classes": g["pred"].agg(lambda s: ",".join(names[k] for k in sorted(set(s))))})
     out["consistent"] = out["n_classes"] == 1
     if y_true is not None:
         out["all_correct"] = g["correct"].all()
@@ -81,14 +83,15 @@ def lesion_level(lesion_ids: np.ndarray, y_true: np.ndarray, probs: np.ndarray) 
     Raises:
         UserError: a lesion whose images carry different labels (the lesion-level truth would be undefined).
     """
-    df = pd.DataFrame(np.asarray(probs, float), columns=list(CLASSES))
+    cols = [f"p{k}" for k in range(np.asarray(probs).shape[1])]
+    df = pd.DataFrame(np.asarray(probs, float), columns=cols)
     df["lesion_id"], df["y"] = np.asarray(lesion_ids), np.asarray(y_true, int)
     g = df.groupby("lesion_id", sort=True)
     mixed = g["y"].nunique()
     if (mixed > 1).any():
         raise UserError(f"lesion {mixed[mixed > 1].index[0]} has images with different labels; "
                         "lesion-level metrics need one label per lesion")
-    return g.size().index.to_numpy(), g["y"].first().to_numpy(), g[list(CLASSES)].mean().to_numpy()
+    return g.size().index.to_numpy(), g["y"].first().to_numpy(), g[cols].mean().to_numpy()
 
 
 def key_metrics(y_true: np.ndarray, probs: np.ndarray) -> dict[str, float]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from itertools import combinations
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from lesionlab.evaluation.metrics import agreement
-from lesionlab.labels import CLASS_INDEX, CLASSES
+from lesionlab.labels import names_for
 
 
 def analyse_errors(
@@ -21,6 +22,7 @@ def analyse_errors(
     best: str,
     cls: str = "MEL",
     top_confusions: int = 8,
+    classes: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Errors of the best model on class `cls`, and how the other models fare on the same images.
 
@@ -32,14 +34,17 @@ def analyse_errors(
     """
     y_true = np.asarray(y_true)
     preds = {name: p.argmax(1) for name, p in member_probs.items()}
-    k = CLASS_INDEX[cls]
+    names = names_for(next(iter(member_probs.values())).shape[1], classes)
+    if cls not in names:  # e.g. eval.error_class MEL under the binary label set: its flag class (column 0)
+        cls = names[0]
+    k = names.index(cls)
     wrong = np.flatnonzero((y_true == k) & (preds[best] != k))
     others = [n for n in preds if n != best]
     rows = []
     for i in wrong:
-        row: dict[str, Any] = {"image": image_ids[i], "true": cls, f"{best} (best)": CLASSES[preds[best][i]]}
+        row: dict[str, Any] = {"image": image_ids[i], "true": cls, f"{best} (best)": names[preds[best][i]]}
         for n in others:
-            row[n] = CLASSES[preds[n][i]]
+            row[n] = names[preds[n][i]]
         row["rescued_by"] = ";".join(n for n in others if preds[n][i] == k)
         row[f"p_{cls}_{best}"] = float(member_probs[best][i, k])
         rows.append(row)
@@ -57,7 +62,7 @@ def analyse_errors(
         summary[f"rescued_by_{n}"] = int(sum(1 for r in rows if n in r["rescued_by"].split(";")))
     pb = preds[best]
     off = pb != y_true
-    pairs = pd.Series([f"{CLASSES[t]}->{CLASSES[p]}" for t, p in zip(y_true[off], pb[off], strict=True)], dtype=str)
+    pairs = pd.Series([f"{names[t]}->{names[p]}" for t, p in zip(y_true[off], pb[off], strict=True)], dtype=str)
     confusions = pairs.value_counts().head(top_confusions).rename_axis("confusion").reset_index(name="count")
     confusions = confusions.astype({"confusion": str, "count": int})
     agree_rows = []

@@ -3,6 +3,7 @@ lesionlab.report.evaluation_files)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -12,7 +13,7 @@ from lesionlab.config import EvalConfig
 from lesionlab.evaluation.bootstrap import bootstrap_ci
 from lesionlab.evaluation.metrics import PER_CLASS_KEYS, summarize
 from lesionlab.evaluation.operating_points import at_threshold, operating_points, threshold_for_sensitivity
-from lesionlab.labels import CLASS_INDEX, CLASSES
+from lesionlab.labels import names_for
 
 
 def evaluate_arrays(
@@ -23,6 +24,7 @@ def evaluate_arrays(
     groups: np.ndarray | None = None,
     threshold: float | None = None,
     val: tuple[np.ndarray, np.ndarray] | None = None,
+    classes: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """All metrics for one set of predictions.
 
@@ -31,12 +33,14 @@ def evaluate_arrays(
         threshold: melanoma threshold to apply (e.g. chosen on validation).
         val: (y_val, probs_val) to choose the melanoma threshold for `cfg.target_sensitivity` here.
     """
-    out = summarize(y_true, probs)
+    names = names_for(np.asarray(probs).shape[1], classes)
+    out = summarize(y_true, probs, names)
     out["ci"] = bootstrap_ci(y_true, probs, groups=groups, n_boot=cfg.bootstrap, ci=cfg.ci) if cfg.bootstrap else {}
     out["ci_level"] = cfg.ci
     out["ci_resampling"] = "lesions" if groups is not None else "images"
-    focus = CLASS_INDEX[cfg.error_class] if cfg.error_class in CLASS_INDEX else CLASS_INDEX["MEL"]
-    cls_name = CLASSES[focus]
+    # the focus class: eval.error_class when the label set has it, else the flag class (column 0: MEL, MALIGNANT)
+    focus = names.index(cfg.error_class) if cfg.error_class in names else 0
+    cls_name = names[focus]
     ops = operating_points(y_true, probs, cls=focus, fixed_specificities=cfg.fixed_specificities,
                                    fixed_sensitivities=cfg.fixed_sensitivities)
     if val is not None and threshold is None:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy.stats import rankdata
 
-from lesionlab.labels import CLASSES
+from lesionlab.labels import CLASSES, names_for
 
 PER_CLASS_KEYS = ("precision", "sensitivity", "specificity", "f1", "auc")
 
@@ -108,10 +108,15 @@ def _nanmean(x: np.ndarray) -> float:
     return float(np.nanmean(x)) if np.isfinite(x).any() else float("nan")
 
 
-def summarize(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str] = CLASSES) -> dict:
-    """The metrics.json body: per-class and macro metrics, accuracy, balanced accuracy, confusion matrix."""
+def summarize(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str] | None = None) -> dict:
+    """The metrics.json body: per-class and macro metrics, accuracy, balanced accuracy, confusion matrix.
+
+    Args:
+        classes: the class names of the probability columns (the run's label set); None: ham7's for 7 columns.
+    """
     y_true = np.asarray(y_true, int)
     probs = np.asarray(probs, float)
+    classes = names_for(probs.shape[1], classes)
     y_pred = probs.argmax(axis=1)
     cm = confusion(y_true, y_pred, len(classes))
     pc = per_class_from_confusion(cm)
@@ -141,7 +146,7 @@ def _f(x: float) -> float | None:
     return None if np.isnan(x) else x
 
 
-def flat_metrics(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str] = CLASSES) -> dict[str, float]:
+def flat_metrics(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str] | None = None) -> dict[str, float]:
     """Every number that gets a confidence interval, flat: `<CLASS>_<metric>`, `macro_<metric>`, accuracies."""
     m = summarize(y_true, probs, classes)
     out = {f"macro_{k}": m["macro"][k] for k in PER_CLASS_KEYS}

@@ -20,7 +20,7 @@ from lesionlab.evaluation.metrics import (
     confusion,
     per_class_from_confusion,
 )
-from lesionlab.labels import CLASS_INDEX, CLASSES
+from lesionlab.labels import CLASS_INDEX
 
 METRICS = ("balanced_accuracy", "mel_sensitivity", "macro_auc")
 
@@ -37,7 +37,7 @@ def condition_metrics(y_true: np.ndarray, probs: np.ndarray) -> dict[str, float]
     """Balanced accuracy, MEL sensitivity and macro AUC (over classes present) of one set of probabilities."""
     y_true, probs = np.asarray(y_true, int), np.asarray(probs, float)
     pred = probs.argmax(1)
-    pc = per_class_from_confusion(confusion(y_true, pred, len(CLASSES)))
+    pc = per_class_from_confusion(confusion(y_true, pred, np.asarray(probs).shape[1]))
     auc = auc_one_vs_rest(y_true, probs)
     return {
         "balanced_accuracy": balanced_accuracy(y_true, pred),

@@ -23,7 +23,7 @@ from lesionlab.data.metadata import MISSING, clean_values
 from lesionlab.evaluation.bootstrap import bootstrap_ci
 from lesionlab.evaluation.metrics import rank_auc
 from lesionlab.exceptions import UserError
-from lesionlab.labels import CLASS_INDEX, CLASSES
+from lesionlab.labels import CLASS_INDEX
 
 # The metrics reported per subgroup, in display order.
 METRICS: tuple[str, ...] = ("balanced_accuracy", "MEL_sensitivity", "MEL_specificity", "MEL_auc", "macro_auc", "accuracy")
@@ -37,7 +37,11 @@ METRIC_TITLES = {
 AGE_BANDS: tuple[tuple[float, str], ...] = ((0, "<30"), (30, "30-44"), (45, "45-59"), (60, "60-74"), (75, "75+"))
 
 # Columns used when present (age becomes `age_band`); any other column can be named explicitly.
-DEFAULT_COLUMNS: tuple[str, ...] = ("sex", "age_band", "localization", "dx_type", "fitzpatrick_skin_type")
+# Skin tone where a set carries it (lesionlab.data.sources): HAM-style fitzpatrick_skin_type, Fitzpatrick17k's
+# fitzpatrick_scale, PAD-UFES-20's fitspatrick (sic), DDI's skin_tone (12 / 34 / 56): numbers, but categories.
+SKIN_TONE: tuple[str, ...] = ("fitzpatrick_skin_type", "fitzpatrick_scale", "fitspatrick", "fitzpatrick", "skin_tone",
+                              "skin_type")
+DEFAULT_COLUMNS: tuple[str, ...] = ("sex", "age_band", "localization", "dx_type", *SKIN_TONE, "image_type", "source")
 
 OVERALL = "all"
 
@@ -86,6 +90,8 @@ def subgroup_stat(y_true: np.ndarray, probs: np.ndarray, *, mel_threshold: float
 
 # Never subgroups: identifiers, file names, and the diagnosis itself (or columns derived from it).
 NOT_SUBGROUPS = frozenset({"image_id", "image", "lesion_id", "group_id", "patient_id", "path", "file", "filename",
+                           "excluded", "group_by", "published_split", "row", "case", "md5hash", "url",
+                           "url_alphanum", "img_id", "ddi_file", "ddi_id", "clinic", "derm",
                            "dx", "target", "benign_malignant", "mel", "split", "age", "age_approx"})
 LABEL_WORDS = ("diagnos", "label", "partition", "histopath")  # diagnosis, diagnostic, three_partition_label, ...
 MAX_LEVELS = 20  # more distinct values than this is a free-text or identifier column, not a category
@@ -122,7 +128,17 @@ def subgroup_columns(meta: pd.DataFrame, columns: Sequence[str] | None = None) -
         if missing:
             raise UserError(f"metadata has no column {missing[0]!r}; columns: {', '.join(sorted(have))}")
         return list(dict.fromkeys(columns))
-    return [c for c in DEFAULT_COLUMNS if c in have] + categorical_columns(meta)
+    def informative(c: str) -> bool:
+        # image_type and source are written by every reader (lesionlab.data.tables): a subgroup only when they vary,
+        # and source not when it repeats HAM10000's own `dataset` column
+        if c not in ("image_type", "source"):
+            return True
+        vals = set(clean_values(meta[c].tolist())) - {MISSING}
+        same = c == "source" and "dataset" in meta.columns and meta["dataset"].astype(str).equals(meta[c].astype(str))
+        return len(vals) >= 2 and not same
+
+    defaults = [c for c in DEFAULT_COLUMNS if c in have and informative(c)]
+    return defaults + [c for c in categorical_columns(meta) if c not in defaults]
 
 
 def metadata_values(meta: pd.DataFrame, image_ids: Sequence[str], column: str) -> np.ndarray:
@@ -194,7 +210,7 @@ def subgroup_table(
     ids = [str(i) for i in image_ids]
     if "image_id" not in meta.columns:
         raise UserError("the metadata table needs an image_id column")
-    if len(y) != len(ids) or p.shape != (len(ids), len(CLASSES)):
+    if len(y) != len(ids) or p.ndim != 2 or p.shape[0] != len(ids):
         raise ValueError(f"{len(y)} labels, {p.shape} probabilities and {len(ids)} image ids do not match")
     g = np.asarray(groups if groups is not None else ids, dtype=object)
     cols = subgroup_columns(meta, columns)

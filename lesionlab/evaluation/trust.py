@@ -16,6 +16,7 @@ trust.json: {"version": 1, "fitted_on": "validation", "n_val": N, "config": {Tru
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -37,21 +38,23 @@ from lesionlab.io import atomic_write_json, read_json
 TRUST_FILE = "trust.json"
 
 
-def fit_model_trust(y_val: np.ndarray, probs_val: np.ndarray, cfg: TrustConfig) -> dict[str, Any]:
+def fit_model_trust(y_val: np.ndarray, probs_val: np.ndarray, cfg: TrustConfig,
+                    classes: Sequence[str] | None = None) -> dict[str, Any]:
     """Temperature, then conformal thresholds on the scaled probabilities, for one model."""
     t = fit_temperature(log_probs(probs_val), y_val) if cfg.calibration else 1.0
     sets = fit_conformal(calibrate_probs(probs_val, t), y_val, coverage=cfg.coverage, method=cfg.method,
                          mondrian=cfg.mondrian, seed=cfg.seed, raps_lambda=cfg.raps_lambda, raps_k_reg=cfg.raps_k_reg,
-                         class_coverage=cfg.class_coverage)
+                         class_coverage=cfg.class_coverage, classes=classes)
     return {"temperature": float(t), "conformal": sets.to_dict()}
 
 
-def fit_trust(y_val: np.ndarray, probs_val: dict[str, np.ndarray], cfg: TrustConfig) -> dict[str, Any]:
+def fit_trust(y_val: np.ndarray, probs_val: dict[str, np.ndarray], cfg: TrustConfig,
+              classes: Sequence[str] | None = None) -> dict[str, Any]:
     """trust.json body for every model in `probs_val` ({name: (N, K) validation probabilities})."""
     if not probs_val:
         raise UserError("trust: no model probabilities to fit on")
     return {"version": 1, "fitted_on": "validation", "n_val": int(len(y_val)), "config": asdict(cfg),
-            "models": {name: fit_model_trust(y_val, p, cfg) for name, p in probs_val.items()}}
+            "models": {name: fit_model_trust(y_val, p, cfg, classes) for name, p in probs_val.items()}}
 
 
 def write_trust(path: str | Path, trust: dict[str, Any]) -> None:

@@ -29,7 +29,6 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from lesionlab.exceptions import UserError
 from lesionlab.explain.overlay import _to_display, display_crop
 from lesionlab.inference.predictor import Predictor
-from lesionlab.labels import CLASS_INDEX, CLASSES
 
 METHODS = ("gradcam", "guided", "guided-gradcam")
 
@@ -165,12 +164,13 @@ def explain_image(
     """
     if method not in METHODS:
         raise UserError(f"--method {method!r} must be one of {', '.join(METHODS)}")
-    if cls is not None and cls not in CLASS_INDEX:
-        raise UserError(f"--class {cls!r} must be one of {', '.join(CLASSES)}")
+    classes = list(predictors[0].classes)  # the members' label set (lesionlab.labels)
+    if cls is not None and cls not in classes:
+        raise UserError(f"--class {cls!r} must be one of {', '.join(classes)}")
     probs = np.mean([p.predict_images([image])[0] for p in predictors], axis=0)
-    k = CLASS_INDEX[cls] if cls else int(np.argmax(probs))
+    k = classes.index(cls) if cls else int(np.argmax(probs))
     display = display_crop(image, predictors[0].spec.crop_fraction)
-    ex = Explanation(image_id=image_id, method=method, cls=CLASSES[k], display=display, probs=probs)
+    ex = Explanation(image_id=image_id, method=method, cls=classes[k], display=display, probs=probs)
     for p in predictors:
         ex.members[p.name] = _to_display(model_maps(p, p.prepare([image]), k, method), display.shape[:2])
     ex.ensemble = np.mean(list(ex.members.values()), axis=0).astype(np.float32)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -9,15 +10,17 @@ import pandas as pd
 
 from lesionlab.data.isic_csv import probs_frame, truth_frame, write_isic_csv
 from lesionlab.exceptions import UserError
+from lesionlab.labels import CLASSES
 from lesionlab.models import file_stem
 
 
 def write_probability_csvs(probs: dict[str, np.ndarray], df: pd.DataFrame,
-                           out: Path) -> tuple[list[Path], Path | None]:
+                           out: Path, classes: Sequence[str] = CLASSES) -> tuple[list[Path], Path | None]:
     """Each model's probabilities for the rows of `df`, and the ground truth when every row has a label.
 
     Args:
-        probs: {model name: (N, 7)} for the N rows of `df` (which needs `image_id` and `label`).
+        probs: {model name: (N, K)} for the N rows of `df` (which needs `image_id` and `label`).
+        classes: the K classes (the models' label set, `Predictor.classes`).
         out: the CSV for one model (truth beside it, `<stem>_truth.csv`), or a folder that gets `<model>.csv`
             per model and `truth.csv`.
 
@@ -33,10 +36,10 @@ def write_probability_csvs(probs: dict[str, np.ndarray], df: pd.DataFrame,
     written = []
     for name, pr in probs.items():
         dest = out if single else out / f"{file_stem(name)}.csv"
-        write_isic_csv(dest, probs_frame(df["image_id"], pr))
+        write_isic_csv(dest, probs_frame(df["image_id"], pr, classes))
         written.append(dest)
     truth = None
     if (df["label"] != "").all():
         truth = out.with_name(out.stem + "_truth.csv") if single else out / "truth.csv"
-        write_isic_csv(truth, truth_frame(df))
+        write_isic_csv(truth, truth_frame(df, classes))
     return written, truth

@@ -23,7 +23,7 @@ from lesionlab.data.transforms import DataSpec, build_eval_transform
 from lesionlab.exceptions import UserError
 from lesionlab.inference import engines
 from lesionlab.inference.tta import tta_views
-from lesionlab.labels import CLASSES
+from lesionlab.labels import label_set_of
 from lesionlab.models.fusion import MetadataDataset, split_inputs
 
 log = logging.getLogger(__name__)
@@ -85,8 +85,12 @@ class Predictor:
             from lesionlab.data.metadata import MetadataEncoding
 
             self.encoding = MetadataEncoding.from_dict(self.meta["metadata"])
-        if list(self.meta["classes"]) != list(CLASSES):
-            raise UserError(f"{checkpoint}: class order {self.meta['classes']} differs from {list(CLASSES)}")
+        # the classes the model was trained for (lesionlab.labels); ham7 for sidecars made before label sets
+        self.label_set = label_set_of(self.meta)
+        self.classes: tuple[str, ...] = tuple(self.meta["classes"])
+        if self.classes != self.label_set.classes:
+            raise UserError(f"{checkpoint}: class order {list(self.classes)} differs from its label set "
+                            f"{self.label_set.name!r} ({list(self.label_set.classes)})")
         # CPU bf16: a frozen TorchScript copy with bf16 weights (see `_cpu_bf16_model`); `self.model` stays fp32
         # for fp32 inference and for explanations, which need gradients and the original module tree.
         self.cpu_bf16 = self.device.type == "cpu" and self.amp is torch.bfloat16
@@ -293,7 +297,7 @@ class Predictor:
         for x, _ in tqdm(loader, desc=f"predict {self.name}", disable=not progress, leave=False):
             x, meta = split_inputs(x)
             out.append(self.predict_batch(x, tta=tta, meta=meta))
-        return np.concatenate(out) if out else np.zeros((0, len(CLASSES)))
+        return np.concatenate(out) if out else np.zeros((0, len(self.classes)))
 
     def prepare(self, images: list[Image.Image]) -> torch.Tensor:
         return torch.stack([self.transform(pil_to_uint8_tensor(im)) for im in images])
@@ -308,7 +312,7 @@ class Predictor:
     def predict_images(self, images: list[Image.Image], *, tta: bool = False, metadata: list[dict] | None = None) -> np.ndarray:
         """Probabilities for PIL images; `metadata`: one mapping per image (age, sex, site ...) for a fused model."""
         if not images:
-            return np.zeros((0, len(CLASSES)))
+            return np.zeros((0, len(self.classes)))
         return self.predict_batch(self.prepare(images), tta=tta, meta=self.encode_metadata(metadata, len(images))[0])
 
 
@@ -350,6 +354,10 @@ def load_predictors(checkpoints: Iterable[str | Path], *, device: str = "auto", 
              for ck, files in zip(checkpoints, listed, strict=True)]
     for pr, name in zip(preds, unique_names([p.name for p in preds]), strict=True):
         pr.name = name
+    sets = {(p.label_set.name, p.classes) for p in preds}
+    if len(sets) > 1:  # an ensemble averages probability columns: they must mean the same classes
+        raise UserError("the models were trained for different label sets ("
+                        + "; ".join(f"{n}: {', '.join(c)}" for n, c in sorted(sets)) + "); ensemble models of one")
     return preds
 
 

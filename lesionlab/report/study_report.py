@@ -67,7 +67,7 @@ def trust_section(rep, out: Path, all_names: list[str], mets: dict[str, dict]) -
     for n in have:
         s = mets[n]["conformal"]
         per = [v["coverage"]["value"] for v in s["per_class"].values() if v["coverage"]["value"] is not None]
-        rows.append({"model": n, "coverage": _ci_text(s["coverage"]), "MEL coverage": _ci_text(s["per_class"]["MEL"]["coverage"]),
+        rows.append({"model": n, "coverage": _ci_text(s["coverage"]), "MEL coverage": _ci_text(next(iter(s["per_class"].values()))["coverage"]),
                      "lowest class coverage": fmt(min(per) if per else None),
                      "mean set size": _ci_text(s["mean_set_size"]), "single-class sets": fmt(s["singleton"]["value"]),
                      "empty sets": fmt(s["empty"]["value"])})
@@ -203,6 +203,12 @@ def robustness_section(rep, out: Path) -> None:
             rep.table(wide)
 
 
+def _flag(m: dict) -> str:
+    """The label set's flag class of a metrics.json (its first class: MEL, or MALIGNANT under binary); the report's
+    "MEL" columns are about it (lesionlab.labels)."""
+    return m["classes"][0]
+
+
 def report_study(out: Path, cfg: StudyConfig, names: list[str], all_names: list[str], best: str,
                  mets: dict[str, dict]) -> Path:
     """Write report.html (self-contained) and report.md from the study folder's files."""
@@ -245,7 +251,8 @@ def report_study(out: Path, cfg: StudyConfig, names: list[str], all_names: list[
         comp.append({"model": n, **{k: fmt(m["macro"][k]) for k in ("precision", "sensitivity", "specificity", "f1", "auc")},
                      "accuracy": fmt(m["accuracy"]), "balanced acc.": fmt(m["balanced_accuracy"],
                      m["ci"].get("balanced_accuracy", {}).get("lo"), m["ci"].get("balanced_accuracy", {}).get("hi")),
-                     "MEL sens.": fmt(m["per_class"]["MEL"]["sensitivity"]), "MEL AUC": fmt(m["per_class"]["MEL"]["auc"])})
+                     "MEL sens.": fmt(m["per_class"][_flag(m)]["sensitivity"]),
+                     "MEL AUC": fmt(m["per_class"][_flag(m)]["auc"])})
     comp.append({"model": "paper: ResNeXt-101 (HAM10000, 224px, ImageNet)", **{k: fmt(PAPER_RESNEXT["macro"][k]) for k in
                  ("precision", "sensitivity", "specificity", "f1", "auc")}, "accuracy": "", "balanced acc.": "",
                  "MEL sens.": fmt(PAPER_RESNEXT["MEL"]["sensitivity"]), "MEL AUC": fmt(PAPER_RESNEXT["MEL"]["auc"])})
@@ -258,7 +265,8 @@ def report_study(out: Path, cfg: StudyConfig, names: list[str], all_names: list[
         e, b = mets[ENSEMBLE], mets[best]
         rep.para(f"Ensemble vs best single model ({best}): balanced accuracy {fmt(e['balanced_accuracy'])} vs "
                  f"{fmt(b['balanced_accuracy'])}; macro AUC {fmt(e['macro']['auc'])} vs {fmt(b['macro']['auc'])}; "
-                 f"melanoma sensitivity {fmt(e['per_class']['MEL']['sensitivity'])} vs {fmt(b['per_class']['MEL']['sensitivity'])}.")
+                 f"{_flag(e)} sensitivity {fmt(e['per_class'][_flag(e)]['sensitivity'])} vs "
+                 f"{fmt(b['per_class'][_flag(b)]['sensitivity'])}.")
     for n in all_names:
         rep.heading(f"{n}: per-class metrics (test)", 3)
         rep.table(metric_table(mets[n]))
@@ -272,7 +280,7 @@ def report_study(out: Path, cfg: StudyConfig, names: list[str], all_names: list[
     rep.heading("Melanoma operating points (test)")
     ops_rows = []
     for n in all_names:
-        ops = mets[n]["operating_points"].get("MEL", {})
+        ops = mets[n]["operating_points"].get(_flag(mets[n]), {})
         row = {"model": n}
         for o in ops.get("sensitivity_at_specificity", []):
             row[f"sens @ spec {o['target_specificity']:.2f}"] = fmt(o["sensitivity"])

@@ -22,7 +22,7 @@ from lesionlab.data.transforms import spec_from_timm
 from lesionlab.evaluation.metrics import balanced_accuracy
 from lesionlab.exceptions import UserError
 from lesionlab.io import atomic_write, atomic_write_csv
-from lesionlab.labels import CLASS_INDEX, CLASSES, NUM_CLASSES
+from lesionlab.labels import HAM7, get_label_set
 from lesionlab.models.fusion import FusionModel, MetadataDataset, fusion_meta, split_inputs
 from lesionlab.training.distributed import _rank_world
 from lesionlab.training.early_stopping import EarlyStopping
@@ -97,7 +97,7 @@ def evaluate(
         total += float(criterion(logits, y)) * len(y)
         probs.append(torch.softmax(logits, 1).cpu().numpy())
         targets.append(y.cpu().numpy())
-    p = np.concatenate(probs) if probs else np.zeros((0, NUM_CLASSES))
+    p = np.concatenate(probs) if probs else np.zeros((0, 0))
     t = np.concatenate(targets) if targets else np.zeros(0, int)
     return total / max(len(t), 1), p, t
 
@@ -172,7 +172,9 @@ def fit(
     if tc.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=False)
     torch.manual_seed(tc.seed)
-    model, spec = models.create_model(arch, pretrained=tc.pretrained, weights=tc.weights or None)
+    lset = get_label_set(dc.labels)  # the run's classes: head width, class weights, sidecar (lesionlab.labels)
+    model, spec = models.create_model(arch, num_classes=lset.num_classes, pretrained=tc.pretrained,
+                                      weights=tc.weights or None)
     dspec = spec_from_timm(model, input_size=dc.image_size, crop_fraction=dc.crop_fraction,
                            color_constancy=dc.color_constancy, color_constancy_p=dc.color_constancy_p)
     cam_layer = models.cam_layer_name(model, spec)
@@ -181,7 +183,7 @@ def fit(
         from lesionlab.data.metadata import MetadataEncoding
 
         encoding = MetadataEncoding.fit(train_df, tc.metadata)
-        model = FusionModel(model, encoding, num_classes=NUM_CLASSES, hidden=tc.metadata_hidden)
+        model = FusionModel(model, encoding, num_classes=lset.num_classes, hidden=tc.metadata_hidden)
         cam_layer = f"backbone.{cam_layer}"  # explanations use the image branch
     model = runtime.prepare_model(model, device, channels_last=tc.channels_last)
 
@@ -191,16 +193,22 @@ def fit(
                                             color_jitter=dc.color_jitter, device_side=on_gpu)
     cache = cache_dir if dc.cache else None
     train_ds = make_dataset(train_df, train_tf, input_size=dspec.input_size, crop_fraction=dspec.crop_fraction,
-                            cache_dir=cache, max_pixels=dc.max_image_pixels, progress=progress and rank == 0)
+                            cache_dir=cache, max_pixels=dc.max_image_pixels, progress=progress and rank == 0,
+                            classes=lset.classes)
     val_ds = make_dataset(val_df, eval_tf, input_size=dspec.input_size, crop_fraction=dspec.crop_fraction,
-                          cache_dir=cache, max_pixels=dc.max_image_pixels, progress=progress and rank == 0)
+                          cache_dir=cache, max_pixels=dc.max_image_pixels, progress=progress and rank == 0,
+                          classes=lset.classes)
     if encoding is not None:
         train_ds = MetadataDataset(train_ds, encoding.encode(train_df)[0])
         val_ds = MetadataDataset(val_ds, encoding.encode(val_df)[0])
     if len(train_ds) == 0 or len(val_ds) == 0:
         raise UserError(f"{arch}: the split has {len(train_ds)} training and {len(val_ds)} validation images; need both")
-    y_train = np.array([CLASS_INDEX[c] for c in train_df["label"]])
-    w = class_weights(y_train) if tc.class_weighting else np.ones(NUM_CLASSES)
+    unknown = sorted(set(train_df["label"]) - set(lset.classes))
+    if unknown:
+        raise UserError(f"{arch}: training rows are labelled {unknown[0]!r}, not a class of label set {lset.name!r} "
+                        f"({', '.join(lset.classes)}); read the data with data.labels={lset.name}")
+    y_train = np.array([lset.index[c] for c in train_df["label"]])
+    w = class_weights(y_train, lset.num_classes) if tc.class_weighting else np.ones(lset.num_classes)
     criterion = torch.nn.CrossEntropyLoss(weight=torch.tensor(w, dtype=torch.float32, device=device))
     optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
 
@@ -244,12 +252,14 @@ def fit(
 
         writer = SummaryWriter(log_dir=str(out / "tensorboard"), purge_step=start_epoch)
     meta_base = {
-        "arch": spec.name, "timm_id": spec.timm_id, "title": spec.title, "classes": list(CLASSES),
+        "arch": spec.name, "timm_id": spec.timm_id, "title": spec.title, "classes": list(lset.classes),
         "input_size": dspec.input_size, "mean": list(dspec.mean), "std": list(dspec.std),
         "crop_fraction": dspec.crop_fraction, "cam_layer": cam_layer,
         "color_constancy": dspec.color_constancy, "color_constancy_p": dspec.color_constancy_p,
         "pretrained": "file:" + Path(tc.weights).name if tc.weights else tc.pretrained,
         "split_sha256": split_hash, "config": cfg.to_dict(), "class_weights": [float(v) for v in w],
+        # ham7 runs record no label set: their sidecar stays as before (lesionlab.labels.label_set_of reads ham7)
+        **({"label_set": lset.to_dict()} if lset.to_dict() != HAM7.to_dict() else {}),
         **(fusion_meta(models.unwrap(model)) if encoding is not None else {}),
     }
     t0 = time.perf_counter()

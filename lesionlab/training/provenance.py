@@ -67,6 +67,8 @@ def _plain(v: Any) -> Any:
 def _reads(arch: Any, flat: Mapping[str, Any]) -> dict[str, Any]:
     """`flat` ("data.x"/"train.y" keys) restricted to what training reads, given the record's own fusion setting."""
     free = FREE | set(fusion_free(flat.get("train.metadata")))
+    # records made before label sets existed trained the ham7 classes (lesionlab.labels)
+    flat = {"data.labels": "ham7", **flat}
     return {"arch": arch, **{k: _plain(v) for k, v in flat.items() if k.startswith(("data.", "train.")) and k not in free}}
 
 

@@ -10,7 +10,7 @@ lesion-level metrics with lesion-bootstrap CIs) and robustness.json (settings an
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,11 +41,13 @@ def sample_rows(df: pd.DataFrame, max_images: int, seed: int) -> pd.DataFrame:
     return df.sample(n=max_images, random_state=seed).sort_index()
 
 
-def labels_of(df: pd.DataFrame) -> np.ndarray | None:
-    """Class indices of the rows, or None when any row is unlabelled (then only flip rates are reported)."""
-    if "label" not in df or not df["label"].isin(list(CLASS_INDEX)).all():
+def labels_of(df: pd.DataFrame, classes: Sequence[str] | None = None) -> np.ndarray | None:
+    """Class indices of the rows (in `classes`, default ham7's), or None when any row is unlabelled (then only flip
+    rates are reported)."""
+    index = CLASS_INDEX if classes is None else {c: i for i, c in enumerate(classes)}
+    if "label" not in df or not df["label"].isin(list(index)).all():
         return None
-    return np.array([CLASS_INDEX[c] for c in df["label"]])
+    return np.array([index[c] for c in df["label"]])
 
 
 def write_consistency(out_dir: str | Path, lesion_ids: np.ndarray, probs: Mapping[str, np.ndarray], y: np.ndarray | None,
@@ -103,7 +105,7 @@ def run_robustness(
     conds = conditions(rc.perturbations or None, max_levels=rc.max_levels)
     predictors = load_predictors(checkpoints, device=cfg.train.device, precision=cfg.train.precision)
     df = df.reset_index(drop=True)
-    y_all = labels_of(df)
+    y_all = labels_of(df, predictors[0].classes)
     # Consistency needs every image of a lesion: clean predictions for all rows.
     full = {p.name: p.predict_frame(df, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers, tta=rc.tta,
                                     progress=progress) for p in predictors} if consistency else {}
@@ -115,7 +117,7 @@ def run_robustness(
         for d in (full, clean) if consistency else (clean,):
             d[ENSEMBLE] = mean_probabilities([d[p.name] for p in predictors])
         pert[ENSEMBLE] = {k: mean_probabilities([pert[p.name][k] for p in predictors]) for k in pert[predictors[0].name]}
-    table = robustness_table(labels_of(sample), clean, pert)
+    table = robustness_table(labels_of(sample, predictors[0].classes), clean, pert)
     table["identity"] = [get_perturbation(n).identity if n != "none" else np.nan for n in table["perturbation"]]
     table["tta"] = rc.tta
     atomic_write_csv(out / "robustness.csv", table)

@@ -51,6 +51,7 @@ from lesionlab.evaluation.trust import (
 from lesionlab.exceptions import UserError
 from lesionlab.explain.gallery import make_gallery
 from lesionlab.io import atomic_write_csv, sha256_file
+from lesionlab.labels import get_label_set
 from lesionlab.models import file_stem
 from lesionlab.report.study_report import report_study
 from lesionlab.study_folder import StudyFolder
@@ -223,7 +224,19 @@ def _run_study(cfg: StudyConfig, out: Path, archs: list[str], *, data: str | Pat
                                                   size=tuple(cfg.synth_size), progress=progress),
                   config={"synth_images": cfg.synth_images, "synth_size": cfg.synth_size, "split.seed": cfg.split.seed},
                   outputs=[Path(data)], code=STEP_CODE["synth"])
-    table = read_table(data, metadata)
+    lset = get_label_set(cfg.data.labels)
+    source_items = [{"data": s.data, "metadata": s.metadata, "name": s.name} for s in cfg.sources]
+    if isinstance(data, list | tuple) and len(data) > 1:  # `--data` given more than once
+        source_items = [{"data": d} for d in data]
+    elif isinstance(data, list | tuple):
+        data = data[0]
+    if source_items:
+        from lesionlab.data.multi import read_sources
+
+        table = read_sources(source_items, labels=lset)
+        data = Path(source_items[0]["data"])
+    else:
+        table = read_table(data, metadata, labels=lset)
     image_files = sorted({Path(p) for p in table.df["path"] if p})
 
     def do_validate():
@@ -232,10 +245,17 @@ def _run_study(cfg: StudyConfig, out: Path, archs: list[str], *, data: str | Pat
         blocking = [p for p in rep.problems if p.kind != "image without a row"]
         if blocking and not skip_invalid:
             raise UserError(rep.summary())
-        sf.write_dataset({"source": str(table.source), "layout": table.layout, "rows": len(table.df),
-                          "problems": rep.counts(), "notes": rep.notes})
+        record = {"source": str(table.source), "layout": table.layout, "rows": len(table.df),
+                  "problems": rep.counts(), "notes": rep.notes}
+        if lset.name != "ham7" or table.sources:  # ham7 single-source dataset.json stays as it was
+            record.update(label_set=lset.name, caveats=lset.caveats_for(
+                [s["layout"] for s in table.sources] or [table.layout]), leaky_columns=table.leaky,
+                skin_tone=table.skin_tone, sources=table.sources)
+        sf.write_dataset(record)
 
-    steps.run("validate", do_validate, config={"data.max_image_pixels": cfg.data.max_image_pixels},
+    steps.run("validate", do_validate, config={"data.max_image_pixels": cfg.data.max_image_pixels,
+                                               **({"data.labels": cfg.data.labels} if lset.name != "ham7" else {}),
+                                               **({"sources": cfg.sources} if cfg.sources else {})},
               # the content hashes of the table and images, not the synth step: the same data given as --data
               # later (or made again) is the same input
               inputs={"metadata": table.source, "images": image_files},
@@ -245,15 +265,30 @@ def _run_study(cfg: StudyConfig, out: Path, archs: list[str], *, data: str | Pat
     table = drop_invalid(table, set(bad.loc[bad["problem"] != "image without a row", "image_id"]))
     split_path = sf.split_file
 
+    multi = table.df["source"].nunique() > 1 if "source" in table.df else False
+
     def do_split():
         dups = read_duplicates(duplicates) if duplicates else None
+        if multi and cfg.split.phash_distance >= 0:  # images two sources share, by perceptual hash
+            from lesionlab.data.multi import cross_source_duplicates
+
+            found = cross_source_duplicates(table.df, max_distance=cfg.split.phash_distance)
+            atomic_write_csv(out / "cross_source_duplicates.csv", found)
+            by_id = sum(s.get("duplicate_ids", 0) for s in table.sources)
+            atomic_write_csv(out / "cross_source_summary.csv", pd.DataFrame([
+                {"how": "same file id", "images": by_id, "kept": "once (first source's row)"},
+                {"how": f"perceptual hash (pHash, <= {cfg.split.phash_distance} bits)", "images": len(found),
+                 "kept": "in one split"}]))
+            dups = pd.concat([d for d in (dups, found[["from_img", "to_img"]]) if d is not None], ignore_index=True)
         sp = split_and_check(table.df, fractions=(cfg.split.train, cfg.split.val, cfg.split.test), seed=cfg.split.seed,
                              duplicates=dups)
         write_split(sp, split_path)
-        atomic_write_csv(sf.split_summary_file, summary_table(sp))
+        atomic_write_csv(sf.split_summary_file, summary_table(sp, lset.classes))
 
-    steps.run("split", do_split, config={"split": cfg.split}, inputs={"duplicates": duplicates} if duplicates else (),
-              upstream=["validate"], outputs=[split_path, sf.split_summary_file], code=STEP_CODE["split"])
+    split_outputs = [out / "cross_source_duplicates.csv", out / "cross_source_summary.csv"] if multi else []
+    steps.run("split", do_split, config={"split": section(cfg.split, drop=() if multi else ("phash_distance",))}, inputs={"duplicates": duplicates} if duplicates else (),
+              upstream=["validate"], outputs=[split_path, sf.split_summary_file, *split_outputs],
+              code=STEP_CODE["split"])
     sp = read_split(split_path)
     split_hash = sha256_file(split_path)
     tr, va = split_frames(table, sp)
@@ -317,14 +352,15 @@ def _run_study(cfg: StudyConfig, out: Path, archs: list[str], *, data: str | Pat
     groups = np.array([lesion_of.get(i, i) for i in test_ids])
     # temperatures and conformal thresholds per model and for the ensemble, fitted on the validation split
     trust_file = sf.trust_file
-    steps.run("trust", lambda: sf.write_trust(fit_trust(yv, pv, cfg.trust)), config={"trust": cfg.trust},
+    steps.run("trust", lambda: sf.write_trust(fit_trust(yv, pv, cfg.trust, lset.classes)), config={"trust": cfg.trust},
               upstream=prob_steps, outputs=[trust_file], code=STEP_CODE["trust"])
 
     def do_metrics():
         trust = sf.trust()
         for n in all_names:
-            m = evaluate_arrays(yt, pt[n], cfg=cfg.eval, groups=groups, val=(yv, pv[n]))
-            m["val"] = {k: v for k, v in summarize(yv, pv[n]).items() if k in ("macro", "accuracy", "balanced_accuracy")}
+            m = evaluate_arrays(yt, pt[n], cfg=cfg.eval, groups=groups, val=(yv, pv[n]), classes=lset.classes)
+            m["val"] = {k: v for k, v in summarize(yv, pv[n], lset.classes).items()
+                        if k in ("macro", "accuracy", "balanced_accuracy")}
             m.update(trust_metrics(yt, pt[n], trust, n, val=(yv, pv[n]), groups=groups, n_boot=cfg.eval.bootstrap,
                                    ci=cfg.eval.ci))  # "calibration", "conformal", "conformal_variants"
             write_evaluation(m, yt, pt[n], sf.eval_dir(n), title=n)
@@ -338,7 +374,8 @@ def _run_study(cfg: StudyConfig, out: Path, archs: list[str], *, data: str | Pat
     best = max(names, key=lambda n: (mets[n]["val"]["balanced_accuracy"] or 0, mets[n]["val"]["macro"]["auc"] or 0))
 
     steps.run("errors", lambda: write_errors(analyse_errors(test_ids, yt, {n: pt[n] for n in names}, best=best,
-                                                            cls=cfg.eval.error_class), sf.folder("errors")),
+                                                            cls=cfg.eval.error_class, classes=lset.classes),
+                                             sf.folder("errors")),
               config={"eval.error_class": cfg.eval.error_class}, upstream=[*prob_steps, "metrics"],
               outputs=[sf.folder("errors")], code=STEP_CODE["errors"])
     from lesionlab.evaluation.subgroups import subgroup_columns
@@ -357,7 +394,7 @@ def _run_study(cfg: StudyConfig, out: Path, archs: list[str], *, data: str | Pat
             outputs=[sf.folder("subgroups")], code=STEP_CODE["subgroups"])
     if cfg.explain.gallery:
         steps.run("gallery", lambda: make_gallery([sf.run_dir(a) for a in archs], te, yt, pt, best, sf.folder("gallery"),
-                                                  cfg, test_ids),
+                                                  cfg, test_ids, lset.classes),
                   config={"explain": cfg.explain, "train.device": cfg.train.device},
                   upstream=["split", *train_steps, *prob_steps, "metrics"], outputs=[sf.folder("gallery")],
                   code=STEP_CODE["gallery"])

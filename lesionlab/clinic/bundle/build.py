@@ -14,6 +14,7 @@ Sealed means:
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import os
 import shutil
@@ -27,7 +28,7 @@ from PIL import Image
 
 from lesionlab import __version__
 from lesionlab.clinic.bundle.manifest import FORMAT_VERSION, MANIFEST, PRECISIONS
-from lesionlab.clinic.screening import ensemble_probabilities, melanoma_flags
+from lesionlab.clinic.screening import FLAG_COLUMN, ensemble_probabilities, melanoma_flags
 from lesionlab.clinic.trust import fit_bundle_ood, fit_calibration
 from lesionlab.config import StudyConfig
 from lesionlab.evaluation.ensemble import ENSEMBLE
@@ -36,7 +37,7 @@ from lesionlab.evaluation.operating_points import at_threshold, threshold_for_se
 from lesionlab.exceptions import UserError
 from lesionlab.inference.predictor import Predictor, find_checkpoints, load_predictors, unique_names
 from lesionlab.io import atomic_write_json, sha256_file
-from lesionlab.labels import CLASS_INDEX, CLASSES
+from lesionlab.labels import label_set_of
 from lesionlab.models import META_FILE, WEIGHTS_FILE, file_stem, read_meta
 from lesionlab.study_folder import StudyFolder
 
@@ -115,10 +116,10 @@ def check_member_weights(study: StudyFolder, name: str, checkpoint: Path) -> str
 
 def calibrated_threshold(y: np.ndarray, cal: np.ndarray, target: float, study: StudyFolder) -> dict[str, Any]:
     """The melanoma threshold on the calibrated ensemble's validation probabilities (what predict shows)."""
-    mel = CLASS_INDEX["MEL"]
+    mel = FLAG_COLUMN  # the label set's flag class (MEL; MALIGNANT under binary)
     thr = threshold_for_sensitivity(y == mel, cal[:, mel], target)
     if thr is None:
-        raise UserError(f"{study.root}: the validation split has no melanoma; pass --threshold")
+        raise UserError(f"{study.root}: the validation split has no {study.label_set().flag} image; pass --threshold")
     at = at_threshold(y == mel, cal[:, mel], thr)
     return {"value": thr, "target_sensitivity": target, "source": f"validation split of {study.root}",
             "probabilities": "calibrated ensemble", "validation_sensitivity": at["sensitivity"],
@@ -136,8 +137,9 @@ def ensemble_test_metrics(study: StudyFolder | None, names: list[str]) -> dict[s
     if not study.has_probabilities(names, "test"):
         return None
     y, probs, _ = study.probabilities(names, "test")
-    m = summarize(y, np.mean(list(probs.values()), axis=0))
-    return {"macro": m["macro"], "balanced_accuracy": m["balanced_accuracy"], "MEL": m["per_class"]["MEL"],
+    m = summarize(y, np.mean(list(probs.values()), axis=0), study.classes)
+    flag = study.label_set().flag
+    return {"macro": m["macro"], "balanced_accuracy": m["balanced_accuracy"], flag: m["per_class"][flag],
             "source": f"mean of these members' test predictions in {study.predictions_dir}"}
 
 
@@ -360,9 +362,14 @@ def make_bundle(
                 pr.name = m["name"]
             ood_entry = fit_bundle_ood(fitted, sf, cfg.ood, tmp, data=Path(data) if data else None, progress=progress)
             ood_entry["sha256"] = sha256_file(tmp / ood_entry["file"])
+        sets = {json.dumps(label_set_of(read_meta(tmp / m["dir"])).to_dict(), sort_keys=True) for m in members}
+        if len(sets) != 1:
+            raise UserError("the members were trained for different label sets; a bundle's members must share one")
+        lset = label_set_of(read_meta(tmp / members[0]["dir"]))
         manifest = {
             "format_version": FORMAT_VERSION, "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "lesionlab_version": __version__, "classes": list(CLASSES), "ensemble": "mean of member probabilities",
+            "lesionlab_version": __version__, "classes": list(lset.classes), "label_set": lset.to_dict(),
+            "ensemble": "mean of member probabilities",
             "melanoma_threshold": thr, "inference": settings,
             "quality": asdict(cfg.quality),
             "trust": trust, "ood": ood_entry, "members": members,

@@ -15,6 +15,7 @@ from lesionlab.data.quality import thresholds_from_dict
 from lesionlab.exceptions import UserError
 from lesionlab.inference.predictor import Predictor, load_predictors
 from lesionlab.io import sha256_file
+from lesionlab.labels import LabelSet, check_same_label_set, get_label_set, label_set_of
 
 
 def usable_files(member: dict[str, Any]) -> list[str]:
@@ -42,6 +43,7 @@ class EnsemblePredictor:
 
         self.root = Path(path)
         self.manifest = verify_bundle(self.root)
+        self.label_set = label_set_of(self.manifest)  # the classes its members were trained for
         self.threshold = float(self.manifest["melanoma_threshold"]["value"])
         self.threshold_settings = bundle_settings(self.manifest)
         known = self.threshold_settings["precision"]
@@ -71,6 +73,18 @@ class EnsemblePredictor:
             ood=OODModel.load(self.root, ood) if ood else None, trust=self.manifest.get("trust"),
             threshold=self.threshold, tta=self.tta, metadata_info=self.metadata_info,
             identity={"bundle_version": self.version, "inference": self.inference_info()})
+
+    def check_labels(self, labels: LabelSet | str, what: str) -> None:
+        """Refuse data, metadata or ground truth labelled in another label set than the bundle's (one-line
+        UserError naming `what` and both sets)."""
+        check_same_label_set(self.label_set, get_label_set(labels), what)
+
+    def check_truth_columns(self, columns: list[str], what: str) -> None:
+        """Refuse an ISIC-format truth/probability file whose class columns are not the bundle's classes."""
+        got = [c for c in columns if c != "image"]
+        if got != list(self.label_set.classes):
+            raise UserError(f"{what} has class columns {', '.join(got)}, but bundle {self.root} was trained for "
+                            f"label set {self.label_set.name!r} ({', '.join(self.label_set.classes)})")
 
     def describe_settings(self) -> str:
         """One phrase naming the settings the threshold was chosen under."""

@@ -8,7 +8,7 @@ from typing import Any
 
 from lesionlab.exceptions import UserError
 from lesionlab.io import read_json, sha256_file
-from lesionlab.labels import CLASSES
+from lesionlab.labels import label_set_of
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
@@ -37,8 +37,14 @@ def verify_bundle(path: str | Path) -> dict[str, Any]:
     if not mf.exists():
         raise UserError(f"{root} is not a LesionLab bundle (no {MANIFEST}); make one with `lesionlab bundle`")
     manifest = read_json(mf, missing="re-create the bundle")
-    if manifest.get("format_version") != FORMAT_VERSION or manifest.get("classes") != list(CLASSES):
-        raise UserError(f"{mf}: unsupported bundle format or class order")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"{mf}: unsupported bundle format")
+    try:  # bundles made before label sets record ham7's classes and no label_set
+        lset = label_set_of(manifest)
+    except UserError:
+        lset = None
+    if lset is None or manifest.get("classes") != list(lset.classes):
+        raise UserError(f"{mf}: class order {manifest.get('classes')} does not match its label set")
     checks = [(root / m["dir"] / f, digest) for m in manifest["members"] for f, digest in m["files"].items()]
     if manifest.get("ood"):
         checks.append((root / manifest["ood"]["file"], manifest["ood"].get("sha256")))
