@@ -6,7 +6,6 @@ Endpoints: `POST /api/predict`, `GET /api/health`, `GET /livez`, `GET /readyz`, 
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 from dataclasses import dataclass, replace
@@ -16,7 +15,6 @@ from typing import Any, Literal
 
 from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from PIL import Image
 from starlette.formparsers import MultiPartParser
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
@@ -25,6 +23,7 @@ from lesionlab.clinic.bundle import EnsemblePredictor
 from lesionlab.clinic.bundle.manifest import MANIFEST
 from lesionlab.clinic.predict_files import batch_metadata, uses_metadata
 from lesionlab.clinic.screening import DISCLAIMER
+from lesionlab.clinic.shown import add_explanation
 from lesionlab.data.images import ImageError, decode_input
 from lesionlab.exceptions import UserError
 from lesionlab.io import sha256_bytes, sha256_file
@@ -107,21 +106,6 @@ class BodySizeLimit:
         body = json.dumps({"error": f"upload larger than the limit of {self.max_bytes / 2**20:.0f} MB"}).encode()
         await send({"type": "http.response.start", "status": 413, "headers": [(b"content-type", b"application/json")]})
         await send({"type": "http.response.body", "body": body})
-
-
-def _png_data_url(arr) -> str:
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def capped(image: Image.Image, max_px: int) -> Image.Image:
-    """The image with its long side at most `max_px` (explanations are shown on screen, never at 48 MP)."""
-    if max(image.size) <= max_px:
-        return image
-    small = image.copy()
-    small.thumbnail((max_px, max_px), Image.Resampling.LANCZOS)
-    return small
 
 
 def create_app(
@@ -261,13 +245,8 @@ def create_app(
             if decoded.dicom is not None:
                 result["dicom"] = decoded.dicom.to_dict()
             if explain and result["status"] == "ok":
-                from lesionlab.explain.overlay import overlay
-
                 limiter.check(deadline, "the explanation")
-                ex = ens.explain(capped(im, s.explain_max_px), result)  # the class the answer shows
-                result["heatmap"] = _png_data_url(overlay(ex.display, ex.ensemble))
-                result["heatmap_crop"] = _png_data_url(ex.display)
-                result["heatmap_class"] = ex.cls
+                add_explanation(ens, im, result, max_px=s.explain_max_px)  # the class the answer shows
         record.update(status=result["status"], outcome=result["status"], ood_score=result["ood_score"])
         if result["status"] == "ok":
             record.update({k: result[k] for k in ("probabilities", "top", "melanoma_flag", "differential")})

@@ -8,7 +8,6 @@ clinician page makes (`EnsemblePredictor.predict`, then `.explain` for the heatm
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import io
 import json
@@ -23,6 +22,7 @@ import pandas as pd
 import sqlalchemy as sa
 from PIL import Image
 
+from lesionlab.clinic.shown import page_answer
 from lesionlab.exceptions import UserError
 from lesionlab.labels import CLASSES, MALIGNANT
 from lesionlab.workflows.reader_study.db import Admin, Case, Reader, ReaderDB, Study, utcnow
@@ -112,24 +112,10 @@ def cases_from_files(images: str | Path, truth: str | Path, *, n: int | None = N
 # ----------------------------------------------------------------------------- the AI's answer
 
 
-def _png_data_url(arr: np.ndarray) -> str:
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
 def ai_answer(ens: Any, image: Image.Image) -> dict[str, Any]:
-    """The clinician page's answer for one image: `ens.predict` at the bundle's settings, then (evaluable images)
-    the Grad-CAM overlay of the shown class, exactly as /api/predict?explain=true builds it (serve/app.py)."""
-    from lesionlab.explain.overlay import overlay
-
-    result = ens.predict([image], tta=ens.resolve_tta(None))[0]
-    if result["status"] == "ok":
-        ex = ens.explain(image, result)
-        result["heatmap"] = _png_data_url(overlay(ex.display, ex.ensemble))
-        result["heatmap_crop"] = _png_data_url(ex.display)
-        result["heatmap_class"] = ex.cls
-    return json.loads(json.dumps(result))  # plain JSON types, as the page receives them
+    """The clinician page's answer for one image, explanation included (`clinic.shown.page_answer`, the function
+    /api/predict?explain=true uses too), as plain JSON types, as the page receives them."""
+    return json.loads(json.dumps(page_answer(ens, image)))
 
 
 def ai_summary(answer: dict[str, Any] | None) -> dict[str, Any]:
