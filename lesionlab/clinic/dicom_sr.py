@@ -102,11 +102,12 @@ def structured_report(answer: dict[str, Any], source_header, *, series_number: i
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=_concept("lesion-image-assessment", "Skin lesion image assessment"),
         imaging_measurements=[group])
-    return hd.sr.Comprehensive3DSR(
+    sr = hd.sr.Comprehensive3DSR(
         evidence=[source_header], content=report, series_instance_uid=generate_uid(), series_number=series_number,
         sop_instance_uid=generate_uid(), instance_number=instance_number, manufacturer="LesionLab",
-        is_complete=True, is_final=False, is_verified=False,
-        SeriesDescription="LesionLab decision support (not a diagnosis)")
+        is_complete=True, is_final=False, is_verified=False)
+    sr.SeriesDescription = "LesionLab decision support (not a diagnosis)"
+    return sr
 
 
 def write_structured_report(answer: dict[str, Any], source_header, path: str | Path) -> Path:
