@@ -113,3 +113,44 @@ def test_skin_tone_is_a_default_subgroup(tmp_path):
     t = read_table(BUILDERS["derm7pt"](tmp_path / "d7"))
     cols = subgroup_columns(t.df)
     assert "image_type" in cols and "source" not in cols  # one source: no source subgroup
+
+
+def test_two_source_study_reports_the_duplicates(tmp_path):
+    """Two HAM-layout sources in one study (config `sources`): one image of B is A's, renamed; the study finds it by
+    perceptual hash, keeps the pair in one split and says so in the report's leakage section."""
+    import json
+    import shutil
+
+    from lesionlab.config import load_config
+    from lesionlab.data.synth import make_synthetic
+    from lesionlab.workflows import study
+
+    a, b = tmp_path / "A", tmp_path / "B"
+    make_synthetic(a, n_images=28, seed=1, size=(48, 36), progress=False)
+    make_synthetic(b, n_images=28, seed=2, size=(48, 36), progress=False)
+    meta = pd.read_csv(b / "HAM10000_metadata.csv", dtype=str)
+    for f in b.rglob("ISIC_*.jpg"):  # B's own file ids, so only the copy below is shared
+        f.rename(f.with_name(f.name.replace("ISIC_", "B_")))
+    meta["image_id"] = meta["image_id"].str.replace("ISIC_", "B_")
+    meta["lesion_id"] = meta["lesion_id"].str.replace("HAM_", "BL_")
+    src = next(a.rglob("ISIC_*.jpg"))
+    a_meta = pd.read_csv(a / "HAM10000_metadata.csv", dtype=str).set_index("image_id")
+    shutil.copy(src, next(b.rglob("B_*.jpg")).parent / "B_copy.jpg")
+    meta = pd.concat([meta, pd.DataFrame([{**a_meta.loc[src.stem].to_dict(), "image_id": "B_copy",
+                                           "lesion_id": "BL_copy"}])], ignore_index=True)
+    meta.to_csv(b / "HAM10000_metadata.csv", index=False)
+    out = tmp_path / "study"
+    cfg = load_config("demo", ["data.image_size=32", "train.epochs=1", "train.max_steps_per_epoch=1",
+                               "eval.bootstrap=5", "train.precision=fp32", "data.num_workers=0",
+                               "train.archs=[timm:resnet10t]", "explain.gallery=false", "robustness.enabled=false",
+                               "ood.method=none", "data.labels=binary",
+                               f"sources=[{{name: A, data: {a}}}, {{name: B, data: {b}}}]"])
+    study.run_study(cfg, out, progress=False)
+    pairs = pd.read_csv(out / "cross_source_duplicates.csv", dtype=str)
+    assert (src.stem, "B_copy") in set(zip(pairs["from_img"], pairs["to_img"], strict=True))
+    sp = pd.read_csv(out / "splits.csv", dtype=str).set_index("image_id")["split"]
+    assert sp[src.stem] == sp["B_copy"]
+    assert set(pd.read_csv(out / "splits.csv", dtype=str)["lesion_id"].str[:2]) == {"A/", "B/"}
+    assert [s["name"] for s in json.loads((out / "dataset.json").read_text())["sources"]] == ["A", "B"]
+    html = (out / "report.html").read_text()
+    assert "images in two sources" in html and "perceptual hash" in html

@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 from lesionlab import __version__
 from lesionlab.cli import commands, reader_study, service  # noqa: F401  (each registers its sub-commands)
+from lesionlab.cli import datasets  # noqa: F401  (lesionlab datasets)
 from lesionlab.cli.registry import COMMANDS
 from lesionlab.exceptions import UserError
 

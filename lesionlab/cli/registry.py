@@ -19,8 +19,22 @@ def command(name: str, help: str):
     return deco
 
 
+class _DataAction(argparse.Action):
+    """`--data` once gives a Path (as before); given again, the list of folders (several sources, each in its own
+    layout: lesionlab.data.multi), which read_table and run_study accept."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        prev = getattr(namespace, self.dest, None)
+        if prev is None:
+            setattr(namespace, self.dest, Path(values))
+        else:
+            setattr(namespace, self.dest, [*(prev if isinstance(prev, list) else [prev]), Path(values)])
+
+
 def _data_args(p: argparse.ArgumentParser, required: bool = False) -> None:
-    p.add_argument("--data", type=Path, required=required, help="dataset folder (images anywhere below it)")
+    p.add_argument("--data", action=_DataAction, required=required,
+                   help="dataset folder (images anywhere below it), in any layout `lesionlab datasets layouts` lists; "
+                        "repeat for several sources")
     p.add_argument("--metadata", type=Path, help="HAM10000 metadata CSV or ISIC ground-truth CSV (default: found in --data)")
     p.add_argument("--groupings", type=Path, help="ISIC lesion groupings CSV (image, lesion_id)")
     p.add_argument("--skip-invalid", action="store_true", help="leave out invalid rows/images (listed in a CSV) instead of stopping")

@@ -228,6 +228,21 @@ def report_study(out: Path, cfg: StudyConfig, names: list[str], all_names: list[
         rep.note(n)
     rep.para("Lesion-grouped, diagnosis-stratified split (no lesion, and no known duplicate pair, in two splits):")
     rep.table(pd.read_csv(sf.split_summary_file))
+    ds = sf.dataset() if sf.dataset_file.exists() else {}
+    if ds.get("label_set"):
+        rep.para(f"Label set: {ds['label_set']}; columns never fed to a model (they give the label away): "
+                 f"{', '.join(ds.get('leaky_columns') or []) or 'none'}.")
+        for c in ds.get("caveats") or []:
+            rep.note(c)
+    cross = sf.root / "cross_source_summary.csv"
+    if cross.exists():  # several sources (lesionlab.data.multi)
+        rep.heading("Leakage: images in two sources", 3)
+        found = pd.read_csv(cross)
+        rep.para("Images present in two sources, and how they were found: "
+                 + "; ".join(f"{int(r['images'])} by {r['how']} (kept {r['kept']})" for _, r in found.iterrows())
+                 + ". The split keeps each lesion (and each such pair) in one part; every part is stratified by "
+                   "source and class.")
+        rep.table(found)
 
     rep.heading("Training")
     hists = {n: h for n in names if (h := sf.history(n)) is not None}
