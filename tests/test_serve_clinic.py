@@ -358,3 +358,8 @@ def test_dicom_in_fhir_and_sr_out(secured, monkeypatch):
                                                           research=k["research"]))[1])
     secured.post("/api/predict", headers=h, files=files, data={"sex": "male"})
     assert seen[-1][0]["age"] == 45 and seen[-1][0]["sex"] == "male" and seen[-1][0].get("localization")
+
+
+def test_reader_study_service_has_the_same_bind_policy(tmp_path):
+    r = _cli("reader-study", "serve", "--db", str(tmp_path / "x.sqlite"), "--host", "0.0.0.0")
+    assert r.returncode == 2 and "clear text" in r.stderr and "Traceback" not in r.stderr

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from lesionlab.cli.registry import command
+from lesionlab.cli.service import check_transport, transport_args
 from lesionlab.exceptions import UserError
 
 ADMIN_ENV = "LESIONLAB_ADMIN_TOKEN"
@@ -156,19 +157,25 @@ def _invite(a: argparse.Namespace) -> int:
 
 def _add_serve(p: argparse.ArgumentParser) -> None:
     _db_arg(p)
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on; anything but loopback needs TLS "
+                   "(--ssl-certfile/--ssl-keyfile) or --behind-proxy (readers always need their tokens)")
     p.add_argument("--port", type=int, default=8001)
+    transport_args(p)
 
 
 def _serve(a: argparse.Namespace) -> int:
-    import uvicorn
-
     from lesionlab.serve.reader_app import create_reader_app
+    from lesionlab.serve.runner import run as run_server
+    from lesionlab.serve.security import allowed_hosts, guard
     from lesionlab.workflows.reader_study.db import open_db
 
+    tls = check_transport(a, tokens=True)  # every reader and admin call needs its token
     app = create_reader_app(open_db(a.db, migrate=False))
-    print(f"reader study service on http://{a.host}:{a.port}/ (readers open their invitation links)")
-    uvicorn.run(app, host=a.host, port=a.port, log_level="warning")
+    guard(app, allowed_hosts=allowed_hosts(a.host, a.port, a.allow_host), allowed_origins=a.allow_origin)
+    print(f"reader study service on {'https' if tls else 'http'}://{a.host}:{a.port}/ "
+          "(readers open their invitation links)")
+    run_server(app, host=a.host, port=a.port, ssl_certfile=a.ssl_certfile, ssl_keyfile=a.ssl_keyfile,
+               behind_proxy=a.behind_proxy, forwarded_allow_ips=a.proxy_ip, drain_s=30)
     return 0
 
 

@@ -13,14 +13,8 @@ from lesionlab.exceptions import UserError
 DEFAULT_AUDIT_LOG = Path("lesionlab-audit.jsonl")
 
 
-@command("serve", "web service + clinician page for a bundle (FastAPI on uvicorn)")
-def _serve(p: argparse.ArgumentParser):
-    p.add_argument("--bundle", type=Path, required=True)
-    p.add_argument("--host", default="127.0.0.1",
-                   help="bind address; anything but loopback needs --tokens and TLS (or --behind-proxy)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--tokens", type=Path, help="token file (`lesionlab tokens add`): every API call then needs "
-                   "`Authorization: Bearer TOKEN`")
+def transport_args(p: argparse.ArgumentParser) -> None:
+    """TLS, reverse proxy and Host/Origin options of every LesionLab web service."""
     p.add_argument("--ssl-certfile", type=Path, help="TLS certificate (PEM) for HTTPS")
     p.add_argument("--ssl-keyfile", type=Path, help="TLS private key (PEM)")
     p.add_argument("--behind-proxy", action="store_true",
@@ -31,6 +25,28 @@ def _serve(p: argparse.ArgumentParser):
                         "(repeatable; loopback names and --host are always allowed)")
     p.add_argument("--allow-origin", action="append", default=[], metavar="URL",
                    help="another web origin allowed to call the API from a browser (repeatable)")
+
+
+def check_transport(a: argparse.Namespace, *, tokens: bool) -> bool:
+    """The bind policy (`serve.security.check_bind`) for parsed `transport_args`; whether TLS is on."""
+    from lesionlab.serve.security import check_bind
+
+    if (a.ssl_certfile is None) != (a.ssl_keyfile is None):
+        raise UserError("give both --ssl-certfile and --ssl-keyfile for HTTPS")
+    tls = a.ssl_certfile is not None
+    check_bind(a.host, tokens=tokens, tls=tls, behind_proxy=a.behind_proxy)
+    return tls
+
+
+@command("serve", "web service + clinician page for a bundle (FastAPI on uvicorn)")
+def _serve(p: argparse.ArgumentParser):
+    p.add_argument("--bundle", type=Path, required=True)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="bind address; anything but loopback needs --tokens and TLS (or --behind-proxy)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--tokens", type=Path, help="token file (`lesionlab tokens add`): every API call then needs "
+                   "`Authorization: Bearer TOKEN`")
+    transport_args(p)
     p.add_argument("--max-upload-mb", type=float, default=20.0)
     p.add_argument("--max-pixels", type=int, default=50_000_000, help="largest decoded image (pixels)")
     p.add_argument("--workers", type=int, default=2, help="inference workers (requests processed at once)")
@@ -49,17 +65,14 @@ def _serve(p: argparse.ArgumentParser):
     def run(a: argparse.Namespace) -> int:
         from lesionlab.serve.app import ServiceSettings, create_app
         from lesionlab.serve.runner import run as run_server
-        from lesionlab.serve.security import allowed_hosts, check_bind
+        from lesionlab.serve.security import allowed_hosts
 
-        if (a.ssl_certfile is None) != (a.ssl_keyfile is None):
-            raise UserError("give both --ssl-certfile and --ssl-keyfile for HTTPS")
         for name in ("workers", "queue", "explain_max_px"):
             if getattr(a, name) < (0 if name == "queue" else 1):
                 raise UserError(f"--{name.replace('_', '-')} must be {'>= 0' if name == 'queue' else '>= 1'}")
         if a.deadline <= 0:
             raise UserError("--deadline must be a positive number of seconds")
-        tls = a.ssl_certfile is not None
-        check_bind(a.host, tokens=a.tokens is not None, tls=tls, behind_proxy=a.behind_proxy)
+        tls = check_transport(a, tokens=a.tokens is not None)
         settings = ServiceSettings(
             max_upload_mb=a.max_upload_mb, max_pixels=a.max_pixels, workers=a.workers, queue=a.queue,
             deadline_s=a.deadline, explain_max_px=a.explain_max_px,
@@ -71,7 +84,8 @@ def _serve(p: argparse.ArgumentParser):
               f"{'tokens required' if a.tokens else 'no tokens: loopback only'}; audit log: "
               f"{settings.audit_log or 'off'})")
         run_server(app, host=a.host, port=a.port, ssl_certfile=a.ssl_certfile, ssl_keyfile=a.ssl_keyfile,
-                   behind_proxy=a.behind_proxy, forwarded_allow_ips=a.proxy_ip, drain_s=a.drain)
+                   behind_proxy=a.behind_proxy, forwarded_allow_ips=a.proxy_ip, drain_s=a.drain,
+                   limit_concurrency=max(64, 4 * (a.workers + a.queue)))
         return 0
 
     return run

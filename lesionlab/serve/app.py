@@ -16,7 +16,6 @@ from typing import Any, Literal
 from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.formparsers import MultiPartParser
-from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from lesionlab import __version__
 from lesionlab.clinic.bundle import EnsemblePredictor
@@ -31,7 +30,7 @@ from lesionlab.serve.audit import AuditLog
 from lesionlab.serve.docs import mount_offline_docs
 from lesionlab.serve.gate import Gate
 from lesionlab.serve.metrics import ServiceMetrics
-from lesionlab.serve.security import OriginCheck
+from lesionlab.serve.security import guard
 from lesionlab.serve.tokens import TokenStore
 from lesionlab.serve.work import Busy, WorkLimiter
 
@@ -153,9 +152,7 @@ def create_app(
     app.add_middleware(BodySizeLimit, max_bytes=max_bytes + 64 * 1024)  # multipart framing overhead
     app.add_middleware(Gate, limiter=limiter, metrics=metrics, audit=audit, tokens=tokens,
                        identity=lambda: identity)
-    app.add_middleware(OriginCheck, allowed_origins=s.allowed_origins)
-    if s.allowed_hosts is not None:
-        app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(s.allowed_hosts))
+    guard(app, allowed_hosts=s.allowed_hosts, allowed_origins=s.allowed_origins)
     app.state.ensemble, app.state.settings, app.state.limiter, app.state.ready = ens, s, limiter, True
 
     @app.exception_handler(HTTPException)

@@ -24,15 +24,16 @@ class _DrainingServer(uvicorn.Server):
 
 
 def run(app: FastAPI, *, host: str, port: int, ssl_certfile: Path | None = None, ssl_keyfile: Path | None = None,
-        behind_proxy: bool = False, forwarded_allow_ips: str = "127.0.0.1", drain_s: float = 120.0) -> None:
-    s = app.state.settings
+        behind_proxy: bool = False, forwarded_allow_ips: str = "127.0.0.1", drain_s: float = 120.0,
+        limit_concurrency: int | None = None) -> None:
+    app.state.ready = True
     config = uvicorn.Config(
         app, host=host, port=port, log_level="info",
         ssl_certfile=str(ssl_certfile) if ssl_certfile else None, ssl_keyfile=str(ssl_keyfile) if ssl_keyfile else None,
         # Only a proxy we were told about may set the client address (X-Forwarded-For) and scheme.
         proxy_headers=behind_proxy, forwarded_allow_ips=forwarded_allow_ips if behind_proxy else None,
-        # Connections beyond what can be admitted are answered 503 by uvicorn itself before any body is read.
-        limit_concurrency=max(64, 4 * (s.workers + s.queue)),
+        # Connections beyond this are answered 503 by uvicorn itself before any body is read.
+        limit_concurrency=limit_concurrency,
         timeout_graceful_shutdown=drain_s,
     )
     _DrainingServer(config, app).run()

@@ -84,3 +84,13 @@ class OriginCheck:
         if origin == "null":
             return False
         return (urlsplit(origin).netloc or "").lower() == host.lower()
+
+
+def guard(app, *, allowed_hosts: Iterable[str] | None, allowed_origins: Iterable[str] = ()) -> None:
+    """Add the Origin check and (when `allowed_hosts` is given) the Host check to a FastAPI app; every
+    LesionLab web app (the clinician service, the reader study) is guarded by this one function."""
+    from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+    app.add_middleware(OriginCheck, allowed_origins=tuple(allowed_origins))
+    if allowed_hosts is not None:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
