@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from corpus import make_dicom
+from corpus import display_p3_profile, make_dicom, p3_to_srgb
 from helpers import lesion_like, make_tiny_checkpoint
 from PIL import Image
 from pydicom.pixels import convert_color_space
@@ -210,3 +210,10 @@ def test_evaluate_external_on_dicom_writes_header_metadata_for_subgroups(tmp_pat
                               tmp_path / "sub", columns=["polarization", "device_model"], n_boot=5, min_images=1)
     assert {("polarization", "POLARIZED"), ("polarization", "NON_POLARIZED"), ("device_model", "DS-100")} <= set(
         zip(table["column"], table["subgroup"], strict=True))
+
+
+def test_a_dicom_icc_profile_is_converted_to_srgb():
+    flat = np.full((24, 32, 3), (180, 120, 100), np.uint8)
+    got = np.asarray(_decode(make_dicom(pixels=flat, attrs={"ICCProfile": display_p3_profile()})).image)[12, 16]
+    assert np.abs(got.astype(float) - p3_to_srgb((180, 120, 100))).max() <= 2
+    assert np.abs(got.astype(int) - (180, 120, 100)).max() > 5

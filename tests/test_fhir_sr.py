@@ -14,7 +14,7 @@ from corpus import make_dicom
 from fhir.resources.R4B.bundle import Bundle
 from helpers import lesion_like
 
-from lesionlab.clinic.dicom_sr import write_structured_report
+from lesionlab.clinic.dicom_sr import structured_report_bytes, write_structured_report
 from lesionlab.clinic.fhir import LOCAL_SYSTEM, SNOMED, fhir_bundle, fhir_for_answer, validated
 from lesionlab.data.images import decode_input
 from lesionlab.labels import CLASSES
@@ -132,6 +132,9 @@ def test_dicom_sr_round_trips_through_highdicom(tmp_path):
     assert [(q.name.value, q.value.value) for q in group.get_qualitative_evaluations()] == [
         ("image-evaluability", "unevaluable"), ("refusal-reason", "blurred"), ("refusal-reason", "underexposed")]
     assert group.get_measurements() == []
+    # the same SR as bytes (for the service)
+    again = hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(io.BytesIO(structured_report_bytes(OK, d.dicom.header))))
+    assert again.StudyInstanceUID == src.StudyInstanceUID
 
 
 def test_predict_format_fhir_and_sr_dir_end_to_end(tiny_bundle, tmp_path, capsys):

@@ -110,6 +110,15 @@ def structured_report(answer: dict[str, Any], source_header, *, series_number: i
     return sr
 
 
+def structured_report_bytes(answer: dict[str, Any], source_header) -> bytes:
+    """`structured_report` as the bytes of a DICOM Part 10 file (what a service sends back or stores to a PACS)."""
+    import io
+
+    buf = io.BytesIO()
+    structured_report(answer, source_header).save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
 def write_structured_report(answer: dict[str, Any], source_header, path: str | Path) -> Path:
     """`structured_report` written (atomically) as a DICOM file at `path`."""
     sr = structured_report(answer, source_header)

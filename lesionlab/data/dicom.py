@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -179,6 +180,14 @@ def read_dicom(fileobj: BinaryIO, *, name: str, max_pixels: int) -> tuple[Image.
     Raises:
         ImageError: not DICOM, malformed, no or undecodable pixel data, multi-frame, too large.
     """
+    with warnings.catch_warnings():
+        # pydicom warns about every odd value it tolerates; what matters is whether the image decodes, and a
+        # failure is the one ImageError below, so its warnings would only be noise on the command line.
+        warnings.simplefilter("ignore")
+        return _read_dicom(fileobj, name=name, max_pixels=max_pixels)
+
+
+def _read_dicom(fileobj: BinaryIO, *, name: str, max_pixels: int) -> tuple[Image.Image, DicomInfo]:
     import pydicom
     from pydicom.errors import InvalidDicomError
 
@@ -258,8 +267,10 @@ def read_header(path: str | Path) -> DicomInfo:
     import pydicom
 
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        info = header_info(ds)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # as in read_dicom: a failure is the ImageError below
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            info = header_info(ds)
     except Exception as e:
         raise ImageError(f"{path}: not a readable DICOM file ({type(e).__name__}: {e})") from None
     info.header = ds
