@@ -11,8 +11,14 @@ import sys
 from collections.abc import Callable
 
 from lesionlab import __version__
-from lesionlab.cli import commands, reader_study, service  # noqa: F401  (each registers its sub-commands)
-from lesionlab.cli import datasets  # noqa: F401  (lesionlab datasets)
+from lesionlab.cli import (  # noqa: F401  (each registers its sub-commands)
+    commands,
+    cross_site,  # noqa: F401  (lesionlab cross-site)
+    datasets,  # noqa: F401  (lesionlab datasets)
+    model_card,  # noqa: F401  (lesionlab model-card)
+    reader_study,
+    service,
+)
 from lesionlab.cli.registry import COMMANDS
 from lesionlab.exceptions import UserError
 
