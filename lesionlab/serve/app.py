@@ -172,6 +172,11 @@ def create_app(
     def page() -> str:
         return resources.files("lesionlab.serve").joinpath("static/index.html").read_text()
 
+    @app.get("/static/answer.js", include_in_schema=False)
+    def answer_js() -> Response:  # the answer renderer the page shares with the reader study (static/answer.js)
+        return Response(resources.files("lesionlab.serve").joinpath("static/answer.js").read_text(),
+                        media_type="text/javascript")
+
     @app.get("/livez", include_in_schema=False)
     def livez() -> dict[str, str]:
         return {"status": "alive"}

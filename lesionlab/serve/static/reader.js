@@ -175,49 +175,7 @@ function renderAI(r) {
   }
   $("refusal").classList.add("hidden");
   $("ai-out").classList.remove("hidden");
-  $("top").textContent = `${names[r.top]} (${r.top}) \u2014 ${pct(r.top_probability)}`;
-  const bars = $("bars");
-  bars.innerHTML = "";
-  Object.entries(r.probabilities).sort((a, b) => b[1] - a[1]).forEach(([c, p]) => {
-    const row = document.createElement("div");
-    row.className = "row bar" + (c === r.top ? " top" : "");
-    row.dataset.cls = c;
-    row.innerHTML = `<span class="name">${names[c]} (${c})</span><span class="track"><span class="fill" style="width:${(100 * p).toFixed(1)}%"></span></span><span class="pct">${pct(p)}</span>`;
-    bars.appendChild(row);
-  });
-  $("calibration-note").textContent = r.calibrated
-    ? "Probabilities are calibrated on validation data (temperature scaling): 70% means right about 70% of the time there."
-    : "Probabilities are NOT calibrated (this bundle was made without validation predictions).";
-  const diff = $("differential");
-  diff.innerHTML = "";
-  if (r.differential) {
-    $("diff-coverage").textContent = `(${Math.round(100 * r.differential_coverage)}% coverage)`;
-    r.differential.forEach(c => {
-      const chip = document.createElement("span");
-      chip.className = "chip" + (c === "MEL" ? " mel" : "");
-      chip.dataset.cls = c;
-      chip.textContent = `${names[c]} (${c})`;
-      diff.appendChild(chip);
-    });
-  } else {
-    $("diff-coverage").textContent = "";
-    diff.textContent = "Not available: this bundle was made without validation predictions.";
-  }
-  $("mel-prob").textContent = "melanoma probability " + pct(r.melanoma_probability);
-  $("mel-thr").textContent = pct(r.melanoma_threshold);
-  const flag = $("mel-flag");
-  flag.textContent = r.melanoma_flag ? "ABOVE the threshold" : "below the threshold";
-  flag.className = "flag " + (r.melanoma_flag ? "high" : "low");
-  document.querySelector("#melanoma .marker").style.left = (100 * r.melanoma_threshold) + "%";
-  document.querySelector("#melanoma .value").style.left = (100 * r.melanoma_probability) + "%";
-  $("agreement").textContent = `(${r.agreement} models agree with the ensemble)`;
-  const tbody = document.querySelector("#members tbody");
-  tbody.innerHTML = "";
-  Object.entries(r.members).forEach(([name, m]) => {
-    const tr = document.createElement("tr");
-    tr.innerHTML = `<td>${name}</td><td>${m.top}</td><td>${pct(m.probability)}</td><td>${pct(m.melanoma_probability)}</td>`;
-    tbody.appendChild(tr);
-  });
+  renderAnswer(r, names);  // answer.js: the clinician page's own renderer
   const hasMap = Boolean(r.heatmap);
   $("heatbox").classList.toggle("hidden", !hasMap);
   $("toggle-wrap").classList.toggle("hidden", !hasMap);
