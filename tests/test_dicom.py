@@ -121,6 +121,11 @@ def test_dicom_files_are_found_by_suffix_and_by_preamble(tmp_path):
     assert read_header(tmp_path / "IM000001").patient["sex"] == "female"
 
 
+def _prediction_csv(out):
+    (pred,) = [p for p in (out / "predictions").glob("*_external.csv") if not p.name.startswith("truth")]
+    return pred
+
+
 def _fused_bundle(root):
     """A one-member metadata-fusion bundle (age, sex, localization), as tests/test_fusion.py makes one."""
     import timm
@@ -205,7 +210,7 @@ def test_evaluate_external_on_dicom_writes_header_metadata_for_subgroups(tmp_pat
                                                                                                          "DS-101"}
     summary = json.loads((out / "summary.json").read_text())
     assert summary["dicom_images"] == 6
-    pred = next((out / "predictions").glob("*_external.csv"))
+    pred = _prediction_csv(out)
     table, _ = subgroup_files(out / "predictions" / "truth_external.csv", [pred], out / "dicom_metadata.csv",
                               tmp_path / "sub", columns=["polarization", "device_model"], n_boot=5, min_images=1)
     assert {("polarization", "POLARIZED"), ("polarization", "NON_POLARIZED"), ("device_model", "DS-100")} <= set(
@@ -217,3 +222,30 @@ def test_a_dicom_icc_profile_is_converted_to_srgb():
     got = np.asarray(_decode(make_dicom(pixels=flat, attrs={"ICCProfile": display_p3_profile()})).image)[12, 16]
     assert np.abs(got.astype(float) - p3_to_srgb((180, 120, 100))).max() <= 2
     assert np.abs(got.astype(int) - (180, 120, 100)).max() > 5
+
+
+def test_evaluate_external_feeds_header_metadata_to_a_fusion_model(tmp_path):
+    from lesionlab.config import load_config
+    from lesionlab.data.images import load_image
+    from lesionlab.inference.predictor import Predictor
+    from lesionlab.labels import CLASSES
+    from lesionlab.workflows.external import evaluate_external
+
+    _fused_bundle(tmp_path)
+    run = tmp_path / "runs" / "fused"
+    imgs = tmp_path / "ext"
+    imgs.mkdir()
+    ages, sexes = ["030Y", "075Y"], ["M", "F"]
+    for k in range(2):
+        (imgs / f"c{k}.dcm").write_bytes(make_dicom(pixels=np.asarray(lesion_like(96, 72, seed=k)),
+                                                    attrs={"PatientAge": ages[k], "PatientSex": sexes[k]}))
+    pd.DataFrame({"image": ["c0", "c1"], **{c: [float(c == "MEL"), float(c == "NV")] for c in CLASSES}}).to_csv(
+        tmp_path / "truth.csv", index=False)
+    cfg = load_config("demo", ["data.num_workers=0", "train.device=cpu", "train.precision=fp32", "eval.bootstrap=5"])
+    evaluate_external([run], imgs, tmp_path / "truth.csv", tmp_path / "out", cfg, progress=False)
+    got = pd.read_csv(_prediction_csv(tmp_path / "out"))[list(CLASSES)].to_numpy()
+    pr = Predictor(run, device="cpu", precision="fp32")
+    images = [load_image(imgs / f"c{k}.dcm") for k in range(2)]
+    header = [{"age": 30, "sex": "male", "localization": "back"}, {"age": 75, "sex": "female", "localization": "back"}]
+    np.testing.assert_allclose(got, pr.predict_images(images, metadata=header), atol=1e-4)
+    assert not np.allclose(got, pr.predict_images(images), atol=1e-4)  # without the header it would differ
