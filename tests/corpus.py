@@ -169,7 +169,7 @@ def display_p3_profile() -> bytes:
 
 def make_dicom(*, pixels: np.ndarray | None = None, photometric: str = "RGB", jpeg: bool = False,
                sop_class: str = DERMOSCOPIC, frames: int = 1, attrs: dict[str, Any] | None = None,
-               pixel_data: bool = True, bits: int = 8) -> bytes:
+               pixel_data: bool = True, bits: int = 8, jpeg_frame: bytes | None = None) -> bytes:
     """A DICOM Part 10 file made with pydicom: an image object (Dermoscopic Photography by default) with patient,
     study and dermoscopy acquisition attributes (`attrs` overrides or adds keywords).
 
@@ -179,6 +179,7 @@ def make_dicom(*, pixels: np.ndarray | None = None, photometric: str = "RGB", jp
             `jpeg`), MONOCHROME1/2.
         jpeg: encapsulate a JPEG Baseline encoding of `pixels` (Pillow encodes it, 4:2:2, YBR_FULL_422).
         frames: NumberOfFrames (the pixels repeated).
+        jpeg_frame: with `jpeg`, encapsulate these bytes instead of an encoding of `pixels`.
     """
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.encaps import encapsulate
@@ -227,7 +228,8 @@ def make_dicom(*, pixels: np.ndarray | None = None, photometric: str = "RGB", jp
     if frames > 1:
         ds.NumberOfFrames = frames
     if jpeg:
-        ds.PixelData = encapsulate([_save(Image.fromarray(pixels), "JPEG", quality=95, subsampling=1)] * frames)
+        frame = jpeg_frame or _save(Image.fromarray(pixels), "JPEG", quality=95, subsampling=1)
+        ds.PixelData = encapsulate([frame] * frames)
         ds["PixelData"].VR = "OB"
         ds.LossyImageCompression = "01"
     else:
@@ -332,6 +334,9 @@ def corpus() -> tuple[CorpusItem, ...]:
         CorpusItem("no-pixels.dcm", make_dicom(pixel_data=False), "refused", "unreadable"),
         CorpusItem("cut.dcm", make_dicom(pixels=np.asarray(base))[:-5000], "refused", "truncated"),
         CorpusItem("cut-header.dcm", make_dicom(pixels=np.asarray(base))[:200], "refused"),
+        CorpusItem("bomb-in-dicom.dcm", make_dicom(pixels=np.asarray(base)[:16, :16], jpeg=True,
+                                                   jpeg_frame=jpeg_claiming(12_000, 12_000)), "refused", "too_large",
+                   note="a 16x16 DICOM whose JPEG stream claims 144 MP"),
         CorpusItem("frames.dcm", make_dicom(pixels=np.asarray(base)[:40, :40], frames=3), "refused", "unreadable"),
     ]
     return tuple(items)

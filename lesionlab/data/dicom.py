@@ -29,6 +29,7 @@ with one line, like any bad image.
 from __future__ import annotations
 
 import datetime as dt
+import io
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -232,6 +233,8 @@ def _pixels(ds, *, name: str, max_pixels: int) -> Image.Image:
     except NotImplementedError:
         raise ImageError(f"{name}: DICOM transfer syntax {ts} is not supported; send it uncompressed or "
                          "JPEG-compressed") from None
+    if ts is not None and ts.is_compressed:
+        _check_encoded_size(ds, name=name, max_pixels=max_pixels)
     try:
         # YBR_FULL / YBR_FULL_422 -> RGB happens here (pydicom's convert_color_space, its default as_rgb=True).
         arr = pixel_array(ds)
@@ -256,6 +259,27 @@ def _pixels(ds, *, name: str, max_pixels: int) -> Image.Image:
     im = Image.fromarray(arr8, mode="L" if arr8.ndim == 2 else "RGB")
     return to_srgb(im, bytes(ds.ICCProfile) if "ICCProfile" in ds else None, name=name)
 
+
+
+def _check_encoded_size(ds, *, name: str, max_pixels: int) -> None:
+    """Refuse a compressed frame whose own header claims more than `max_pixels`, before it is decoded: the JPEG
+    decoder (Pillow, under pydicom) allocates what the codestream claims, whatever Rows and Columns say, so a small
+    file could otherwise cost gigabytes. Only the frame header is read (Pillow opens lazily)."""
+    from pydicom.encaps import get_frame
+
+    try:
+        frame = get_frame(ds.PixelData, 0, number_of_frames=1)
+    except Exception as e:
+        raise ImageError(f"{name}: DICOM encapsulated pixel data is malformed ({type(e).__name__}: {e})",
+                         "truncated") from None
+    try:
+        with Image.open(io.BytesIO(frame), formats=["JPEG", "JPEG2000"]) as im:
+            size = im.size
+    except Image.DecompressionBombError:
+        raise ImageError(f"{name}: image dimensions are absurdly large; refusing to decode it", "too_large") from None
+    except Exception:
+        return  # not a JPEG-family stream (RLE, JPEG-LS): its decoder allocates Rows x Columns, already checked
+    check_size(size, name=name, max_pixels=max_pixels)
 
 
 def read_header(path: str | Path) -> DicomInfo:
