@@ -20,14 +20,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _serve(bundle, **settings):
-    """The service over `bundle` on a free loopback port, in a thread; yields its URL."""
+def serve_in_thread(app):
+    """Any ASGI app on a free loopback port, in a thread; yields its URL, then stops it."""
     import uvicorn
 
-    from lesionlab.serve.app import create_app
-
     port = _free_port()
-    app = create_app(bundle, device="cpu", **settings)
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     t = threading.Thread(target=srv.run, daemon=True)
     t.start()
@@ -38,6 +35,13 @@ def _serve(bundle, **settings):
     yield f"http://127.0.0.1:{port}"
     srv.should_exit = True
     t.join(timeout=10)
+
+
+def _serve(bundle, **settings):
+    """The clinician service over `bundle` (see `serve_in_thread`)."""
+    from lesionlab.serve.app import create_app
+
+    yield from serve_in_thread(create_app(bundle, device="cpu", **settings))
 
 
 @pytest.fixture(scope="module")

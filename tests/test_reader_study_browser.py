@@ -4,12 +4,10 @@ stops mid-way, resumes in a fresh browser (the crash case), and the database hol
 from __future__ import annotations
 
 import os
-import threading
-import time
 
 import pandas as pd
 import pytest
-from test_browser import CHROMIUM, _free_port, _launch, require_chromium
+from test_browser import CHROMIUM, _launch, require_chromium, serve_in_thread
 
 pytestmark = pytest.mark.browser
 LABELS = ["MEL", "NV", "BKL"]
@@ -42,21 +40,9 @@ def study(tiny_bundle, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(study):
-    import uvicorn
-
     from lesionlab.serve.reader_app import create_reader_app
 
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(create_reader_app(study[0]), host="127.0.0.1", port=port, log_level="warning"))
-    t = threading.Thread(target=srv.run, daemon=True)
-    t.start()
-    for _ in range(100):
-        if srv.started:
-            break
-        time.sleep(0.1)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    t.join(timeout=10)
+    yield from serve_in_thread(create_reader_app(study[0]))
 
 
 def _case(page) -> str:

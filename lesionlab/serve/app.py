@@ -34,6 +34,7 @@ from lesionlab.serve.security import guard
 from lesionlab.serve.tokens import TokenStore
 from lesionlab.serve.work import Busy, WorkLimiter
 
+SHARED_STATIC = {"answer.js": "text/javascript", "answer.css": "text/css"}
 STATUS_FOR_IMAGE_ERROR = {"too_large": 413, "truncated": 400, "unreadable": 415, "unsupported": 415}
 
 
@@ -172,10 +173,12 @@ def create_app(
     def page() -> str:
         return resources.files("lesionlab.serve").joinpath("static/index.html").read_text()
 
-    @app.get("/static/answer.js", include_in_schema=False)
-    def answer_js() -> Response:  # the answer renderer the page shares with the reader study (static/answer.js)
-        return Response(resources.files("lesionlab.serve").joinpath("static/answer.js").read_text(),
-                        media_type="text/javascript")
+    @app.get("/static/{name}", include_in_schema=False)
+    def shared_static(name: str) -> Response:  # how an answer is drawn, shared with the reader study's pages
+        if name not in SHARED_STATIC:
+            return JSONResponse({"error": f"no static file {name!r}"}, status_code=404)
+        return Response(resources.files("lesionlab.serve").joinpath(f"static/{name}").read_text(),
+                        media_type=SHARED_STATIC[name])
 
     @app.get("/livez", include_in_schema=False)
     def livez() -> dict[str, str]:

@@ -22,7 +22,7 @@ from lesionlab.workflows.reader_study import reading
 from lesionlab.workflows.reader_study.db import ReaderDB, open_db
 from lesionlab.workflows.reader_study.errors import NotFound, ReaderStudyError, Unauthorized
 
-STATIC = {"reader.js": "text/javascript", "reader.css": "text/css", "answer.js": "text/javascript"}
+STATIC = {"reader.js": "text/javascript", "reader.css": "text/css", "answer.js": "text/javascript", "answer.css": "text/css"}
 
 
 def _bearer(authorization: str | None) -> str | None:
