@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test realdata lint bench clean-venv browser-deps
+.PHONY: demo test realdata lint bench clean-venv browser-deps postgres-deps
 
 $(STAMP): pyproject.toml requirements.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,7 +29,18 @@ browser-deps:
 	      echo "error: CI=true but Debian's chromium could not be installed (apt-get install chromium, as root)" >&2; exit 1; \
 	    else echo "warning: chromium not found (apt-get install chromium); the browser test will be skipped"; fi; fi; }
 
-test: $(STAMP) browser-deps
+# PostgreSQL for the reader-study tests on a real server (Debian's package; the tests start and stop their own
+# server in a temporary folder). Missing: those tests skip, except under CI=true, where this target fails.
+postgres-deps:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null) || true; fi; \
+	  if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+	    if [ "$$CI" = true ]; then \
+	      echo "error: CI=true but Debian's postgresql could not be installed (apt-get install postgresql, as root)" >&2; exit 1; \
+	    else echo "warning: postgresql not found (apt-get install postgresql); the PostgreSQL tests will be skipped"; fi; fi; }
+
+test: $(STAMP) browser-deps postgres-deps
 	$(BIN)/ruff check lesionlab tests benchmarks
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
@@ -44,7 +55,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_infer.py
 	$(BIN)/python benchmarks/bench_engines.py
 	$(BIN)/python benchmarks/bench_explain.py
-	$(BIN)/python benchmarks/bench_service.py
+	$(BIN)/python benchmarks/bench_service.py --clients 50 --seconds 60 --write
+	$(BIN)/python benchmarks/bench_reader_study.py --readers 30
 
 lint: $(STAMP)
 	$(BIN)/ruff check lesionlab tests benchmarks

@@ -32,7 +32,10 @@ from lesionlab.workflows.reader_study.export import mrmc_long, study_tables
 from lesionlab.workflows.reader_study.schema import CASE_COLUMNS, MRMC_COLUMNS, READ_COLUMNS
 from lesionlab.workflows.reader_study.tokens import token_hash
 
-PG_BIN = Path(os.environ.get("LESIONLAB_PG_BIN", "/usr/lib/postgresql/15/bin"))
+# Debian installs each major version under its own folder; take the newest present
+PG_BIN = Path(os.environ.get("LESIONLAB_PG_BIN") or max(
+    (str(p) for p in Path("/usr/lib/postgresql").glob("*/bin")), key=lambda p: int(Path(p).parent.name)
+    if Path(p).parent.name.isdigit() else 0, default="/usr/lib/postgresql/15/bin"))
 LABELS = ["MEL", "NV", "BCC", "NV", "BKL", "MEL"]
 
 
