@@ -358,3 +358,39 @@ def write_corpus(folder) -> dict[str, CorpusItem]:
     for it in corpus():
         (folder / it.name).write_bytes(it.data)
     return {it.name: it for it in corpus()}
+
+
+def tiff_claiming(w: int, h: int) -> bytes:
+    """A hand-written 8-bit greyscale TIFF whose header claims `w` x `h` with one tiny strip of data."""
+    entries = [(256, 4, w), (257, 4, h), (258, 3, 8), (259, 3, 1), (262, 3, 1), (273, 4, 0), (277, 3, 1),
+               (278, 4, h), (279, 4, 16)]
+    ifd_at = 8
+    data_at = ifd_at + 2 + 12 * len(entries) + 4
+    ifd = struct.pack("<H", len(entries))
+    for tag, typ, val in entries:
+        val = data_at if tag == 273 else val
+        ifd += struct.pack("<HHI", tag, typ, 1) + (struct.pack("<HH", val, 0) if typ == 3 else struct.pack("<I", val))
+    return b"II*\x00" + struct.pack("<I", ifd_at) + ifd + b"\0\0\0\0" + b"\x80" * 16
+
+
+def png_with_ztxt_bomb(mb: int = 64) -> bytes:
+    """A valid small PNG with a zTXt chunk that inflates to `mb` MB (Pillow caps text chunks)."""
+    png = _save(Image.new("RGB", (16, 12), (120, 90, 80)), "PNG")
+    ztxt = _chunk(b"zTXt", b"Comment\x00\x00" + zlib.compress(b"\0" * (mb << 20), 9))
+    return png[:33] + ztxt + png[33:]
+
+
+@functools.cache
+def full_corpus() -> tuple[CorpusItem, ...]:
+    """`corpus()` plus heavy items, for benchmarks (seconds to build, hundreds of MB to decode the 48-MP one):
+    a real 48-MP JPEG (decodes), a 400-MP PNG bomb, a TIFF claiming 30000 x 30000, a PNG whose zTXt chunk
+    inflates to 64 MB (all refused)."""
+    big = np.full((6000, 8000, 3), 128, np.uint8)
+    big[..., 0] = (np.arange(8000) * 255 // 8000).astype(np.uint8)[None, :]
+    big[..., 1] = (np.arange(6000) * 255 // 6000).astype(np.uint8)[:, None]
+    return corpus() + (
+        CorpusItem("48mp.jpg", _save(Image.fromarray(big), "JPEG", quality=90), "ok", note="8000x6000 camera JPEG"),
+        CorpusItem("bomb-400mp.png", png_bomb(20_000), "refused", "too_large"),
+        CorpusItem("bomb.tif", tiff_claiming(30_000, 30_000), "refused", "too_large"),
+        CorpusItem("ztxt-bomb.png", png_with_ztxt_bomb(), "refused", "unreadable", note="Pillow caps text chunks"),
+    )
