@@ -88,6 +88,9 @@ def test_fhir_bundle_round_trips_every_field():
     assert refused_report.conclusionCode is None and refused_report.conclusion.startswith("Unevaluable")
     outcome = next(r for r in res.values() if r.__resource_type__ == "OperationOutcome")
     assert outcome.issue[0].severity == "error" and outcome.issue[0].expression == ["c.jpg"]
+    # nothing answered: still a valid Bundle (the Device's version unknown) with the outcome
+    only = _parse(fhir_bundle([{"image": "c.jpg", "error": "c.jpg: empty"}]))
+    assert sorted(r.__resource_type__ for r in only.values()) == ["Device", "OperationOutcome"]
 
 
 def test_fhir_for_answer_references_the_dicom_source_and_invalid_fhir_is_caught():

@@ -101,12 +101,12 @@ def bundle_identity(answer: dict[str, Any], bundle_info: dict[str, Any] | None =
 
 def device_resource(identity: dict[str, Any]) -> dict[str, Any]:
     """The Device that made the observations: the LesionLab bundle, identified by its version (manifest hash)."""
-    versions = [{"type": {"text": "bundle version (manifest SHA-256, first 12 hex digits)"},
-                 "value": str(identity.get("bundle_version"))},
-                {"type": {"text": "LesionLab software"}, "value": str(identity.get("lesionlab_version"))}]
+    bundle_version = str(identity.get("bundle_version") or "unknown")  # unknown: no image was answered
+    versions = [{"type": {"text": "bundle version (manifest SHA-256, first 12 hex digits)"}, "value": bundle_version},
+                {"type": {"text": "LesionLab software"}, "value": str(identity.get("lesionlab_version") or __version__)}]
     dev: dict[str, Any] = {
         "resourceType": "Device",
-        "identifier": [{"system": f"{LOCAL_SYSTEM}:bundle-version", "value": str(identity.get("bundle_version"))}],
+        "identifier": [{"system": f"{LOCAL_SYSTEM}:bundle-version", "value": bundle_version}],
         "deviceName": [{"name": "LesionLab dermoscopy decision-support bundle", "type": "model-name"}],
         "type": {"text": "Software: skin-lesion image classifier (decision support, not a diagnosis)"},
         "version": versions,
