@@ -306,6 +306,8 @@ def test_cross_site_folder_and_bundle_manifest(tmp_path, full_study):
     xs.mkdir()
     pd.DataFrame({"train": ["vidir_modern+vidir_molemax"], "test": ["rosendahl"], "balanced_accuracy": [0.61234567],
                   "balanced_accuracy_lo": [0.5], "balanced_accuracy_hi": [0.7]}).to_csv(xs / "matrix.csv", index=False)
+    pd.DataFrame({"train": ["a"], "test": ["rosendahl"], "rule": ["gate"], "refused": [0.12]}).to_csv(
+        xs / "refusal.csv", index=False)
     manifest = {"format_version": 1, "members": [{"name": "resnet18"}],
                 "melanoma_threshold": {"value": 0.31, "source": "validation"}, "inference": {"tta": False}}
     card = build_card(full_study, manifest, cross_site_dir=xs, bundle_path=str(tmp_path / "bundle"))
@@ -318,7 +320,8 @@ def test_cross_site_folder_and_bundle_manifest(tmp_path, full_study):
     two = {**manifest, "members": [{"name": "timm_resnet10t"}, {"name": "resnet18"}]}
     assert build_card(full_study, two).performance["model"] == ENSEMBLE
     md = mc.card_markdown(card)
-    assert "rosendahl" in md and "0.31" in md
+    assert "rosendahl" in md and "0.31" in md and "0.612 [0.50, 0.70]" in md and "| gate" in md
+    assert card.cross_site["refusal_rows"] == [{"train": "a", "test": "rosendahl", "rule": "gate", "refused": 0.12}]
 
 
 def test_cli_model_card(tmp_path, full_study, capsys):

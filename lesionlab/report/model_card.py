@@ -31,7 +31,8 @@ The JSON (`card_json`) is the `ModelCard` dataclass as a dict. Its fields (schem
                     test_refused_by_ood, validation_refused, sets [{set, images, refused, auroc}]
     subgroups       status, reason, model, columns, rows [{column, subgroup, n_images, balanced_accuracy, ..., note}],
                     skin_tone {status, column, groups {value: images}}
-    cross_site      status, reason, source, rows [table rows as written by `lesionlab cross-site`]
+    cross_site      status, reason, source, rows [matrix.csv rows as `lesionlab cross-site` writes them],
+                    refusal_rows [its refusal.csv rows, when present]
     external        status, reason, sets [{name, model, n, balanced_accuracy, macro_auc}]
     limitations     [str]
     reproduce       [str]: shell commands
@@ -125,7 +126,7 @@ SECTION_FIELDS: dict[str, tuple[str, ...]] = {
     "refusal": ("status", "reason", "threshold", "test_images", "test_refused", "test_refused_by_quality",
                 "test_refused_by_ood", "validation_refused", "sets"),
     "subgroups": ("status", "reason", "model", "columns", "rows", "skin_tone"),
-    "cross_site": ("status", "reason", "source", "rows"),
+    "cross_site": ("status", "reason", "source", "rows", "refusal_rows"),
     "external": ("status", "reason", "sets"),
 }
 # Per-source licence entries (data.sources and licences.items): lesionlab.data.licences.dataset_licences.
@@ -257,6 +258,24 @@ class _Doc:
                 "</body></html>\n")
 
 
+def _compact(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """A table's rows for reading: each metric with `<m>_lo` / `<m>_hi` columns as one `value [lo, hi]` cell, drops
+    from internal (`<m>_drop`) kept only for balanced accuracy; numbers to three decimals."""
+    if not rows:
+        return pd.DataFrame()
+    cols = list(rows[0])
+    out = []
+    for r in rows:
+        row = {}
+        for k in cols:
+            if k.endswith(("_lo", "_hi")) or (k.endswith("_drop") and k != "balanced_accuracy_drop"):
+                continue
+            row[k] = _ci({"value": r[k], "lo": r.get(f"{k}_lo"), "hi": r.get(f"{k}_hi")}) \
+                if f"{k}_lo" in r else _num(r[k])
+        out.append(row)
+    return pd.DataFrame(out)
+
+
 def _status(doc: _Doc, section: dict[str, Any]) -> bool:
     """Says "not run" (and why) for a section the study did not produce; True when there is something to show."""
     if section.get("status") == NOT_RUN:
@@ -381,8 +400,8 @@ def _render(card: ModelCard) -> _Doc:
     sg = c.subgroups
     st = sg.get("skin_tone", {})
     if _status(doc, sg):
-        doc.para(f"Model {sg['model']}; columns: {', '.join(sg['columns'])}.")
-        doc.table(pd.DataFrame(sg["rows"]))
+        doc.para(f"Model {sg['model']}; columns: {', '.join(sg['columns'])}; CIs in brackets.")
+        doc.table(_compact(sg["rows"]))
     doc.para("Skin tone: " + (f"measured (column {st['column']}: "
                               + ", ".join(f"{k}: {v}" for k, v in st["groups"].items()) + ")"
                               if st.get("status") == REPORTED else f"not measured ({st.get('reason', 'no column')})"))
@@ -390,8 +409,11 @@ def _render(card: ModelCard) -> _Doc:
     doc.heading("Cross-site validation")
     cs = c.cross_site
     if _status(doc, cs):
-        doc.para(f"From {cs['source']}.")
-        doc.table(pd.DataFrame(cs["rows"]))
+        doc.para(f"From {cs['source']} (every column is in the JSON; CIs in brackets).")
+        doc.table(_compact(cs["rows"]))
+        if cs.get("refusal_rows"):
+            doc.para("Refusals per target site and rule:")
+            doc.table(_compact(cs["refusal_rows"]))
 
     doc.heading("External validation")
     ex = c.external

@@ -293,7 +293,9 @@ def _cross_site(sf: StudyFolder, folder: str | Path | None) -> dict[str, Any]:
                                                                                          None)
     if table is None:
         return not_run(f"{d} holds no CSV table of the cross-site matrix")
-    return {"status": REPORTED, "reason": "", "source": str(table), "rows": _records(pd.read_csv(table))}
+    refusal = d / "refusal.csv"  # per target site and refusal rule: refused share, accuracy accepted vs refused
+    return {"status": REPORTED, "reason": "", "source": str(table), "rows": _records(pd.read_csv(table)),
+            "refusal_rows": _records(pd.read_csv(refusal)) if refusal.is_file() else []}
 
 
 def _external(sf: StudyFolder) -> dict[str, Any]:
