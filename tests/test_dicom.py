@@ -249,3 +249,12 @@ def test_evaluate_external_feeds_header_metadata_to_a_fusion_model(tmp_path):
     header = [{"age": 30, "sex": "male", "localization": "back"}, {"age": 75, "sex": "female", "localization": "back"}]
     np.testing.assert_allclose(got, pr.predict_images(images, metadata=header), atol=1e-4)
     assert not np.allclose(got, pr.predict_images(images), atol=1e-4)  # without the header it would differ
+
+
+def test_a_metadata_csv_names_uid_named_dicom_files_by_their_whole_name(tmp_path):
+    from lesionlab.clinic.predict_files import metadata_lookup
+
+    (tmp_path / "m.csv").write_text("image_id,age\n1.2.840.99.5,61\nphoto,33\n")
+    lookup = metadata_lookup(tmp_path / "m.csv", {"sex": "male"})
+    assert lookup([tmp_path / "1.2.840.99.5", tmp_path / "photo.jpg"]) == [{"sex": "male", "age": "61"},
+                                                                           {"sex": "male", "age": "33"}]

@@ -19,7 +19,7 @@ from typing import Any
 
 from lesionlab.clinic.bundle import EnsemblePredictor
 from lesionlab.data.image_files import expand_images, readable_inputs
-from lesionlab.data.images import Decoded
+from lesionlab.data.images import Decoded, image_id
 from lesionlab.data.metadata import lookup_rows, read_metadata
 from lesionlab.exceptions import UserError
 from lesionlab.explain.overlay import overlay, save_png
@@ -31,7 +31,8 @@ def metadata_lookup(metadata: Path | None, given: dict[str, str]) -> MetadataFor
     """Per-image metadata for a list of image files, or None for all when there is none.
 
     Args:
-        metadata: CSV with `image_id` (the file name without extension) and metadata columns; read now.
+        metadata: CSV with `image_id` (the file name without extension; the whole name of a DICOM file named
+            without one, e.g. after its UID) and metadata columns; read now.
         given: values for every image (`age`, `sex`, `localization`); a non-empty CSV value overrides one.
     """
     meta_df = read_metadata(metadata) if metadata else None
@@ -40,7 +41,7 @@ def metadata_lookup(metadata: Path | None, given: dict[str, str]) -> MetadataFor
         if meta_df is None and not given:
             return None
         return [{**given, **{k: v for k, v in r.items() if v not in ("", None)}}
-                for r in lookup_rows(meta_df, [q.stem for q in ps])]
+                for r in lookup_rows(meta_df, [image_id(q) for q in ps])]
 
     return metadata_for
 
