@@ -599,31 +599,3 @@ def _predict(p: argparse.ArgumentParser):
         return res.exit_code
 
     return run
-
-
-@command("serve", "web service + clinician page for a bundle (FastAPI on uvicorn)")
-def _serve(p: argparse.ArgumentParser):
-    p.add_argument("--bundle", type=Path, required=True)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-upload-mb", type=float, default=20.0)
-    p.add_argument("--audit-log", type=Path, help="append one JSON line per request (time, image hash, outputs; never the image)")
-    p.add_argument("--device", default="auto")
-    _engine_arg(p)
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="auto = the precision the bundle's threshold was chosen at; another is refused")
-
-    def run(a: argparse.Namespace) -> int:
-        import uvicorn
-
-        from lesionlab.serve.app import create_app
-
-        app = create_app(a.bundle, max_upload_mb=a.max_upload_mb, audit_log=a.audit_log, device=a.device,
-                         precision=a.precision, engine=_engine(a.engine))
-        print(f"LesionLab serving {a.bundle} on http://{a.host}:{a.port}/ (API docs at /docs)")
-        uvicorn.run(app, host=a.host, port=a.port, log_level="info")
-        return 0
-
-    return run
-
-
