@@ -270,8 +270,10 @@ def _compact(rows: list[dict[str, Any]]) -> pd.DataFrame:
         for k in cols:
             if k.endswith(("_lo", "_hi")) or (k.endswith("_drop") and k != "balanced_accuracy_drop"):
                 continue
-            row[k] = _ci({"value": r[k], "lo": r.get(f"{k}_lo"), "hi": r.get(f"{k}_hi")}) \
-                if f"{k}_lo" in r else _num(r[k])
+            if f"{k}_lo" in r:
+                row[k] = _ci({"value": r[k], "lo": r.get(f"{k}_lo"), "hi": r.get(f"{k}_hi")})
+            else:  # an empty text cell (no flag, no note) stays empty; a missing number reads n/a
+                row[k] = "" if r[k] is None and k in ("flagged", "note", "skipped") else _num(r[k])
         out.append(row)
     return pd.DataFrame(out)
 
