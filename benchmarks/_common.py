@@ -58,6 +58,6 @@ def untrained_checkpoints(folder: Path, size: int, archs: tuple[str, ...] | None
         torch.manual_seed(0)
         m, spec = models.create_model(arch, pretrained="none")
         models.save_checkpoint(m, {"arch": arch, "timm_id": spec.timm_id, "input_size": size, "mean": [0.485, 0.456, 0.406],
-                                   "std": [0.229, 0.224, 0.225], "crop_fraction": 2 / 3, "cam_layer": spec.cam_layer}, folder / arch)
+                                   "std": [0.229, 0.224, 0.225], "crop_fraction": 2 / 3, "cam_layer": models.cam_layer_name(m, spec)}, folder / arch)
         out.append(folder / arch)
     return out

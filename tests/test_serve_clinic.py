@@ -363,3 +363,19 @@ def test_dicom_in_fhir_and_sr_out(secured, monkeypatch):
 def test_reader_study_service_has_the_same_bind_policy(tmp_path):
     r = _cli("reader-study", "serve", "--db", str(tmp_path / "x.sqlite"), "--host", "0.0.0.0")
     assert r.returncode == 2 and "clear text" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_bug_is_a_json_500_with_the_request_id_and_is_logged(ens, monkeypatch, tmp_path):
+    audit = tmp_path / "audit.jsonl"
+    c = TestClient(create_app(ens, audit_log=audit), raise_server_exceptions=False)
+
+    def boom(*a, **k):
+        raise ValueError("a bug")
+
+    monkeypatch.setattr(ens, "explain", boom)
+    r = c.post("/api/predict?explain=true", files={"image": ("x.jpg", _jpeg(), "image/jpeg")})
+    rid = r.headers["x-request-id"]
+    assert r.status_code == 500 and rid in r.json()["error"] and "a bug" not in r.text
+    rec = json.loads(audit.read_text().splitlines()[-1])
+    assert rec["request_id"] == rid and rec["outcome"] == "error"
+    assert c.get("/livez").status_code == 200

@@ -7,6 +7,7 @@ full, upload too large) are counted and logged exactly like answered ones, in on
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 import uuid
@@ -19,6 +20,7 @@ from lesionlab.serve.security import bearer
 from lesionlab.serve.tokens import TokenStore
 from lesionlab.serve.work import WorkLimiter
 
+log = logging.getLogger(__name__)
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 PREDICT = "/api/predict"
 
@@ -52,10 +54,11 @@ class Gate:
         state = scope.setdefault("state", {})
         state.update(request_id=rid, audit={}, token_name=None)
         status = [500]
+        started = [False]
 
         async def send_with_id(msg):
             if msg["type"] == "http.response.start":
-                status[0] = msg["status"]
+                status[0], started[0] = msg["status"], True
                 msg = {**msg, "headers": [*msg.get("headers", []), (b"x-request-id", rid.encode())]}
             await send(msg)
 
@@ -79,6 +82,13 @@ class Gate:
                 finally:
                     self.limiter.release()
             return await self.app(scope, receive, send_with_id)
+        except Exception:
+            # A bug, not the user's input: the traceback goes to the server log under the request id, and the
+            # client gets one JSON line with that id (never a reset connection or an HTML page).
+            log.exception("request %s (%s %s) failed", rid, scope["method"], scope["path"])
+            if not started[0]:
+                await self._refuse(send_with_id, 500, f"internal error (request id {rid}); the service's "
+                                   "administrator finds the details in its log under that id", [])
         finally:
             self._record(scope, endpoint, status[0], time.monotonic() - t0, headers)
 
