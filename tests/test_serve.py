@@ -314,3 +314,10 @@ def test_unevaluable_answer_is_200_with_reasons_and_no_diagnosis(trust_client, t
     assert research["status"] == "unevaluable" and "probabilities" not in research
     assert set(research["research"]["probabilities"]) == {"MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC"}
     assert "research" in research["research"]["note"].lower()
+
+
+def test_health_names_the_label_set_and_its_classes(client):
+    h = client.get("/api/health").json()
+    assert h["label_set"] == "ham7" and h["flag_class"] == "MEL"
+    assert [c["code"] for c in h["classes"]] == ["MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC"]
+    assert h["classes"][0]["name"] == "Melanoma"

@@ -197,6 +197,8 @@ def create_app(
     def health() -> dict[str, Any]:
         return {"status": "ok", "lesionlab_version": __version__, "bundle_version": ens.version,
                 "members": [m.name for m in ens.members], "device": ens.device,
+                "label_set": ens.label_set.name, "flag_class": ens.label_set.flag,
+                "classes": [{"code": c, "name": ens.label_set.display.get(c, c)} for c in ens.label_set.classes],
                 "melanoma_threshold": ens.threshold, "inference": info,
                 "trust": ens.screener.describe(), "max_upload_mb": s.max_upload_mb,
                 "workers": s.workers, "queue": s.queue, "deadline_s": s.deadline_s,

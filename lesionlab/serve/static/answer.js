@@ -28,7 +28,7 @@ function renderAnswer(r, names) {
     $("diff-coverage").textContent = `(${cov}% coverage)`;
     r.differential.forEach(c => {
       const chip = document.createElement("span");
-      chip.className = "chip" + (c === "MEL" ? " mel" : "");
+      chip.className = "chip" + (c === Object.keys(r.probabilities)[0] ? " mel" : "");  // the flag class leads every label set
       chip.dataset.cls = c;
       chip.textContent = `${names[c]} (${c})`;
       diff.appendChild(chip);
