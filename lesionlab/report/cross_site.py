@@ -114,7 +114,7 @@ def plot_risk_coverage(result: dict[str, Any], path: str | Path, *, variant: str
         return None
     cols = min(3, len(cells))
     rows = int(np.ceil(len(cells) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False, layout="constrained")
     for ax, (c, t) in zip(axes.ravel(), cells, strict=False):
         s = c["sets"][t]
         for rule, curve in s["risk_coverage"].items():

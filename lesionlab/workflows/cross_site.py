@@ -146,7 +146,7 @@ def make_synthetic_sources(out_dir: str | Path, *, n_images: int = 300, seed: in
 
     srcs = dict(sources or SYNTH_SOURCES)
     out = Path(out_dir)
-    meta = make_synthetic(out, n_images=n_images, seed=seed, size=size, min_per_class=6 * len(srcs),
+    meta = make_synthetic(out, n_images=n_images, seed=seed, size=size, min_per_class=3 * len(srcs),
                           progress=progress)
     rng = np.random.default_rng([seed, 7])
     names = list(srcs)
