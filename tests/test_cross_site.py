@@ -80,7 +80,8 @@ def test_cross_site_matrix_end_to_end(clinics, tmp_path, capsys):
     # internal + the external site, for the baseline, TTA and colour-constancy models
     assert sorted(zip(m["variant"], m["test"], strict=True)) == sorted(
         (v, t) for v in ("baseline", "tta", "color") for t in ("internal", "clinic_b"))
-    for k in ("balanced_accuracy", "macro_auc", "ece", "coverage"):
+    # (not ECE: its bootstrap is biased upward, so its percentile interval may lie above the point value)
+    for k in ("balanced_accuracy", "macro_auc", "coverage"):
         ok = m[k].notna() & m[f"{k}_lo"].notna()
         assert ok.any()
         assert (m.loc[ok, f"{k}_lo"] <= m.loc[ok, k] + 1e-9).all() and (m.loc[ok, k] <= m.loc[ok, f"{k}_hi"] + 1e-9).all()
