@@ -82,7 +82,7 @@ def test_threshold_for_rate_and_summary():
     with pytest.raises(UserError):
         sel.threshold_for_rate(s, 1.0)
     summ = sel.selective_summary([True, True, False, True, False], [False, False, True, False, True])
-    assert summ == {"n": 5, "refused": 2, "refusal_rate": 0.4, "accuracy_all": 0.6, "accuracy_accepted": 1.0,
+    assert summ == {"n": 5, "n_refused": 2, "refusal_rate": 0.4, "accuracy_all": 0.6, "accuracy_accepted": 1.0,
                     "accuracy_refused": 0.0}
     assert sel.selective_summary([True, False], [False, False])["accuracy_refused"] is None
 
@@ -149,7 +149,7 @@ def test_compare_refusals_finds_the_signal_that_targets_errors():
     q = np.zeros(len(test_wrong), bool)
     q[:5] = True
     rows_q = {r["rule"]: r for r in sel.compare_refusals(~test_wrong, test_sig, scores, quality=q)}
-    assert rows_q["ood"]["refused"] >= 5
+    assert rows_q["ood"]["n_refused"] >= 5
 
 
 def test_fallback_without_errors_and_bad_input():

@@ -97,7 +97,8 @@ def excess_aurc(correct: np.ndarray, score: np.ndarray) -> float:
 
 
 def selective_summary(correct: np.ndarray, refused: np.ndarray) -> dict[str, Any]:
-    """Refusal rate and the accuracy of all, accepted and refused images (None where a group is empty)."""
+    """Images, images refused, the refusal rate (their share) and the accuracy of all, accepted and refused images
+    (None where a group is empty)."""
     c = np.asarray(correct, bool).ravel()
     r = np.asarray(refused, bool).ravel()
     if c.shape != r.shape:
@@ -106,7 +107,7 @@ def selective_summary(correct: np.ndarray, refused: np.ndarray) -> dict[str, Any
     def acc(sel: np.ndarray) -> float | None:
         return float(c[sel].mean()) if sel.any() else None
 
-    return {"n": int(len(c)), "refused": int(r.sum()), "refusal_rate": float(r.mean()) if len(c) else None,
+    return {"n": int(len(c)), "n_refused": int(r.sum()), "refusal_rate": float(r.mean()) if len(c) else None,
             "accuracy_all": acc(np.ones_like(c)), "accuracy_accepted": acc(~r), "accuracy_refused": acc(r)}
 
 
