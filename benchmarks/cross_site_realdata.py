@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bootstrap", type=int, default=1000)
     ap.add_argument("--compare", default="tta", help="color,tta | tta | color | ''")
     ap.add_argument("--refusal-rate", type=float, default=0.1)
+    ap.add_argument("--pair", action="append", default=[], metavar="TRAIN:TEST",
+                    help="run only these pairs, e.g. rosendahl:vidir_modern (repeatable; default: the two above)")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     a = ap.parse_args(argv)
     sys.path.insert(0, str(REPO))
@@ -59,9 +61,10 @@ def main(argv: list[str] | None = None) -> int:
         f"train.archs=[{a.arch}]", f"train.epochs={a.epochs}", f"data.image_size={a.image_size}",
         f"eval.bootstrap={a.bootstrap}", "train.device=cpu", *a.overrides])
     t0 = time.perf_counter()
-    result = run_cross_site(cfg, a.out, data=a.data, source_column="dataset", pairs=PAIRS,
+    pairs = [tuple(p.split(":", 1)) for p in a.pair] or PAIRS
+    result = run_cross_site(cfg, a.out, data=a.data, source_column="dataset", pairs=pairs,
                             compare=[c for c in a.compare.split(",") if c], refusal_rate=a.refusal_rate,
-                            min_class_images=10, progress=sys.stderr.isatty())
+                            min_class_images=10, progress=True)
     info = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "seconds": round(time.perf_counter() - t0, 1),
             "cpu": _cpu(), "cpus": os.cpu_count(), "load_average_at_end": os.getloadavg(),
             "torch_threads": __import__("torch").get_num_threads(), "cells": len(result["cells"]),
