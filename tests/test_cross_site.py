@@ -127,3 +127,15 @@ def test_cli_errors_are_one_line(clinics, tmp_path, capsys):
     assert "in pairs" in capsys.readouterr().err
     assert main(["cross-site", "--data", str(d), "--compare", "gamma", "--out", str(tmp_path / "w"), *FAST]) != 0
     assert "--compare 'gamma'" in capsys.readouterr().err
+
+
+def test_a_study_table_is_used_as_given(clinics, tmp_path):
+    """The study passes its validated table (`table=`); nothing is read from `data` then."""
+    from lesionlab.config import load_config
+    from lesionlab.data.tables import read_table
+
+    d, _ = clinics
+    table = read_table(d)
+    table.df = table.df[table.df["dataset"] == "clinic_a"]
+    with pytest.raises(UserError, match="at least two sources.*clinic_a"):
+        cs.run_cross_site(load_config("demo"), tmp_path, data=None, table=table, source_column="dataset")

@@ -39,6 +39,7 @@ import numpy as np
 import pandas as pd
 
 from lesionlab.config import StudyConfig, config_from_dict
+from lesionlab.data.tables import Table
 from lesionlab.evaluation.bootstrap import bootstrap_ci
 from lesionlab.evaluation.calibration import calibrate_probs
 from lesionlab.evaluation.ensemble import ENSEMBLE, mean_probabilities
@@ -305,10 +306,13 @@ def _train(df_tr: pd.DataFrame, df_va: pd.DataFrame, cfg: StudyConfig, runs: Pat
 def run_cross_site(cfg: StudyConfig, out_dir: str | Path, *, data: str | Path | None, metadata: str | Path | None = None,
                    source_column: str = "dataset", scheme: str = "pairs", pairs: Sequence[tuple[str, str]] = (),
                    sources: Sequence[str] = (), compare: Sequence[str] = (), refusal_rate: float = 0.1,
-                   min_class_images: int = 10, skip_invalid: bool = False, progress: bool = True) -> dict[str, Any]:
+                   min_class_images: int = 10, skip_invalid: bool = False, progress: bool = True,
+                   table: Table | None = None) -> dict[str, Any]:
     """Run the cross-site matrix into `out_dir` (see the module docstring); returns cross_site.json's contents.
 
     Args:
+        table: an already validated table (the study's, invalid rows dropped); else read and validated from
+            `data` / `metadata`.
         source_column: the table column naming each image's source (HAM10000: `dataset`).
         sources: only these sources (default: all in the table).
         compare: extra variants, any of `color`, `tta`.
@@ -330,8 +334,9 @@ def run_cross_site(cfg: StudyConfig, out_dir: str | Path, *, data: str | Path | 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     lset = get_label_set(cfg.data.labels)
-    table, _ = load_valid_table(data, metadata, skip_invalid=skip_invalid, labels=cfg.data.labels,
-                                max_pixels=cfg.data.max_image_pixels, skipped_csv=out / "skipped.csv")
+    if table is None:
+        table, _ = load_valid_table(data, metadata, skip_invalid=skip_invalid, labels=cfg.data.labels,
+                                    max_pixels=cfg.data.max_image_pixels, skipped_csv=out / "skipped.csv")
     df = table.df
     if source_column not in df.columns:
         raise UserError(f"{table.source}: no column {source_column!r} naming each image's source; columns: "
