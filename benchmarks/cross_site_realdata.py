@@ -50,8 +50,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--refusal-rate", type=float, default=0.1)
     ap.add_argument("--pair", action="append", default=[], metavar="TRAIN:TEST",
                     help="run only these pairs, e.g. rosendahl:vidir_modern (repeatable; default: the two above)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads (0: torch's default); 1 suffers least when other jobs share the cores")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     a = ap.parse_args(argv)
+    if a.threads:
+        import torch
+
+        torch.set_num_threads(a.threads)
     sys.path.insert(0, str(REPO))
     from lesionlab.config import load_config
     from lesionlab.workflows.cross_site import run_cross_site
