@@ -539,12 +539,16 @@ def _bundle(p: argparse.ArgumentParser):
 
 @command("predict", "ensemble diagnosis for images with a bundle (decision support, not a diagnosis)")
 def _predict(p: argparse.ArgumentParser):
-    p.add_argument("images", type=Path, nargs="+", help="image files or folders")
+    p.add_argument("images", type=Path, nargs="+", help="image files or folders (JPEG, PNG, TIFF, BMP, WebP, DICOM)")
     p.add_argument("--bundle", type=Path, required=True)
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="only the bundle's own setting is accepted (its threshold holds only there); default: it")
     p.add_argument("--explain", type=Path, metavar="OUT_DIR", help="write a Grad-CAM overlay per image here")
-    p.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    p.add_argument("--format", choices=["table", "json", "csv", "fhir"], default="table",
+                   help="fhir: a FHIR R4 collection Bundle (JSON) with one DiagnosticReport per image")
+    p.add_argument("--patient", metavar="REFERENCE", help="with --format fhir: the reports' subject, e.g. Patient/123")
+    p.add_argument("--sr-dir", type=Path, metavar="OUT_DIR",
+                   help="write a DICOM Structured Report (<name>_sr.dcm) per DICOM input here")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="auto = the precision the bundle's threshold was chosen at; another is refused")
