@@ -379,3 +379,14 @@ def test_a_bug_is_a_json_500_with_the_request_id_and_is_logged(ens, monkeypatch,
     rec = json.loads(audit.read_text().splitlines()[-1])
     assert rec["request_id"] == rid and rec["outcome"] == "error"
     assert c.get("/livez").status_code == 200
+
+
+def test_malloc_arena_cap_applies_on_glibc():
+    import platform
+
+    from lesionlab.serve.runner import limit_malloc_arenas
+
+    if platform.libc_ver()[0] == "glibc":
+        assert limit_malloc_arenas(8) is True  # 8: leaves this test process as it is in practice
+    else:
+        assert limit_malloc_arenas(8) is False

@@ -64,8 +64,11 @@ def _serve(p: argparse.ArgumentParser):
 
     def run(a: argparse.Namespace) -> int:
         from lesionlab.serve.app import ServiceSettings, create_app
+        from lesionlab.serve.runner import limit_malloc_arenas
         from lesionlab.serve.runner import run as run_server
         from lesionlab.serve.security import allowed_hosts
+
+        limit_malloc_arenas()  # before any request thread exists
 
         for name in ("workers", "queue", "explain_max_px"):
             if getattr(a, name) < (0 if name == "queue" else 1):

@@ -41,19 +41,23 @@ function renderAnswer(r, names) {
     const msg = "Not available: this bundle was made without validation predictions.";
     if (note) note.textContent = msg; else diff.textContent = msg;
   }
-  $("mel-prob").textContent = "melanoma probability " + answerPct(r.melanoma_probability);
-  $("mel-thr").textContent = answerPct(r.melanoma_threshold);
+  // the flag class: melanoma under ham7/isic2019, "malignant" under the binary label set
+  const flagName = (r.flag_class_name || "Melanoma");
+  document.querySelectorAll(".flag-name").forEach(e => { e.textContent = flagName; });
+  document.querySelectorAll(".flag-name-lower").forEach(e => { e.textContent = flagName.toLowerCase(); });
+  $("mel-prob").textContent = flagName.toLowerCase() + " probability " + answerPct(r.flag_probability);
+  $("mel-thr").textContent = answerPct(r.flag_threshold);
   const flag = $("mel-flag");
-  flag.textContent = r.melanoma_flag ? "ABOVE the threshold" : "below the threshold";
-  flag.className = "flag " + (r.melanoma_flag ? "high" : "low");
-  document.querySelector("#melanoma .marker").style.left = (100 * r.melanoma_threshold) + "%";
-  document.querySelector("#melanoma .value").style.left = (100 * r.melanoma_probability) + "%";
+  flag.textContent = r.flagged ? "ABOVE the threshold" : "below the threshold";
+  flag.className = "flag " + (r.flagged ? "high" : "low");
+  document.querySelector("#melanoma .marker").style.left = (100 * r.flag_threshold) + "%";
+  document.querySelector("#melanoma .value").style.left = (100 * r.flag_probability) + "%";
   $("agreement").textContent = `(${r.agreement} models agree with the ensemble)`;
   const tbody = document.querySelector("#members tbody");
   tbody.innerHTML = "";
   Object.entries(r.members).forEach(([name, m]) => {
     const tr = document.createElement("tr");
-    tr.innerHTML = `<td>${name}</td><td>${m.top}</td><td>${answerPct(m.probability)}</td><td>${answerPct(m.melanoma_probability)}</td>`;
+    tr.innerHTML = `<td>${name}</td><td>${m.top}</td><td>${answerPct(m.probability)}</td><td>${answerPct(m.flag_probability)}</td>`;
     tbody.appendChild(tr);
   });
 }
