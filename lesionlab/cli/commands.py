@@ -10,12 +10,28 @@ from pathlib import Path
 from lesionlab.cli.registry import _config_args, _data_args, command
 from lesionlab.exceptions import UserError
 
+# Where each command's label set comes from (lesionlab.labels): commands that read a config take it from
+# `data.labels` (--set data.labels=binary), commands that run trained models from the models' sidecars (what they
+# were trained for), and only `validate` (neither) has --labels. One source each, so no option can contradict it.
+_LABELS_FROM_CONFIG = ("The label set (lesionlab.labels) is the config's data.labels: ham7 (default), isic2019, "
+                       "binary or a YAML file, e.g. --set data.labels=binary.")
+_LABELS_FROM_MODELS = ("The data is read with the label set the models were trained for (recorded in each "
+                       "checkpoint's sidecar); ground truth in another label set is refused.")
+
+
+def _labels_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--labels", default="ham7", metavar="NAME_OR_YAML",
+                   help="label set the diagnosis codes are mapped to: ham7 (default), isic2019, binary, or a YAML "
+                        "file (see `lesionlab datasets`)")
+
+
 # ----------------------------------------------------------------------------- foundation
 
 
 @command("validate", "check a dataset (and optionally a split file) and report problems")
 def _validate(p: argparse.ArgumentParser):
     _data_args(p)
+    _labels_arg(p)
     p.add_argument("--split", type=Path, help="also check this split file for lesion leakage")
     p.add_argument("--duplicates", type=Path, help="known duplicate pairs CSV (from_img,to_img) for the leakage check")
     p.add_argument("--no-image-check", action="store_true", help="skip decoding every image")
@@ -26,7 +42,7 @@ def _validate(p: argparse.ArgumentParser):
         from lesionlab.data.tables import read_table
         from lesionlab.data.validation import validate
 
-        table = read_table(a.data, a.metadata, groupings=a.groupings)
+        table = read_table(a.data, a.metadata, groupings=a.groupings, labels=a.labels)
         rep = validate(table, check_images=not a.no_image_check)
         for note in rep.notes:
             print(f"note: {note}")
@@ -38,7 +54,8 @@ def _validate(p: argparse.ArgumentParser):
             problems += split_problems
             if not split_problems:
                 print(f"{a.split}: no lesion appears in two splits.")
-        print(f"{table.source}: {len(table.df)} rows, layout {table.layout}.")
+        print(f"{table.source}: {len(table.df)} rows, layout {table.layout}, label set {table.labels.name} "
+              f"({', '.join(table.labels.classes)}).")
         if problems:
             if a.skip_invalid:
                 out = a.report or Path("skipped.csv")
@@ -59,6 +76,7 @@ def _split(p: argparse.ArgumentParser):
     p.add_argument("--duplicates", type=Path, help="CSV of image pairs that show one lesion (from_img,to_img)")
     p.add_argument("--seed", type=int, help="split seed (default: split.seed from the config)")
     p.add_argument("--out", type=Path, required=True, help="split CSV to write")
+    p.epilog = _LABELS_FROM_CONFIG + " Classes stratify the split."
 
     def run(a: argparse.Namespace) -> int:
         from lesionlab import config
@@ -69,10 +87,10 @@ def _split(p: argparse.ArgumentParser):
         cfg = config.load_config(a.config, a.overrides)
         if a.data is not None:  # images at hand: validate them too
             table, _ = load_valid_table(a.data, a.metadata, skip_invalid=a.skip_invalid, groupings=a.groupings,
-                                                skipped_csv=a.out.with_suffix(".skipped.csv"))
+                                        skipped_csv=a.out.with_suffix(".skipped.csv"), labels=cfg.data.labels)
             df = table.df
         else:  # metadata only: split the labelled rows
-            table = read_table(None, a.metadata)
+            table = read_table(None, a.metadata, labels=cfg.data.labels)
             df = table.df[table.df["label"] != ""]
         dups = read_duplicates(a.duplicates) if a.duplicates else None
         seed = cfg.split.seed if a.seed is None else a.seed
@@ -138,6 +156,7 @@ def _train(p: argparse.ArgumentParser):
     p.add_argument("--seed", type=int)
     p.add_argument("--out", type=Path, required=True, help="run folder; each architecture gets a sub-folder")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.epilog = _LABELS_FROM_CONFIG + " The run records it in every checkpoint sidecar."
 
     def run(a: argparse.Namespace) -> int:
         from lesionlab import config, models
@@ -192,25 +211,28 @@ def _infer(p: argparse.ArgumentParser):
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     p.add_argument("--batch-size", type=int, default=32)
     _engine_arg(p)
+    p.epilog = _LABELS_FROM_MODELS + " The CSVs have one column per class of that label set."
 
     def run(a: argparse.Namespace) -> int:
         from lesionlab.data.subsets import load_split_tables, subset_frame
         from lesionlab.data.validation import load_valid_table
         from lesionlab.inference.infer_csv import write_probability_csvs
         from lesionlab.inference.predictor import find_checkpoints, infer_table
+        from lesionlab.workflows.external import models_label_set
 
         _engine(a.engine)
         cks = find_checkpoints(a.run)
+        lset = models_label_set(cks)
         if a.split:
             table, sp, _ = load_split_tables(a.data, a.metadata, a.split, skip_invalid=a.skip_invalid, groupings=a.groupings)
             df = subset_frame(table, sp, a.subset)
         else:
             table, _ = load_valid_table(a.data, a.metadata, skip_invalid=a.skip_invalid, groupings=a.groupings,
-                                                skipped_csv=a.out.parent / "skipped.csv")
+                                        skipped_csv=a.out.parent / "skipped.csv", labels=lset)
             df = table.df
         probs = infer_table(cks, df, device=a.device, precision=a.precision, tta=a.tta, batch_size=a.batch_size,
                             engine=a.engine)
-        written, truth = write_probability_csvs(probs, df, a.out)
+        written, truth = write_probability_csvs(probs, df, a.out, classes=lset.classes)
         for dest in written:
             print(f"wrote {dest} ({len(df)} images)")
         if truth is not None:
@@ -323,6 +345,7 @@ def _study(p: argparse.ArgumentParser):
     p.add_argument("--out", type=Path, required=True,
                    help="study folder (re-running reuses every step whose config, inputs and upstream steps are unchanged)")
     p.add_argument("--fresh", action="store_true", help="first delete what an earlier study wrote into --out; run every step")
+    p.epilog = _LABELS_FROM_CONFIG + " External sets' ground truth must use its classes."
 
     def run(a: argparse.Namespace) -> int:
         from lesionlab import config
@@ -363,9 +386,11 @@ def _evaluate_external(p: argparse.ArgumentParser):
     _config_args(p)
     p.add_argument("--runs", type=Path, nargs="+", required=True)
     p.add_argument("--images", type=Path, required=True)
-    p.add_argument("--truth", type=Path, required=True)
+    p.add_argument("--truth", type=Path, required=True,
+                   help="ground truth in ISIC format: image, then one column per class of the models' label set")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--skip-invalid", action="store_true")
+    p.epilog = _LABELS_FROM_MODELS
 
     def run(a: argparse.Namespace) -> int:
         from lesionlab import config
@@ -461,7 +486,7 @@ def _warner(command: str) -> Callable[[str], None]:
 def _explain(p: argparse.ArgumentParser):
     p.add_argument("images", type=Path, nargs="+", help="image files or folders")
     p.add_argument("--run", type=Path, action="append", required=True, help="run or model folder (repeatable)")
-    p.add_argument("--class", dest="cls", help="class to explain (default: the predicted one)")
+    p.add_argument("--class", dest="cls", help="class to explain, one of the models' classes (default: the predicted one)")
     p.add_argument("--method", default="gradcam", choices=["gradcam", "guided", "guided-gradcam"])
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--save-raw", action="store_true", help="also save each map as .npy (H x W, values in [0, 1])")
@@ -472,15 +497,14 @@ def _explain(p: argparse.ArgumentParser):
         from lesionlab.explain.gradcam import explain_image
         from lesionlab.explain.overlay import write_explanation
         from lesionlab.inference.predictor import find_checkpoints, load_predictors
-        from lesionlab.labels import CLASSES
 
-        if a.cls is not None and a.cls.upper() not in CLASSES:
-            raise UserError(f"--class {a.cls!r} must be one of {', '.join(CLASSES)}")
         predictors = load_predictors(find_checkpoints(a.run), device=a.device, precision="fp32")
+        # --class names one of the members' classes (their label set), in any case; explain_image refuses others
+        cls = a.cls and next((c for c in predictors[0].classes if c.upper() == a.cls.upper()), a.cls)
         failed: list[tuple[Path, str]] = []
         warn = _warner("explain")
         for path, image in readable_images(expand_images(a.images, failed, warn), failed, warn):
-            ex = explain_image(predictors, image, image_id=path.stem, method=a.method, cls=a.cls and a.cls.upper())
+            ex = explain_image(predictors, image, image_id=path.stem, method=a.method, cls=cls)
             files = write_explanation(ex, a.out, save_raw=a.save_raw)
             print(f"{path}: {ex.cls} ({ex.probs.max():.2f}) -> {len(files)} files in {a.out}")
         if failed:
@@ -573,8 +597,8 @@ def _predict(p: argparse.ArgumentParser):
         from lesionlab.report.results_table import format_results
 
         given = {k: v for k, v in (("age", a.age), ("sex", a.sex), ("localization", a.site)) if v is not None}
-        metadata_for = metadata_lookup(a.metadata, given)
         ens = EnsemblePredictor(a.bundle, device=a.device, precision=a.precision, engine=_engine(a.engine))
+        metadata_for = metadata_lookup(a.metadata, given, bundle=ens)  # a dataset table: in the bundle's label set
         tta = ens.resolve_tta(a.tta)  # refused before any image is read
         inf = ens.inference_info()
         engines = ", ".join(sorted(set(inf["engines"].values())))

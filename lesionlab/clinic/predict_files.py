@@ -8,6 +8,11 @@ DICOM inputs: the row carries the header under `dicom` (UIDs, patient fields, ac
 lesionlab.data.dicom.DicomInfo.to_dict); for a metadata-fusion bundle the header's age, sex and body site are the
 image's metadata, and metadata given explicitly (the `--age/--sex/--site` values, a `--metadata` CSV row) wins
 over the header field by field; with `sr_dir`, a DICOM Structured Report per DICOM input is written there.
+
+A `--metadata` file that is a dataset table (HAM10000 metadata, a public layout's metadata, ISIC one-hot ground
+truth) is also checked against the bundle's label set (`check_metadata_labels`): its diagnoses must be ones the
+bundle's label set maps, its one-hot columns the bundle's classes; otherwise it is refused in one line. Every answer
+row carries the bundle's label set fields (`label_set`, `classes`, `flag_class`, `flag_probability`, `flagged`).
 """
 
 from __future__ import annotations
@@ -23,18 +28,64 @@ from lesionlab.data.images import Decoded, image_id
 from lesionlab.data.metadata import lookup_rows, read_metadata
 from lesionlab.exceptions import UserError
 from lesionlab.explain.overlay import overlay, save_png
+from lesionlab.labels import BUILTIN
 
 MetadataFor = Callable[[list[Path]], list[dict] | None]
 
 
-def metadata_lookup(metadata: Path | None, given: dict[str, str]) -> MetadataFor:
+def check_metadata_labels(bundle: EnsemblePredictor, metadata: Path) -> None:
+    """Refuse a metadata file that is a dataset table labelled for another label set than the bundle's.
+
+    A table with diagnosis codes (HAM10000's metadata, a public layout of lesionlab.data.sources) is read with the
+    bundle's label set: codes it maps (or deliberately leaves out) are fine, whatever the table's vocabulary, as in
+    training. A code it does not know means the table was labelled for another set: refused through
+    `bundle.check_labels` with the built-in set that does know the codes (naming both), or naming the code. An ISIC
+    one-hot file (image + class columns) must have exactly the bundle's classes. A plain metadata CSV (image_id,
+    age, sex, ...) is not a dataset table and is not checked.
+    """
+    import pandas as pd
+
+    from lesionlab.data import sources
+    from lesionlab.data.tables import HAM_REQUIRED, read_csv_checked, read_table
+
+    what = f"--metadata {metadata}"
+    cols = [c.strip() for c in read_csv_checked(metadata, "metadata", nrows=0).columns] \
+        if metadata.name != "PH2_dataset.txt" else []
+    if sources.detect_file(metadata) is None and not set(HAM_REQUIRED) <= set(cols):
+        known = {c for s in (*BUILTIN.values(), bundle.label_set) for c in s.classes}
+        one_hot = [c for c in cols if c in known]
+        if len(one_hot) >= 2:  # ISIC ground truth: its class columns are its label set
+            bundle.check_truth_columns(["image", *one_hot], what)
+        return
+    table = read_table(None, metadata, labels=bundle.label_set, images={})
+    df = table.df
+    unknown = df[(df["label"] == "") & ~df["excluded"].astype(bool) & ~df["dx"].astype(str).str.strip().isin(["", "?"])]
+    if unknown.empty:
+        return
+    codes = sorted(set(unknown["dx"].astype(str)))
+    vocab = table.layout if table.layout != "isic2018" else "ham10000"
+    for other in BUILTIN.values():  # the set the table fits, so the refusal names both sets
+        if other.name != bundle.label_set.name and all(other.knows(vocab, c) for c in codes):
+            bundle.check_labels(other, what)
+    row = unknown.iloc[0]
+    raise UserError(f"{what}: row {int(row['row']) if pd.notna(row.get('row')) else '?'} has diagnosis "
+                    f"{row['dx']!r}, which label set {bundle.label_set.name!r} ({', '.join(bundle.label_set.classes)}) "
+                    f"of bundle {bundle.root} does not map; give metadata labelled for it")
+
+
+def metadata_lookup(metadata: Path | None, given: dict[str, str], *,
+                    bundle: EnsemblePredictor | None = None) -> MetadataFor:
     """Per-image metadata for a list of image files, or None for all when there is none.
 
     Args:
         metadata: CSV with `image_id` (the file name without extension; the whole name of a DICOM file named
             without one, e.g. after its UID) and metadata columns; read now.
         given: values for every image (`age`, `sex`, `localization`); a non-empty CSV value overrides one.
+        bundle: the bundle the metadata is for: a dataset table is checked against its label set
+            (`check_metadata_labels`).
     """
+    if metadata and bundle is not None:
+        check_metadata_labels(bundle, Path(metadata))
     meta_df = read_metadata(metadata) if metadata else None
 
     def metadata_for(ps: list[Path]) -> list[dict] | None:
