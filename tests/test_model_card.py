@@ -23,6 +23,7 @@ from lesionlab.data.licences import (
     licence_warning,
 )
 from lesionlab.evaluation.ensemble import ENSEMBLE
+from lesionlab.exceptions import UserError
 from lesionlab.labels import CLASSES
 from lesionlab.report import model_card as mc
 from lesionlab.report.model_card_facts import build_card
@@ -337,3 +338,53 @@ def test_cli_model_card(tmp_path, full_study, capsys):
     assert main(["model-card", "--study", str(full_study), "--cross-site", str(tmp_path / "nope"),
                  "--out", str(out)]) != 0
     assert "--cross-site" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- the card in every bundle
+
+
+def test_bundle_from_a_study_carries_its_card_and_licence_warning(tmp_path, trust_study, caplog):
+    """`lesionlab bundle` from a study (conftest's trust_study: HAM10000-layout data, so CC BY-NC 4.0): the bundle
+    holds the three card files, hashed in the manifest with the data licences; the non-commercial warning is logged
+    (the CLI prints log lines); a card edited afterwards fails verification like modified weights."""
+    import logging
+
+    from lesionlab.clinic.bundle import verify_bundle
+    from lesionlab.clinic.bundle.manifest import listed_files
+    from lesionlab.io import sha256_file
+
+    out = tmp_path / "bundle"
+    with caplog.at_level(logging.WARNING):
+        assert main(["bundle", "--runs", str(trust_study / "runs"), "--study", str(trust_study), "--out", str(out),
+                     "--no-ood"]) == 0
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "licence" in r.getMessage()]
+    assert len(warned) == 1 and "HAM10000 (CC BY-NC 4.0)" in warned[0] and "non-commercial" in warned[0]
+    manifest = verify_bundle(out)
+    assert sorted(manifest["model_card"]) == sorted(mc.CARD_FILES)
+    for name, digest in manifest["model_card"].items():
+        assert sha256_file(out / name) == digest and (out / name).resolve() in listed_files(out, manifest)
+    assert [d["licence"] for d in manifest["data_licences"]] == ["CC BY-NC 4.0"]
+    card = json.loads((out / "model_card.json").read_text())
+    _validate(card)
+    assert card["licences"]["items"] == manifest["data_licences"]  # one source: the card's licence entries
+    assert card["model"]["bundle"]["path"] == str(out)
+    assert card["model"]["bundle"]["melanoma_threshold"] == manifest["melanoma_threshold"]
+    assert "licence: trained on data whose licence forbids commercial use" in (out / "model_card.md").read_text()
+    # tampering with the card is caught
+    original = (out / "model_card.md").read_bytes()
+    (out / "model_card.md").write_text(original.decode().replace("CC BY-NC 4.0", "CC BY 4.0"))
+    with pytest.raises(UserError, match="model_card.md does not match its manifest hash"):
+        verify_bundle(out)
+    (out / "model_card.md").write_bytes(original)
+    verify_bundle(out)
+    (out / "model_card.json").unlink()
+    with pytest.raises(UserError, match="model_card.json is missing"):
+        verify_bundle(out)
+
+
+def test_bundle_without_a_study_has_no_card(tiny_bundle):
+    from lesionlab.clinic.bundle import verify_bundle
+
+    manifest = verify_bundle(tiny_bundle)
+    assert manifest["model_card"] is None and manifest["data_licences"] is None
+    assert not any((tiny_bundle / name).exists() for name in mc.CARD_FILES)

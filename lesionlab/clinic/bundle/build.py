@@ -8,7 +8,10 @@ Sealed means:
   half bundle (and no stale file a later load could pick up);
 - an int8 body ships only where it agrees with the validated path (the precision and TTA the threshold was chosen
   under) on top-1 and on the melanoma flag at the bundle's threshold;
-- the manifest records the inference settings (TTA, precision, engine) the threshold was chosen under.
+- the manifest records the inference settings (TTA, precision, engine) the threshold was chosen under;
+- a bundle made from a study carries its model card (model_card.md / .html / .json, lesionlab.report.model_card),
+  hashed in the manifest like the weights, and the licences of the data it was trained on (`data_licences`); when a
+  licence forbids commercial use (HAM10000: CC BY-NC 4.0) or is unknown, the build logs the warning.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from PIL import Image
 from lesionlab import __version__
 from lesionlab.clinic.bundle.manifest import FORMAT_VERSION, MANIFEST, PRECISIONS
 from lesionlab.clinic.screening import FLAG_COLUMN, ensemble_probabilities, melanoma_flags
-from lesionlab.clinic.trust import fit_bundle_ood, fit_calibration
+from lesionlab.clinic.trust import fit_bundle_ood, fit_calibration, fit_error_refusal
 from lesionlab.config import StudyConfig
 from lesionlab.evaluation.ensemble import ENSEMBLE
 from lesionlab.evaluation.metrics import summarize
@@ -39,6 +42,7 @@ from lesionlab.inference.predictor import Predictor, find_checkpoints, load_pred
 from lesionlab.io import atomic_write_json, sha256_file
 from lesionlab.labels import label_set_of
 from lesionlab.models import META_FILE, WEIGHTS_FILE, file_stem, read_meta
+from lesionlab.report.model_card import licence_warning, model_card_files
 from lesionlab.study_folder import StudyFolder
 
 log = logging.getLogger(__name__)
@@ -245,6 +249,24 @@ def int8_members(tmp: Path, names: list[str], images: tuple[list[Image.Image], l
 # ----------------------------------------------------------------------------- the bundle
 
 
+def add_model_card(tmp: Path, manifest: dict[str, Any], study: StudyFolder, out: Path) -> str | None:
+    """Write the study's model card into the bundle being built (`tmp`) and record it in `manifest`: the card files'
+    SHA-256 under `model_card` and the data licences (the card's own licence entries, so the card and the manifest
+    cannot disagree) under `data_licences`. Returns the licence warning (None when every licence allows commercial
+    use).
+
+    The card describes the bundle as it will be once in place (`out`: its path, members, threshold and inference
+    settings come from `manifest`); it cannot name the manifest's hash, which hashes the card.
+    """
+    files = model_card_files(study.root, manifest, bundle_path=str(out))
+    for name, content in files.items():
+        (tmp / name).write_bytes(content)  # inside the build folder, which is renamed into place whole
+    licences = json.loads(files["model_card.json"])["licences"]["items"]
+    manifest["data_licences"] = licences
+    manifest["model_card"] = {name: sha256_file(tmp / name) for name in files}
+    return licence_warning(licences)
+
+
 def _partial_folder(out: Path) -> Path:
     """This run's hidden build folder beside `out`; those of killed runs (their process gone) are removed."""
     for old in out.parent.glob(f".{out.name}.partial-*"):
@@ -353,14 +375,15 @@ def make_bundle(
                 m["int8"], m["files"] = rec, m["files"] + extra
         for m in members:
             m["files"] = {f: sha256_file(tmp / m["dir"] / f) for f in m["files"]}
-        ood_entry = None
+        ood_entry, ood_val = None, None
         if ood and sf is not None and cfg.ood.method != "none" and sf.split_file.exists():
             fitted = load_predictors([tmp / m["dir"] for m in members], device="auto",
                                      precision=settings["precision"] if settings.get("precision") in ("fp32", "bf16") else "auto",
                                      listed_files=[[WEIGHTS_FILE, META_FILE]] * len(members))
             for pr, m in zip(fitted, members, strict=True):
                 pr.name = m["name"]
-            ood_entry = fit_bundle_ood(fitted, sf, cfg.ood, tmp, data=Path(data) if data else None, progress=progress)
+            ood_entry, ood_val = fit_bundle_ood(fitted, sf, cfg.ood, tmp, data=Path(data) if data else None,
+                                                progress=progress, val_scores=True)
             ood_entry["sha256"] = sha256_file(tmp / ood_entry["file"])
         sets = {json.dumps(label_set_of(read_meta(tmp / m["dir"])).to_dict(), sort_keys=True) for m in members}
         if len(sets) != 1:
@@ -373,9 +396,16 @@ def make_bundle(
             "melanoma_threshold": thr, "inference": settings,
             "quality": asdict(cfg.quality),
             "trust": trust, "ood": ood_entry, "members": members,
+            # the likely_wrong refusal (clinic.trust.fit_error_refusal; None: off or no validation predictions)
+            "error_refusal": fit_error_refusal(sf, names, trust, ood_val, cfg.trust) if sf is not None else None,
             "ensemble_test_metrics": ensemble_test_metrics(sf, names) if len(weights) == len(names) else None,
             "intended_use": "Decision support for trained clinicians; not a diagnosis.",
+            "data_licences": None, "model_card": None,
         }
+        if sf is not None and sf.is_study():  # every bundle made from a study carries its model card
+            warning = add_model_card(tmp, manifest, sf, out)
+            if warning:
+                log.warning("%s", warning)
         atomic_write_json(tmp / MANIFEST, manifest)
         if out.exists():
             out.rmdir()  # empty (checked above)

@@ -1,4 +1,8 @@
-"""The bundle manifest: its format, verification of every file it lists, and the inference settings it records."""
+"""The bundle manifest: its format, verification of every file it lists, and the inference settings it records.
+
+Listed and hashed: each member's files, the OOD model, and (bundles made from a study) the model card files
+(`model_card`: file name -> SHA-256), so a card edited after the build is caught like modified weights.
+"""
 
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ def listed_files(root: Path, manifest: dict[str, Any]) -> set[Path]:
         files.update((root / m["dir"] / f).resolve() for f in m["files"])
     if manifest.get("ood"):
         files.add((root / manifest["ood"]["file"]).resolve())
+    files.update((root / name).resolve() for name in manifest.get("model_card") or {})
     return files
 
 
@@ -48,6 +53,7 @@ def verify_bundle(path: str | Path) -> dict[str, Any]:
     checks = [(root / m["dir"] / f, digest) for m in manifest["members"] for f, digest in m["files"].items()]
     if manifest.get("ood"):
         checks.append((root / manifest["ood"]["file"], manifest["ood"].get("sha256")))
+    checks += [(root / name, digest) for name, digest in (manifest.get("model_card") or {}).items()]
     for f, digest in checks:
         if not f.exists():
             raise UserError(f"bundle file {f} is missing")
