@@ -52,8 +52,16 @@ class Layout:
     image_type: str  # dermoscopic | clinical | both (a column says per row)
     leaky: tuple[str, ...] = ()  # columns that give the label away
     skin_tone: str = ""  # Fitzpatrick type / skin tone column
-    licence: str = ""
     read: Callable[..., tuple[pd.DataFrame, list[str]]] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def licence(self) -> str:
+        """The dataset's licence as its publisher states it: read from lesionlab.data.licences, the one list the
+        model card and bundles also read (with where each licence is stated)."""
+        from lesionlab.data.licences import UNKNOWN, licence_of
+
+        lic = licence_of(self.name)
+        return lic.licence if lic else UNKNOWN
 
 
 def _read(path: Path, **kw) -> pd.DataFrame:
@@ -218,32 +226,27 @@ def read_ddi(path: Path, data_dir: Path | None) -> tuple[pd.DataFrame, list[str]
 
 
 LAYOUTS: dict[str, Layout] = {lay.name: lay for lay in (
-    Layout("ham10000", "HAM10000", ("HAM10000_metadata.csv",), "dermoscopic", leaky=("dx", "dx_type"),
-           licence="CC BY-NC 4.0"),
+    Layout("ham10000", "HAM10000", ("HAM10000_metadata.csv",), "dermoscopic", leaky=("dx", "dx_type")),
     Layout("isic2018", "ISIC 2018 Task 3", ("ISIC2018_Task3_Training_GroundTruth.csv",), "dermoscopic",
-           leaky=("MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC"), licence="CC BY-NC 4.0"),
+           leaky=("MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC")),
     Layout("isic2019", "ISIC 2019", ("ISIC_2019_Training_GroundTruth.csv",), "dermoscopic",
-           leaky=("MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC", "UNK"), licence="CC BY-NC 4.0",
-           read=read_isic2019),
+           leaky=("MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC", "UNK"), read=read_isic2019),
     Layout("isic2020", "ISIC 2020 (SIIM-ISIC)", ("train.csv", "ISIC_2020_Training_GroundTruth.csv",
                                                 "ISIC_2020_Training_GroundTruth_v2.csv"), "dermoscopic",
-           leaky=("diagnosis", "benign_malignant", "target"), licence="CC BY-NC 4.0", read=read_isic2020),
+           leaky=("diagnosis", "benign_malignant", "target"), read=read_isic2020),
     Layout("ph2", "PH2", ("PH2_dataset.txt",), "dermoscopic",
-           leaky=("histological_diagnosis", "clinical_diagnosis"), licence="research and education only",
-           read=read_ph2),
+           leaky=("histological_diagnosis", "clinical_diagnosis"), read=read_ph2),
     Layout("derm7pt", "Derm7pt (seven-point checklist)", ("meta/meta.csv",), "both",
            leaky=("diagnosis", "management", "seven_point_score", "pigment_network", "streaks", "pigmentation",
                   "regression_structures", "dots_and_globules", "blue_whitish_veil", "vascular_structures",
-                  "level_of_diagnostic_difficulty"), licence="research use (derm.cs.sfu.ca terms)",
-           read=read_derm7pt),
+                  "level_of_diagnostic_difficulty"), read=read_derm7pt),
     Layout("pad_ufes_20", "PAD-UFES-20", ("metadata.csv",), "clinical", leaky=("diagnostic", "biopsed"),
-           skin_tone="fitspatrick", licence="CC BY 4.0", read=read_pad_ufes_20),
+           skin_tone="fitspatrick", read=read_pad_ufes_20),
     Layout("fitzpatrick17k", "Fitzpatrick17k", ("fitzpatrick17k.csv",), "clinical",
            leaky=("label", "nine_partition_label", "three_partition_label", "qc"), skin_tone="fitzpatrick_scale",
-           licence="CC BY-NC-SA 3.0", read=read_fitzpatrick17k),
+           read=read_fitzpatrick17k),
     Layout("ddi", "Diverse Dermatology Images (DDI)", ("ddi_metadata.csv",), "clinical",
-           leaky=("malignant", "disease"), skin_tone="skin_tone", licence="Stanford AIMI research use",
-           read=read_ddi),
+           leaky=("malignant", "disease"), skin_tone="skin_tone", read=read_ddi),
 )}
 
 # Every column any layout says leaks the label, and the table's own label columns: the one list
