@@ -84,10 +84,9 @@ def test_binary_study_bundle_predict(binary_study, tmp_path):
     img = Image.open(sorted((binary_study / "data").rglob("*.jpg"))[0]).convert("RGB")
     r = ens.predict([img], research=True)[0]
     r = r.get("research", r)  # research mode shows the diagnosis even where the gate refuses the image
-    if True:
-        assert set(r["probabilities"]) == {"MALIGNANT", "BENIGN"} and r["label_set"] == "binary"
-        assert r["flag_class"] == "MALIGNANT" and r["melanoma_probability"] is None
-        assert r["top_name"] in ("Malignant or pre-malignant", "Benign")
+    assert set(r["probabilities"]) == {"MALIGNANT", "BENIGN"} and r["label_set"] == "binary"
+    assert r["flag_class"] == "MALIGNANT" and r["melanoma_probability"] is None
+    assert r["top_name"] in ("Malignant or pre-malignant", "Benign")
     ens.check_labels("binary", "data")
     with pytest.raises(UserError, match="trained for 'binary'"):
         ens.check_labels("ham7", "metadata.csv")
