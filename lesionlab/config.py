@@ -130,6 +130,10 @@ class TrustConfig:
     # per-class coverage targets other than `coverage` (needs mondrian), e.g. {MEL: 0.95}: a missed melanoma
     # costs more than a longer differential
     class_coverage: dict[str, float] = field(default_factory=dict)
+    # bundles refuse this share of validation images as `likely_wrong`: a logistic score of the OOD score, calibrated
+    # confidence and conformal set size fitted on validation to predict a wrong answer (lesionlab.clinic.trust;
+    # docs/cross-site-ham10000.md: the OOD gate alone accepted less accurate images on another clinic's). 0: off
+    error_refusal_rate: float = 0.10
 
 
 @dataclass

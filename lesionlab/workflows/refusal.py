@@ -29,11 +29,14 @@ def refusal_summary(test: pd.DataFrame, sets: dict[str, pd.DataFrame], threshold
         m = ood_metrics(test["ood_score"].to_numpy(), scr["ood_score"].to_numpy())
         rows.append({"set": g, "images": len(scr), "refused": float(scr["refused"].mean()),
                      "refused_by_quality": float((scr["quality"] != "").mean()),
-                     "refused_by_ood": float(scr["ood_refused"].mean()), "auroc": m["auroc"],
+                     "refused_by_ood": float(scr["ood_refused"].mean()),
+                     "refused_by_error": float(scr["error_refused"].mean()), "auroc": m["auroc"],
                      "fpr_at_95_tpr": m["fpr_at_tpr"]})
     return {"threshold": threshold, "test_images": len(test), "test_refused": float(test["refused"].mean()),
             "test_refused_by_quality": float((test["quality"] != "").mean()),
             "test_refused_by_ood": float(test["ood_refused"].mean()),
+            # the likely_wrong gate (0 for a screener without one, as the study's own refusal step builds it)
+            "test_refused_by_error": float(test["error_refused"].mean()),
             "validation_refused": validation_refused, "sets": rows}
 
 

@@ -12,6 +12,7 @@ from lesionlab.clinic.bundle.manifest import MANIFEST, bundle_settings, verify_b
 from lesionlab.clinic.ood_model import OODModel
 from lesionlab.clinic.screening import Screener, explained_class
 from lesionlab.data.quality import thresholds_from_dict
+from lesionlab.evaluation.selective import RefusalScore
 from lesionlab.exceptions import UserError
 from lesionlab.inference.predictor import Predictor, load_predictors
 from lesionlab.io import sha256_file
@@ -68,10 +69,12 @@ class EnsemblePredictor:
         self.precision = next(iter(set(self.precisions.values()))) if len(set(self.precisions.values())) == 1 else "mixed"
         self.tta = self.threshold_settings["tta"]
         ood = self.manifest.get("ood")
+        error = self.manifest.get("error_refusal")  # absent in bundles made before the likely_wrong refusal
         self.screener = Screener(
             members=self.members, quality=thresholds_from_dict(self.manifest.get("quality")),
             ood=OODModel.load(self.root, ood) if ood else None, trust=self.manifest.get("trust"),
             threshold=self.threshold, tta=self.tta, metadata_info=self.metadata_info,
+            error=RefusalScore.from_dict(error) if error else None,
             identity={"bundle_version": self.version, "inference": self.inference_info()})
 
     def check_labels(self, labels: LabelSet | str, what: str) -> None:
