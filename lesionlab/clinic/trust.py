@@ -21,7 +21,13 @@ from lesionlab.clinic.screening import ensemble_probabilities
 from lesionlab.config import OODConfig, TrustConfig
 from lesionlab.evaluation.conformal import ConformalSets
 from lesionlab.evaluation.ensemble import ENSEMBLE, mean_probabilities
-from lesionlab.evaluation.selective import SIGNALS, fit_refusal_score, refusal_signals, selective_summary
+from lesionlab.evaluation.selective import (
+    SIGNALS,
+    RefusalScore,
+    fit_refusal_score,
+    refusal_signals,
+    selective_summary,
+)
 from lesionlab.evaluation.trust import fit_trust
 from lesionlab.exceptions import UserError
 from lesionlab.study_folder import StudyFolder
@@ -73,41 +79,53 @@ def fit_error_refusal(study: StudyFolder, names: list[str], trust: dict[str, Any
                       ood_val: pd.Series | None, cfg: TrustConfig) -> dict[str, Any] | None:
     """The bundle's error score (`RefusalScore.to_dict()`, lesionlab.evaluation.selective), or None when off.
 
-    Fitted on the study's validation predictions of the members as the screening pipeline would see them: the
-    calibrated ensemble probabilities (`trust`), the conformal sets on them and the validation images' OOD scores
-    (`ood_val`, from `fit_bundle_ood(..., val_scores=True)`), predicting a wrong top-1 answer; its threshold refuses
-    `cfg.error_refusal_rate` of the validation images. A bundle without an OOD model (or without conformal sets)
-    fits on the signals it has, and `info["note"]` says so.
+    Fitted (`fit_error_score`) on the study's validation predictions of the members as the screening pipeline sees
+    them: the calibrated ensemble probabilities (`trust`), the conformal sets on them and the validation images' OOD
+    scores (`ood_val`, from `fit_bundle_ood(..., val_scores=True)`), predicting a wrong top-1 answer; its threshold
+    refuses `cfg.error_refusal_rate` of the validation images.
 
     None when the rate is 0 or there is no trust (a bundle given a threshold and no validation predictions).
     """
-    rate = float(cfg.error_refusal_rate)
-    if not 0 <= rate < 1:
-        raise UserError(f"trust.error_refusal_rate {rate} must be in [0, 1) (0 switches the likely_wrong refusal off)")
+    rate = _error_rate(cfg)
     if rate == 0 or trust is None:
         return None
     y, probs, ids = study.probabilities(names, "val")
-    cal = ensemble_probabilities(probs, trust)
+    ood, notes = None, []
+    if ood_val is not None:
+        found = ood_val.reindex([str(i) for i in ids]).to_numpy(float)
+        if np.isnan(found).any():  # the OOD fit read another validation split than the predictions: do not guess
+            notes.append(f"{int(np.isnan(found).sum())} of {len(y)} validation images have no OOD score")
+        else:
+            ood = found
+    score = fit_error_score(y, ensemble_probabilities(probs, trust), trust, ood, rate, notes=notes)
+    score.info.update(source=f"validation split of {study.root}", members=list(names))
+    return score.to_dict()
+
+
+def _error_rate(cfg: TrustConfig) -> float:
+    rate = float(cfg.error_refusal_rate)
+    if not 0 <= rate < 1:
+        raise UserError(f"trust.error_refusal_rate {rate} must be in [0, 1) (0 switches the likely_wrong refusal off)")
+    return rate
+
+
+def fit_error_score(y: np.ndarray, cal: np.ndarray, trust: dict[str, Any], ood: np.ndarray | None, rate: float, *,
+                    notes: list[str] | None = None) -> RefusalScore:
+    """The error score on validation arrays: labels, calibrated ensemble probabilities, the trust parameters (for
+    the conformal sets) and OOD scores (None: fitted without them). Without conformal sets or OOD scores it fits on
+    the signals there are, and `info["note"]` says so; `info["validation"]` holds its refusals there."""
     conformal = trust["models"].get(ENSEMBLE, {}).get("conformal")
-    use, notes = list(SIGNALS), []
+    use, notes = list(SIGNALS), list(notes or [])
     sets = ConformalSets.from_dict(conformal).sets(cal) if conformal else np.zeros(cal.shape, bool)
     if not conformal:
         use.remove("set_size")
         notes.append("no conformal sets: fitted without the set size")
-    ood = np.zeros(len(y))
-    if ood_val is None:
+    if ood is None:
         use.remove("ood")
-        notes.append("no OOD model in this bundle: fitted without the OOD score")
-    else:
-        found = ood_val.reindex([str(i) for i in ids]).to_numpy(float)
-        if np.isnan(found).any():  # the OOD fit read another validation split than the predictions: do not guess
-            use.remove("ood")
-            notes.append(f"{int(np.isnan(found).sum())} of {len(y)} validation images have no OOD score: fitted "
-                         "without it")
-        else:
-            ood = found
-    signals = refusal_signals(cal, sets, ood)
-    wrong = cal.argmax(1) != y
+        notes.append("no OOD scores of the validation images (no OOD model in this bundle): fitted without the OOD "
+                     "score")
+    signals = refusal_signals(cal, sets, ood if ood is not None else np.zeros(len(y)))
+    wrong = cal.argmax(1) != np.asarray(y)
     score = fit_refusal_score(signals, wrong, use=use, refusal_rate=rate)
     # the threshold is the score of the last validation image let through; the pipeline recomputes that image's
     # score from its own forward pass, equal only up to float noise (~1e-8), which would decide its fate. Halfway
@@ -116,8 +134,7 @@ def fit_error_refusal(study: StudyFolder, names: list[str], trust: dict[str, Any
     above = fitted[fitted > score.threshold]
     if above.size and np.isfinite(score.threshold):
         score.threshold = float((score.threshold + above.min()) / 2)
-    score.info.update(source=f"validation split of {study.root}", members=list(names),
-                      validation=selective_summary(~wrong, fitted > score.threshold))
+    score.info["validation"] = selective_summary(~wrong, fitted > score.threshold)
     if notes:
         score.info["note"] = "; ".join(notes)
-    return score.to_dict()
+    return score
