@@ -182,6 +182,18 @@ class RobustnessConfig:
 
 
 @dataclass
+class ReaderStudyConfig:
+    """`reader_study.simulate`: a simulated reader study on the test split (readers with set skill and a set
+    tendency to follow the AI; lesionlab/workflows/reader_study/simulate.py), labelled SIMULATED in the report.
+    Real reader studies are run with `lesionlab reader-study`."""
+
+    simulate: bool = False
+    cases: int = 60      # lesion-unique sample of the test split, stratified by class
+    readers: int = 6     # residents, board-certified and experts in turn
+    seed: int = 0
+
+
+@dataclass
 class ExternalSet:
     """An external test set in ISIC ground-truth format (e.g. the ISIC 2018 test set, PH2 mapped to NV/MEL)."""
 
@@ -216,6 +228,7 @@ class StudyConfig:
     synth_images: int = 0  # > 0: the demo makes a synthetic dataset of this many images
     synth_size: list[int] = field(default_factory=lambda: [600, 450])
     external: list[ExternalSet] = field(default_factory=list)
+    reader_study: ReaderStudyConfig = field(default_factory=ReaderStudyConfig)
     # several sources in one study (or `--data` given more than once); empty: the one `--data`
     sources: list[SourceConfig] = field(default_factory=list)
 

@@ -38,6 +38,10 @@ def test_study_report_has_all_models_and_the_ensemble(small_study):
     assert "data:image/png;base64," in text and "Decision support, not a diagnosis" in text
     for section in ("Melanoma operating points", "Error analysis", "Grad-CAM gallery", "Reproducibility", "paper: ResNeXt-101"):
         assert section in md
+    # the demo config's simulated reader study: its section, labelled SIMULATED, with MRMC results and figures
+    assert "Reader study (SIMULATED readers)" in md and "SIMULATED READERS" in md and "Obuchowski" in md
+    summary = json.loads((out / "reader_study" / "summary.json").read_text())
+    assert summary["simulated"] is True and (out / "reader_study" / "reader_study.md").exists()
     assert (out / "errors" / "agreement.csv").exists() and (out / "splits.csv").exists()
     # what each model ran at is recorded, for bundles made later elsewhere
     from lesionlab.io import sha256_file

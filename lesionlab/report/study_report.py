@@ -363,6 +363,13 @@ def report_study(out: Path, cfg: StudyConfig, names: list[str], all_names: list[
                          "absent classes": ""})
         rep.table(pd.DataFrame(rows))
 
+    readers = sf.folder("reader_study") / "summary.json"
+    if readers.exists():  # `reader_study.simulate` (the demo): simulated readers, labelled as such throughout
+        from lesionlab.report.reader_study import add_reader_study_section, figures_of
+
+        summary = json.loads(readers.read_text())
+        add_reader_study_section(rep, summary, figures_of(summary), md_dir="reader_study")
+
     rep.heading("Reproducibility")
     steps = sf.steps()
     rep.para("Each step is keyed by a fingerprint of the config values and files it reads, its upstream steps and "

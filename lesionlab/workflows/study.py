@@ -73,7 +73,7 @@ log = logging.getLogger(__name__)
 # outputs recorded in steps.json), never anything else. `data` is removed only when the study made it (synth).
 STUDY_FILES = ("steps.json", HASHES_FILE, "config.yaml", "report.html", "report.md", "figures", "dataset.json",
                "validation_problems.csv", "splits.csv", "split_summary.csv", "runs", "predictions", "eval", "errors",
-               "gallery", "external", "cache")
+               "gallery", "external", "cache", "reader_study")
 
 
 # ----------------------------------------------------------------------------- --fresh
@@ -141,6 +141,9 @@ STEP_CODE: dict[str, tuple[str, ...]] = {
     "robustness": ("lesionlab.workflows.robustness", "lesionlab.data.perturbations", "lesionlab.evaluation.robustness",
                    "lesionlab.evaluation.consistency", "lesionlab.evaluation.metrics", "lesionlab.evaluation.bootstrap",
                    "lesionlab.evaluation.ensemble", "lesionlab.report.figures", *_PREDICT),
+    "reader-study": ("lesionlab.workflows.reader_study.simulate", "lesionlab.workflows.reader_study.analyse",
+                     "lesionlab.evaluation.mrmc", "lesionlab.evaluation.readers", "lesionlab.report.reader_study",
+                     "lesionlab.clinic.screening"),
     "ood": ("lesionlab.workflows.refusal", "lesionlab.clinic.screening", "lesionlab.clinic.ood_model",
             "lesionlab.data.ood_images", "lesionlab.data.quality",
             "lesionlab.evaluation.ood", "lesionlab.evaluation.calibration", "lesionlab.evaluation.conformal",
@@ -371,6 +374,22 @@ def _run_study(cfg: StudyConfig, out: Path, archs: list[str], *, data: str | Pat
               check=lambda: None if all(sf.metrics_file(n).exists() for n in all_names)
               else "outputs missing: eval/*/metrics.json", code=STEP_CODE["metrics"])
     mets = {n: sf.metrics(n) for n in all_names}
+    if cfg.reader_study.simulate and "MEL" not in lset.classes:
+        log.info("reader_study.simulate: skipped, label set %s has no melanoma class", lset.name)
+    elif cfg.reader_study.simulate:  # the reader-study section on simulated readers (labelled SIMULATED)
+        def do_readers():
+            from lesionlab.workflows.reader_study.analyse import run_analysis
+            from lesionlab.workflows.reader_study.simulate import cases_from_study, simulate_reads
+
+            rs = cfg.reader_study
+            cases, _ = cases_from_study(out, models=names, n=rs.cases, seed=rs.seed, at_most=True)
+            reads = simulate_reads(cases, readers=rs.readers, seed=rs.seed, classes=lset.classes,
+                                   malignant=lset.malignant)
+            run_analysis(reads, cases, sf.folder("reader_study"), simulated=True)
+
+        steps.run("reader-study", do_readers, config={"reader_study": cfg.reader_study},
+                  upstream=["ensemble", "trust", "metrics"] if len(names) > 1 else ["trust", "metrics"],
+                  outputs=[sf.folder("reader_study")], code=STEP_CODE["reader-study"])
     best = max(names, key=lambda n: (mets[n]["val"]["balanced_accuracy"] or 0, mets[n]["val"]["macro"]["auc"] or 0))
 
     steps.run("errors", lambda: write_errors(analyse_errors(test_ids, yt, {n: pt[n] for n in names}, best=best,

@@ -168,7 +168,7 @@ def simulate_reads(cases: pd.DataFrame, *, readers: list[dict[str, Any]] | int, 
 
 
 def cases_from_study(study: str | Path, *, models: Sequence[str] | None = None, n: int | None = None,
-                     seed: int = 0) -> tuple[pd.DataFrame, dict[str, Any]]:
+                     seed: int = 0, at_most: bool = False) -> tuple[pd.DataFrame, dict[str, Any]]:
     """The cases table (CASE_COLUMNS) of a study folder's test split, the AI being the study's calibrated ensemble.
 
     The ensemble's test probabilities are the mean of the members' and scaled by the ensemble temperature in
@@ -182,6 +182,7 @@ def cases_from_study(study: str | Path, *, models: Sequence[str] | None = None, 
         models: members (default: every trained model of the study).
         n: a lesion-unique sample of this many cases stratified by class (default: the whole test split).
         seed: sampling seed.
+        at_most: take every lesion when the test split has fewer than `n` (else that is an error).
 
     Returns:
         (cases, info) where info names the models, the threshold and where it came from.
@@ -201,17 +202,25 @@ def cases_from_study(study: str | Path, *, models: Sequence[str] | None = None, 
     at = ((m or {}).get("operating_points", {}).get("MEL", {}) or {}).get("at_threshold")
     if at and at.get("threshold") is not None:
         threshold, source = float(at["threshold"]), f"{sf.metrics_file(ENSEMBLE)} ({m['operating_points']['MEL'].get('threshold_source', 'given')})"
-    mal_idx = [CLASSES.index(c) for c in CLASSES if c in MALIGNANT]
+    lset = sf.label_set()  # the study's classes: the reader study speaks the label set the models were trained for
+    classes = list(lset.classes)
+    if "MEL" not in classes:
+        raise UserError(f"{sf.root}: label set {lset.name!r} has no melanoma class; the reader-study analysis "
+                        "(melanoma and malignancy tasks) needs one")
+    mal_idx = [classes.index(c) for c in classes if c in lset.malignant]
     cases = pd.DataFrame({
-        "case": [str(i) for i in ids], "image_id": [str(i) for i in ids], "truth": [CLASSES[int(k)] for k in y],
-        "ai_top": [CLASSES[int(k)] for k in probs.argmax(axis=1)], "ai_mel_prob": probs[:, CLASSES.index("MEL")],
+        "case": [str(i) for i in ids], "image_id": [str(i) for i in ids], "truth": [classes[int(k)] for k in y],
+        "ai_top": [classes[int(k)] for k in probs.argmax(axis=1)], "ai_mel_prob": probs[:, classes.index("MEL")],
         "ai_malignant_prob": probs[:, mal_idx].sum(axis=1), "ai_melanoma_flag": melanoma_flags(probs, threshold),
     })[list(CASE_COLUMNS)]
     if n is not None:
         from lesionlab.workflows.reader_study.create import sample_cases
 
         frame = pd.DataFrame({"image_id": cases["image_id"], "label": cases["truth"], "path": ""})
-        picked = sample_cases(frame, n, seed, sf.lesion_of())
+        lesion_of = sf.lesion_of()
+        if at_most:
+            n = min(n, len({lesion_of.get(i, i) for i in cases["image_id"]}))
+        picked = sample_cases(frame, n, seed, lesion_of)
         cases = cases.set_index("image_id", drop=False).loc[picked["image_id"]].reset_index(drop=True)
     info = {"study": str(sf.root), "models": members, "melanoma_threshold": threshold, "threshold_source": source,
             "cases": len(cases)}
