@@ -174,3 +174,18 @@ def test_screener_refuses_an_error_score_it_cannot_compute():
     score = RefusalScore(["ood", "confidence"], [0, 0], [1, 1], [1, 1], 0.0, threshold=0.5)
     with pytest.raises(ValueError, match="ood"):
         Screener([], QualityConfig(), ood=None, error=score)
+
+
+def test_the_refusal_report_counts_likely_wrong_refusals(trust_ens, val_answers, tmp_path):
+    """The study's refusal report runs the pipeline it is given: fed the bundle's screener, its ood.json counts the
+    error gate's refusals of the validation images as predict does, apart from quality and OOD."""
+    from lesionlab.workflows.refusal import refusal_report
+
+    val, answers = val_answers
+    summary = refusal_report(trust_ens.screener, val, tmp_path, n_degraded=2, batch_size=16, progress=False)
+    assert summary["test_refused_by_error"] == pytest.approx(np.mean([a.get("reason_codes") == [ERROR_CODE]
+                                                                      for a in answers]))
+    assert summary["test_refused_by_error"] > 0
+    assert summary["test_refused"] == pytest.approx(np.mean([a["status"] != "ok" for a in answers]))
+    assert summary["test_refused_by_quality"] == pytest.approx(np.mean([
+        bool(a.get("reason_codes")) and a["reason_codes"][0] not in (ERROR_CODE, OOD_CODE) for a in answers]))
