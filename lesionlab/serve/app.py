@@ -259,8 +259,7 @@ def create_app(
             record.update({k: result[k] for k in ("probabilities", "top", "melanoma_flag", "differential")})
         else:
             record["reasons"] = result["reason_codes"]
-        result["request_id"] = request.state.request_id
-        record["format"] = format
+        record["format"] = format  # the request id travels in the X-Request-ID header, not in the answer
         if format == "fhir":
             from lesionlab.clinic.fhir import fhir_for_answer
 

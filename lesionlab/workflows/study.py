@@ -145,6 +145,7 @@ STEP_CODE: dict[str, tuple[str, ...]] = {
                      "lesionlab.evaluation.mrmc", "lesionlab.evaluation.readers", "lesionlab.report.reader_study",
                      "lesionlab.clinic.screening"),
     "ood": ("lesionlab.workflows.refusal", "lesionlab.clinic.screening", "lesionlab.clinic.ood_model",
+            "lesionlab.clinic.trust", "lesionlab.evaluation.selective",
             "lesionlab.data.ood_images", "lesionlab.data.quality",
             "lesionlab.evaluation.ood", "lesionlab.evaluation.calibration", "lesionlab.evaluation.conformal",
             "lesionlab.evaluation.ensemble", "lesionlab.report.figures", *_PREDICT),
@@ -445,20 +446,29 @@ def _run_study(cfg: StudyConfig, out: Path, archs: list[str], *, data: str | Pat
         def do_ood():
             from lesionlab.clinic.ood_model import fit_ood
             from lesionlab.clinic.screening import Screener
+            from lesionlab.clinic.trust import fit_error_refusal, validation_ood_scores
+            from lesionlab.evaluation.selective import RefusalScore
             from lesionlab.inference.predictor import load_predictors
             from lesionlab.workflows.refusal import refusal_report
 
             preds = load_predictors([sf.run_dir(a) for a in archs], device=cfg.train.device,
                                     precision=cfg.train.precision)
-            ood = fit_ood(preds, tr, va, cfg.ood, batch_size=cfg.data.batch_size, progress=progress)
-            # the pipeline a bundle of these models runs; refusals depend on neither calibration, the threshold nor
-            # TTA (OOD features come from the untransformed view), so none of them is needed here
-            refusal_report(Screener(preds, cfg.quality, ood), te, sf.folder("ood"),
-                           n_degraded=min(100, len(te)), batch_size=cfg.data.batch_size, progress=progress)
+            ood, val_out = fit_ood(preds, tr, va, cfg.ood, batch_size=cfg.data.batch_size, progress=progress,
+                                   return_val=True)
+            # the pipeline a bundle of these models runs: quality, OOD, then the error score fitted on validation
+            # (trust.error_refusal_rate), which reads calibrated probabilities and conformal sets (trust.json)
+            trust = sf.trust()
+            err = fit_error_refusal(sf, [file_stem(a) for a in archs], trust,
+                                    validation_ood_scores(ood, val_out, va), cfg.trust)
+            refusal_report(Screener(preds, cfg.quality, ood, trust=trust, tta=cfg.eval.tta,
+                                    error=RefusalScore.from_dict(err) if err else None),
+                           te, sf.folder("ood"), n_degraded=min(100, len(te)), batch_size=cfg.data.batch_size,
+                           progress=progress)
 
-        steps.run("ood", do_ood, config={"ood": cfg.ood, "quality": cfg.quality, "train.device": cfg.train.device,
+        steps.run("ood", do_ood, config={"ood": cfg.ood, "quality": cfg.quality, "trust": cfg.trust,
+                                         "eval.tta": cfg.eval.tta, "train.device": cfg.train.device,
                                          "train.precision": cfg.train.precision},
-                  upstream=["split", *train_steps], outputs=[sf.folder("ood")], code=STEP_CODE["ood"])
+                  upstream=["split", "trust", *train_steps], outputs=[sf.folder("ood")], code=STEP_CODE["ood"])
     t = time.perf_counter()
     steps.record("report", "ran", "always runs (cheap; shows this run's step statuses)", 0.0)
     steps.prune(keep=[Path(data)])  # after the report's record: it is part of every study, never "removed"
