@@ -18,7 +18,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -29,13 +28,9 @@ PAIRS = [("vidir_modern+vidir_molemax", "rosendahl"), ("rosendahl", "vidir_moder
 
 
 def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+    from lesionlab.cpu import model_name  # the one CPU reader
+
+    return model_name()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,6 +21,11 @@ from lesionlab.io import atomic_write_json
 from lesionlab.report.figures import plot_ood_scores
 
 
+def _share(frame: pd.DataFrame, column: str) -> float:
+    """The share of rows flagged in `column`; 0 for tables written before that gate existed."""
+    return float(frame[column].mean()) if column in frame else 0.0
+
+
 def refusal_summary(test: pd.DataFrame, sets: dict[str, pd.DataFrame], threshold: float,
                     validation_refused: float | None) -> dict[str, Any]:
     """ood.json from refusal tables (`screening.screen_table`): the test split's and each set's refusals, AUROC."""
@@ -30,13 +35,13 @@ def refusal_summary(test: pd.DataFrame, sets: dict[str, pd.DataFrame], threshold
         rows.append({"set": g, "images": len(scr), "refused": float(scr["refused"].mean()),
                      "refused_by_quality": float((scr["quality"] != "").mean()),
                      "refused_by_ood": float(scr["ood_refused"].mean()),
-                     "refused_by_error": float(scr["error_refused"].mean()), "auroc": m["auroc"],
+                     "refused_by_error": _share(scr, "error_refused"), "auroc": m["auroc"],
                      "fpr_at_95_tpr": m["fpr_at_tpr"]})
     return {"threshold": threshold, "test_images": len(test), "test_refused": float(test["refused"].mean()),
             "test_refused_by_quality": float((test["quality"] != "").mean()),
             "test_refused_by_ood": float(test["ood_refused"].mean()),
             # the likely_wrong gate (0 for a screener without one, as the study's own refusal step builds it)
-            "test_refused_by_error": float(test["error_refused"].mean()),
+            "test_refused_by_error": _share(test, "error_refused"),
             "validation_refused": validation_refused, "sets": rows}
 
 

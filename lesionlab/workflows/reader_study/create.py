@@ -64,7 +64,8 @@ def allocate(counts: dict[str, int], n: int) -> dict[str, int]:
     return out
 
 
-def sample_cases(frame: pd.DataFrame, n: int, seed: int, lesion_of: dict[str, str] | None = None) -> pd.DataFrame:
+def sample_cases(frame: pd.DataFrame, n: int, seed: int, lesion_of: dict[str, str] | None = None,
+                 classes: Iterable[str] = CLASSES) -> pd.DataFrame:
     """A lesion-unique sample of `n` rows stratified by class: one random image per lesion, then per class a random
     sample of the lesions, the count per class proportional to the class's share of lesions (`allocate`).
 
@@ -73,16 +74,18 @@ def sample_cases(frame: pd.DataFrame, n: int, seed: int, lesion_of: dict[str, st
         n: number of cases.
         seed: sampling seed.
         lesion_of: image id -> lesion id (each image its own lesion when None).
+        classes: the label set's classes (rows of other labels are left out).
     """
+    classes = list(classes)
     if n < 1:
         raise UserError(f"--cases {n}: a study needs at least one case")
     df = frame[["image_id", "label", "path"]].copy()
-    df = df[df["label"].isin(CLASSES) & df["path"].notna()]
+    df = df[df["label"].isin(classes) & df["path"].notna()]
     df["lesion"] = df["image_id"].map(lesion_of) if lesion_of else df["image_id"]
     df["lesion"] = df["lesion"].fillna(df["image_id"])
     rng = np.random.default_rng(seed)
     df = df.iloc[rng.permutation(len(df))].drop_duplicates("lesion")  # one random image per lesion
-    counts = {c: int(k) for c, k in df["label"].value_counts().reindex(CLASSES).dropna().items() if k > 0}
+    counts = {c: int(k) for c, k in df["label"].value_counts().reindex(classes).dropna().items() if k > 0}
     per = allocate(counts, n)
     picks = [g.iloc[rng.choice(len(g), per[c], replace=False)] for c, g in df.groupby("label", sort=False) if per.get(c)]
     return pd.concat(picks).drop(columns="lesion").sort_values("image_id").reset_index(drop=True)

@@ -220,7 +220,7 @@ def cases_from_study(study: str | Path, *, models: Sequence[str] | None = None, 
         lesion_of = sf.lesion_of()
         if at_most:
             n = min(n, len({lesion_of.get(i, i) for i in cases["image_id"]}))
-        picked = sample_cases(frame, n, seed, lesion_of)
+        picked = sample_cases(frame, n, seed, lesion_of, classes=classes)
         cases = cases.set_index("image_id", drop=False).loc[picked["image_id"]].reset_index(drop=True)
     info = {"study": str(sf.root), "models": members, "melanoma_threshold": threshold, "threshold_source": source,
             "cases": len(cases)}
