@@ -193,6 +193,17 @@ def test_split_and_train_take_the_label_set_from_the_config(capsys):
         assert "label set the models were trained for" in " ".join(capsys.readouterr().out.split())
 
 
+def test_split_tables_are_read_in_the_label_set_train_infer_and_robustness_use(binary_cli):
+    """`train`, `infer --split` and `robustness` read the dataset through `load_split_tables` in their label set."""
+    from lesionlab.data.subsets import load_split_tables
+
+    study = binary_cli["study"]
+    table, sp, _ = load_split_tables(study / "data", None, study / "splits.csv", labels="binary")
+    assert set(table.df["label"]) == {"MALIGNANT", "BENIGN"} and len(sp) == len(table.df)
+    ham7, _, _ = load_split_tables(study / "data", None, study / "splits.csv")
+    assert set(ham7.df["label"]) <= set(CLASSES)
+
+
 def test_public_layout_image_formats_are_found_and_decoded(tmp_path):
     """PH2 ships BMP, ISIC 2020 DICOM; TIFF and WebP are common exports: each is found by its id and decoded."""
     from lesionlab.data.images import IMAGE_SUFFIXES, decode_input, find_images

@@ -168,7 +168,7 @@ def _train(p: argparse.ArgumentParser):
         archs = models.expand_archs(a.arch or cfg.train.archs)
         rank, _ = init_distributed()
         table, split_df, split_hash = load_split_tables(a.data, a.metadata, a.split, skip_invalid=a.skip_invalid,
-                                                              groupings=a.groupings, out_dir=a.out)
+                                                        groupings=a.groupings, out_dir=a.out, labels=cfg.data.labels)
         if a.resume:  # before config.yaml is overwritten with settings the run may not have been trained with
             check_resumes(archs, cfg, a.out, split_hash)
         if rank == 0:
@@ -224,7 +224,8 @@ def _infer(p: argparse.ArgumentParser):
         cks = find_checkpoints(a.run)
         lset = models_label_set(cks)
         if a.split:
-            table, sp, _ = load_split_tables(a.data, a.metadata, a.split, skip_invalid=a.skip_invalid, groupings=a.groupings)
+            table, sp, _ = load_split_tables(a.data, a.metadata, a.split, skip_invalid=a.skip_invalid,
+                                             groupings=a.groupings, labels=lset)
             df = subset_frame(table, sp, a.subset)
         else:
             table, _ = load_valid_table(a.data, a.metadata, skip_invalid=a.skip_invalid, groupings=a.groupings,
@@ -438,7 +439,10 @@ def _robustness(p: argparse.ArgumentParser):
         sets += [f"train.{k}={v}" for k, v in (("device", a.device), ("precision", a.precision)) if v is not None]
         cfg = config.load_config(a.config, a.overrides + sets)
         cks = model_dirs(a.runs)
-        table, sp, _ = load_split_tables(a.data, a.metadata, a.split, skip_invalid=a.skip_invalid, groupings=a.groupings)
+        from lesionlab.workflows.external import models_label_set
+
+        table, sp, _ = load_split_tables(a.data, a.metadata, a.split, skip_invalid=a.skip_invalid,
+                                         groupings=a.groupings, labels=models_label_set(cks))
         df = subset_frame(table, sp, a.subset)
         group_of = dict(zip(sp["image_id"], sp["group_id"], strict=True))
         info = run_robustness(cks, df, a.out, cfg, lesion_ids=df["image_id"].map(group_of).to_numpy())

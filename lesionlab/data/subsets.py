@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -23,10 +24,14 @@ def load_split_tables(
     skip_invalid: bool = False,
     groupings: str | Path | None = None,
     out_dir: str | Path | None = None,
+    labels: Any = None,
 ) -> tuple[Table, pd.DataFrame, str]:
-    """Validated table + checked split file + the split file's SHA-256 (recorded in every checkpoint)."""
+    """Validated table + checked split file + the split file's SHA-256 (recorded in every checkpoint).
+
+    `labels`: the label set the table is read in (a name, YAML path or LabelSet; None: ham7)."""
     skipped = Path(out_dir) / "skipped.csv" if out_dir else None
-    table, _ = load_valid_table(data, metadata, skip_invalid=skip_invalid, skipped_csv=skipped, groupings=groupings)
+    table, _ = load_valid_table(data, metadata, skip_invalid=skip_invalid, skipped_csv=skipped, groupings=groupings,
+                                labels=labels)
     sp = read_split(split_path)
     leaks = check_split(sp)
     if leaks:

@@ -7,6 +7,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 from PIL import ImageFile
@@ -160,7 +161,7 @@ def load_valid_table(
     check_images: bool = True,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     groupings: str | Path | None = None,
-    labels: str | None = None,
+    labels: Any = None,
 ) -> tuple[Table, ValidationReport]:
     """Read + validate; raise `UserError` with the summary unless clean or `skip_invalid`."""
     table = read_table(data_dir, metadata, groupings=groupings, labels=labels)
