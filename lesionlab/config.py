@@ -182,6 +182,19 @@ class RobustnessConfig:
 
 
 @dataclass
+class CrossSiteConfig:
+    """`cross_site.enabled`: the study's cross-site matrix when its data has several sources (HAM10000's `dataset`
+    column, or `--data` given twice): train on each source (or all but one) and test on the others
+    (lesionlab/workflows/cross_site.py; `lesionlab cross-site` runs the same on its own)."""
+
+    enabled: bool = False
+    scheme: str = "pairs"            # pairs | leave-one-out
+    compare: list[str] = field(default_factory=list)   # color, tta: extra columns
+    refusal_rate: float = 0.1        # each refusal score refuses this share of internal validation
+    min_class_images: int = 10       # a class counts as shared when both sides have this many images
+
+
+@dataclass
 class ReaderStudyConfig:
     """`reader_study.simulate`: a simulated reader study on the test split (readers with set skill and a set
     tendency to follow the AI; lesionlab/workflows/reader_study/simulate.py), labelled SIMULATED in the report.
@@ -229,6 +242,7 @@ class StudyConfig:
     synth_size: list[int] = field(default_factory=lambda: [600, 450])
     external: list[ExternalSet] = field(default_factory=list)
     reader_study: ReaderStudyConfig = field(default_factory=ReaderStudyConfig)
+    cross_site: CrossSiteConfig = field(default_factory=CrossSiteConfig)
     # several sources in one study (or `--data` given more than once); empty: the one `--data`
     sources: list[SourceConfig] = field(default_factory=list)
 

@@ -139,3 +139,26 @@ def test_a_study_table_is_used_as_given(clinics, tmp_path):
     table.df = table.df[table.df["dataset"] == "clinic_a"]
     with pytest.raises(UserError, match="at least two sources.*clinic_a"):
         cs.run_cross_site(load_config("demo"), tmp_path, data=None, table=table, source_column="dataset")
+
+
+def test_cross_site_is_a_study_step_and_a_report_section(clinics, tmp_path):
+    """`cross_site.enabled` in a study whose data has several sources (the `dataset` column): the matrix lands in
+    the study folder and its section in the report; a re-run reuses it."""
+    from lesionlab.config import load_config
+    from lesionlab.workflows import study
+
+    d, _ = clinics
+    sets = [s for s in FAST[2:] if s != "--set" and s != "--no-progress"]
+    cfg = load_config("demo", [*sets, "cross_site.enabled=true", "cross_site.min_class_images=2",
+                               "reader_study.simulate=false", "robustness.enabled=false", "explain.gallery=false",
+                               "train.max_steps_per_epoch=2"])
+    out = tmp_path / "study"
+    study.run_study(cfg, out, data=d, progress=False)
+    m = pd.read_csv(out / "cross_site" / "matrix.csv")
+    assert set(m["train"]) == set(cs.SYNTH_SOURCES) and (m["test"] == "internal").any()
+    md = (out / "report.md").read_text()
+    assert "## Cross-site validation" in md and "cross_site/figures/" in md
+    steps = json.loads((out / "steps.json").read_text())
+    assert steps["cross-site"]["status"] == "ran"
+    study.run_study(cfg, out, data=d, progress=False)
+    assert json.loads((out / "steps.json").read_text())["cross-site"]["status"] == "reused"

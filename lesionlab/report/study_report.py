@@ -363,6 +363,18 @@ def report_study(out: Path, cfg: StudyConfig, names: list[str], all_names: list[
                          "absent classes": ""})
         rep.table(pd.DataFrame(rows))
 
+    xs_md = sf.folder("cross_site") / "cross_site.md"
+    if xs_md.exists():  # `cross_site.enabled` on several sources: the matrix, its heat maps, refusal per site
+        rep.heading("Cross-site validation")
+        matrix = pd.read_csv(sf.folder("cross_site") / "matrix.csv")
+        keep = [c for c in ("variant", "train", "test", "images", "balanced_accuracy", "balanced_accuracy_drop",
+                            "macro_auc", "MEL_auc", "ece", "coverage") if c in matrix.columns]
+        rep.para("Trained on the sources named under train, tested on their own internal test split and on every "
+                 "other source, on the classes both share (full tables with CIs, refusal per site and the commands: "
+                 "cross_site/cross_site.md).")
+        rep.table(matrix[keep].round(3))
+        for fig in sorted((sf.folder("cross_site") / "figures").glob("*.png")):
+            rep.figure(fig, fig.stem.replace("_", " "), md_rel=f"cross_site/figures/{fig.name}")
     readers = sf.folder("reader_study") / "summary.json"
     if readers.exists():  # `reader_study.simulate` (the demo): simulated readers, labelled as such throughout
         from lesionlab.report.reader_study import add_reader_study_section, figures_of

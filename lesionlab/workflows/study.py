@@ -73,7 +73,7 @@ log = logging.getLogger(__name__)
 # outputs recorded in steps.json), never anything else. `data` is removed only when the study made it (synth).
 STUDY_FILES = ("steps.json", HASHES_FILE, "config.yaml", "report.html", "report.md", "figures", "dataset.json",
                "validation_problems.csv", "splits.csv", "split_summary.csv", "runs", "predictions", "eval", "errors",
-               "gallery", "external", "cache", "reader_study")
+               "gallery", "external", "cache", "reader_study", "cross_site")
 
 
 # ----------------------------------------------------------------------------- --fresh
@@ -141,6 +141,9 @@ STEP_CODE: dict[str, tuple[str, ...]] = {
     "robustness": ("lesionlab.workflows.robustness", "lesionlab.data.perturbations", "lesionlab.evaluation.robustness",
                    "lesionlab.evaluation.consistency", "lesionlab.evaluation.metrics", "lesionlab.evaluation.bootstrap",
                    "lesionlab.evaluation.ensemble", "lesionlab.report.figures", *_PREDICT),
+    "cross-site": ("lesionlab.workflows.cross_site", "lesionlab.report.cross_site", "lesionlab.evaluation",
+                   "lesionlab.clinic.screening", "lesionlab.clinic.ood_model", "lesionlab.data.split",
+                   *TRAINING_CODE, *_PREDICT),
     "reader-study": ("lesionlab.workflows.reader_study.simulate", "lesionlab.workflows.reader_study.analyse",
                      "lesionlab.evaluation.mrmc", "lesionlab.evaluation.readers", "lesionlab.report.reader_study",
                      "lesionlab.clinic.screening"),
@@ -469,6 +472,21 @@ def _run_study(cfg: StudyConfig, out: Path, archs: list[str], *, data: str | Pat
                                          "eval.tta": cfg.eval.tta, "train.device": cfg.train.device,
                                          "train.precision": cfg.train.precision},
                   upstream=["split", "trust", *train_steps], outputs=[sf.folder("ood")], code=STEP_CODE["ood"])
+    if cfg.cross_site.enabled and not multi:
+        log.info("cross_site.enabled: skipped, the data has one source (a `dataset` column or several --data needed)")
+    elif cfg.cross_site.enabled:  # train on each source, test on the others (lesionlab.workflows.cross_site)
+        from lesionlab.workflows.cross_site import run_cross_site
+
+        xs = cfg.cross_site
+        steps.run("cross-site", lambda: run_cross_site(
+            cfg, sf.folder("cross_site"), data=None, table=table, source_column="source", scheme=xs.scheme,
+            compare=xs.compare, refusal_rate=xs.refusal_rate, min_class_images=xs.min_class_images,
+            progress=progress),
+            config={"cross_site": xs, "data": section(cfg.data, drop=("num_workers", "cache_dir")),
+                    "split": cfg.split, "train": cfg.train, "trust": cfg.trust, "ood": cfg.ood,
+                    "quality": cfg.quality, "eval": section(cfg.eval, keep=("bootstrap", "ci"))},
+            inputs={"metadata": table.source, "images": image_files}, upstream=["validate"],
+            outputs=[sf.folder("cross_site")], code=STEP_CODE["cross-site"])
     t = time.perf_counter()
     steps.record("report", "ran", "always runs (cheap; shows this run's step statuses)", 0.0)
     steps.prune(keep=[Path(data)])  # after the report's record: it is part of every study, never "removed"
