@@ -22,7 +22,7 @@ from lesionlab.exceptions import UserError
 from lesionlab.labels import CLASSES, MALIGNANT
 from lesionlab.workflows.reader_study.analyse import read_reads_file, run_analysis
 from lesionlab.workflows.reader_study.schema import CASE_COLUMNS, READ_COLUMNS
-from lesionlab.workflows.reader_study.simulate import cases_from_study, simulate_reads
+from lesionlab.workflows.reader_study.simulate import ai_cases_from_study, simulate_reads
 
 VANDYKE = Path(__file__).parent / "data" / "vandyke_mrmc.csv"
 
@@ -272,7 +272,7 @@ def test_cases_from_study(tmp_path):
     pd.DataFrame({"image_id": ids, "lesion_id": ["L0", *[f"L{i}" for i in range(1, 7)], "L0",
                                                  *[f"L{i}" for i in range(8, 12)]], "split": "test"}).to_csv(
         root / "splits.csv", index=False)
-    cases, info = cases_from_study(root)
+    cases, info = ai_cases_from_study(root)
     assert list(cases.columns) == list(CASE_COLUMNS) and len(cases) == 12
     mean = (member_probs["a"] + member_probs["b"]) / 2  # no trust.json: the uncalibrated mean
     assert np.allclose(cases["ai_mel_prob"], mean[:, 0], atol=1e-6)
@@ -281,7 +281,7 @@ def test_cases_from_study(tmp_path):
     assert (cases["ai_melanoma_flag"] == (mean[:, 0] >= 0.2)).all()
     assert info["melanoma_threshold"] == 0.2 and "metrics.json" in info["threshold_source"]
     assert sorted(info["models"]) == ["a", "b"]
-    sample, _ = cases_from_study(root, n=7, seed=1)
+    sample, _ = ai_cases_from_study(root, n=7, seed=1)
     assert len(sample) == 7 and not {"ISIC_0000000", "ISIC_0000007"} <= set(sample["case"])
     reads = simulate_reads(sample, readers=2, seed=0)
     assert reads["case"].nunique() == 7

@@ -49,7 +49,6 @@ class _DrainingServer(uvicorn.Server):
 def run(app: FastAPI, *, host: str, port: int, ssl_certfile: Path | None = None, ssl_keyfile: Path | None = None,
         behind_proxy: bool = False, forwarded_allow_ips: str = "127.0.0.1", drain_s: float = 120.0,
         limit_concurrency: int | None = None) -> None:
-    app.state.ready = True
     config = uvicorn.Config(
         app, host=host, port=port, log_level="info",
         ssl_certfile=str(ssl_certfile) if ssl_certfile else None, ssl_keyfile=str(ssl_keyfile) if ssl_keyfile else None,

@@ -18,9 +18,6 @@ from urllib.parse import urlsplit
 
 from lesionlab.exceptions import UserError
 
-OPEN_PATHS = frozenset({"/livez", "/readyz"})
-PUBLIC_PATHS = frozenset({"/", "/favicon.ico"})
-
 
 def is_loopback(host: str) -> bool:
     if host in ("localhost", "localhost.localdomain"):

@@ -383,10 +383,10 @@ def _run_study(cfg: StudyConfig, out: Path, archs: list[str], *, data: str | Pat
     elif cfg.reader_study.simulate:  # the reader-study section on simulated readers (labelled SIMULATED)
         def do_readers():
             from lesionlab.workflows.reader_study.analyse import run_analysis
-            from lesionlab.workflows.reader_study.simulate import cases_from_study, simulate_reads
+            from lesionlab.workflows.reader_study.simulate import ai_cases_from_study, simulate_reads
 
             rs = cfg.reader_study
-            cases, _ = cases_from_study(out, models=names, n=rs.cases, seed=rs.seed, at_most=True)
+            cases, _ = ai_cases_from_study(out, models=names, n=rs.cases, seed=rs.seed, at_most=True)
             reads = simulate_reads(cases, readers=rs.readers, seed=rs.seed, classes=lset.classes,
                                    malignant=lset.malignant)
             run_analysis(reads, cases, sf.folder("reader_study"), simulated=True)

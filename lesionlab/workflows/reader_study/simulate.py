@@ -167,7 +167,7 @@ def simulate_reads(cases: pd.DataFrame, *, readers: list[dict[str, Any]] | int, 
     return out.sort_values(["reader", "phase", "case"], kind="stable").reset_index(drop=True)
 
 
-def cases_from_study(study: str | Path, *, models: Sequence[str] | None = None, n: int | None = None,
+def ai_cases_from_study(study: str | Path, *, models: Sequence[str] | None = None, n: int | None = None,
                      seed: int = 0, at_most: bool = False) -> tuple[pd.DataFrame, dict[str, Any]]:
     """The cases table (CASE_COLUMNS) of a study folder's test split, the AI being the study's calibrated ensemble.
 
