@@ -161,19 +161,27 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
                    "(--ssl-certfile/--ssl-keyfile) or --behind-proxy (readers always need their tokens)")
     p.add_argument("--port", type=int, default=8001)
     transport_args(p)
+    p.add_argument("--audit-log", type=Path, default=None,
+                   help="JSON lines, one per state-changing or refused request (default: reader-audit.jsonl "
+                        "beside a SQLite --db, else in the working directory; never tokens or answers)")
+    p.add_argument("--no-audit-log", action="store_true", help="do not write the audit log")
 
 
 def _serve(a: argparse.Namespace) -> int:
-    from lesionlab.serve.reader_app import create_reader_app
+    from lesionlab.serve.reader_app import ReaderServiceSettings, create_reader_app, default_audit_log
     from lesionlab.serve.runner import run as run_server
-    from lesionlab.serve.security import allowed_hosts, guard
+    from lesionlab.serve.security import allowed_hosts
     from lesionlab.workflows.reader_study.db import open_db
 
     tls = check_transport(a, tokens=True)  # every reader and admin call needs its token
-    app = create_reader_app(open_db(a.db, migrate=False))
-    guard(app, allowed_hosts=allowed_hosts(a.host, a.port, a.allow_host), allowed_origins=a.allow_origin)
+    db = open_db(a.db, migrate=False)
+    settings = ReaderServiceSettings(
+        audit_log=None if a.no_audit_log else (a.audit_log or default_audit_log(db)),
+        allowed_hosts=tuple(allowed_hosts(a.host, a.port, a.allow_host)), allowed_origins=tuple(a.allow_origin))
+    app = create_reader_app(db, settings)
     print(f"reader study service on {'https' if tls else 'http'}://{a.host}:{a.port}/ "
-          "(readers open their invitation links)")
+          f"(readers open their invitation links; audit log: {settings.audit_log or 'off'}; "
+          "metrics at /metrics with the admin token)")
     run_server(app, host=a.host, port=a.port, ssl_certfile=a.ssl_certfile, ssl_keyfile=a.ssl_keyfile,
                behind_proxy=a.behind_proxy, forwarded_allow_ips=a.proxy_ip, drain_s=30)
     return 0

@@ -7,13 +7,14 @@
   TrustedHostMiddleware does the check).
 - Origin: a request that carries an Origin header from another site is refused (a web page in a clinician's
   browser can POST a multipart form cross-site without a CORS preflight).
+- Body size: a request body over the app's limit is answered 413 before the route reads it (`BodySizeLimit`).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from urllib.parse import urlsplit
 
 from lesionlab.exceptions import UserError
@@ -81,6 +82,72 @@ class OriginCheck:
         if origin == "null":
             return False
         return (urlsplit(origin).netloc or "").lower() == host.lower()
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _mb_message(max_bytes: int) -> str:
+    return f"upload larger than the limit of {max_bytes / 2**20:.0f} MB"
+
+
+class BodySizeLimit:
+    """ASGI middleware: answer 413 as soon as a request body exceeds `max_bytes` (declared or streamed).
+
+    Args:
+        app: the ASGI app it wraps.
+        max_bytes: the largest body accepted.
+        message: the 413's JSON `error` for a limit (default: the clinician service's "upload larger than the
+            limit of N MB").
+    """
+
+    def __init__(self, app, max_bytes: int, message: Callable[[int], str] = _mb_message):
+        self.app = app
+        self.max_bytes = max_bytes
+        self.message = message
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await self._reject(send)
+        seen = 0
+        started = False
+        replaced = False
+
+        async def counting_receive():
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.max_bytes:
+                    raise _TooLarge
+            return msg
+
+        async def tracking_send(msg):
+            # FastAPI turns an error raised while it reads the body into its own 400 ("error parsing the
+            # body"); a streamed body over the limit is answered 413 whatever the framework made of it.
+            nonlocal started, replaced
+            if msg["type"] == "http.response.start" and seen > self.max_bytes:
+                replaced = True
+                return await self._reject(send)
+            if replaced:
+                return None
+            started = started or msg["type"] == "http.response.start"
+            await send(msg)
+
+        try:
+            await self.app(scope, counting_receive, tracking_send)
+        except _TooLarge:
+            if not started and not replaced:
+                await self._reject(send)
+
+    async def _reject(self, send):
+        body = json.dumps({"error": self.message(self.max_bytes)}).encode()
+        await send({"type": "http.response.start", "status": 413, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": body})
 
 
 def guard(app, *, allowed_hosts: Iterable[str] | None, allowed_origins: Iterable[str] = ()) -> None:
