@@ -58,6 +58,10 @@ class SplitConfig:
     # several sources: images of two sources whose perceptual hashes (pHash, 64 bits) differ in at most this many
     # bits are one image, kept in one split (lesionlab.data.multi); -1 = check file ids only
     phash_distance: int = 4
+    # true: use the split the dataset was published with (its `published_split` column, e.g. Derm7pt's
+    # meta/{train,valid,test}_indexes.csv) instead of making one; checked for rows without a split and lesions in two
+    # parts (lesionlab.data.split.published_split); fractions and seed are then unused
+    published: bool = False
 
 
 @dataclass

@@ -75,6 +75,7 @@ class LabelSet:
             consistency) are about it.
         mapping: source vocabulary -> {lower-case diagnosis code -> class, or None: excluded by this set}.
         caveats: one sentence per place where a source's codes do not fit the classes exactly.
+        flag_name: the flag class in metric titles ("melanoma AUC", "malignant AUC"); empty: its display name.
     """
 
     name: str
@@ -84,6 +85,7 @@ class LabelSet:
     flag: str
     mapping: Mapping[str, Mapping[str, str | None]] = field(default_factory=dict)
     caveats: tuple[str, ...] = ()
+    flag_name: str = ""
 
     def __post_init__(self) -> None:
         where = f"label set {self.name!r}"
@@ -113,6 +115,20 @@ class LabelSet:
 
     def display_name(self, cls: str) -> str:
         return self.display.get(cls, cls)
+
+    @property
+    def flag_title(self) -> str:
+        """The flag class as a metric title starts: `flag_name`, else its display name with a lower-case first
+        letter (kept as is when the name is an acronym such as "SCC")."""
+        name = self.flag_name or self.display_name(self.flag)
+        return name[:1].lower() + name[1:] if name[1:2].islower() else name
+
+    def metric_title(self, key: str) -> str:
+        """What people read for a metric key: flag metrics, stored as `MEL_*` in every label set (file formats stay
+        stable), get the flag's name (`MEL_auc` -> "melanoma AUC", "malignant AUC" under binary); other keys their
+        usual title (`macro_auc` -> "macro AUC"). The one place reports, figures and CLI printouts take names from.
+        """
+        return metric_title(key, self)
 
     def knows(self, source: str, code: str) -> bool:
         """Whether the set's mapping of `source` has the code (mapped or explicitly excluded)."""
@@ -144,7 +160,8 @@ class LabelSet:
         """JSON-ready: what a bundle manifest and a checkpoint sidecar record."""
         return {"name": self.name, "classes": list(self.classes), "display": dict(self.display),
                 "malignant": sorted(self.malignant), "flag": self.flag,
-                "mapping": {s: dict(m) for s, m in self.mapping.items()}, "caveats": list(self.caveats)}
+                "mapping": {s: dict(m) for s, m in self.mapping.items()}, "caveats": list(self.caveats),
+                "flag_name": self.flag_name}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], *, where: str = "label set") -> LabelSet:
@@ -152,14 +169,19 @@ class LabelSet:
         try:
             classes = tuple(str(c) for c in d["classes"])
             mapping = d.get("mapping", d.get("map")) or {}
+            name = str(d.get("name") or "custom")
+            # records written before flag_name existed: a built-in's own name for its flag
+            builtin = BUILTIN.get(name)
+            flag_name = str(d.get("flag_name") or (builtin.flag_name if builtin and builtin.classes == classes else ""))
             return cls(
-                name=str(d.get("name") or "custom"), classes=classes,
+                name=name, classes=classes,
                 display={str(k): str(v) for k, v in (d.get("display") or {}).items()},
                 malignant=frozenset(str(c) for c in d.get("malignant") or ()),
                 flag=str(d.get("flag") or classes[0]),
                 mapping={str(s): {_key(k): (None if v is None else str(v)) for k, v in (m or {}).items()}
                          for s, m in mapping.items()},
                 caveats=tuple(str(c) for c in d.get("caveats") or ()),
+                flag_name=flag_name,
             )
         except (KeyError, TypeError, AttributeError) as e:
             raise UserError(f"{where}: needs `classes` (a list) and optional display, malignant, flag, map, caveats "
@@ -168,6 +190,43 @@ class LabelSet:
 
 def _key(code: Any) -> str:
     return str(code).strip().lower()
+
+
+# ----------------------------------------------------------------------------- metric titles
+
+# Flag metrics are stored under this prefix whatever the label set (column 0 is the flag class); files keep it.
+FLAG_PREFIX = "MEL_"
+# Titles of metric keys (and of the part after FLAG_PREFIX); a key not here is shown with spaces for underscores.
+METRIC_TITLES: dict[str, str] = {
+    "balanced_accuracy": "balanced accuracy", "accuracy": "accuracy", "macro_auc": "macro AUC", "auc": "AUC",
+    "sensitivity": "sensitivity", "specificity": "specificity", "precision": "precision", "f1": "F1",
+    "coverage": "coverage", "ece": "ECE", "mean_set_size": "mean set size", "flip_rate": "flip rate",
+    "balanced_accuracy_drop": "balanced accuracy drop",
+}
+
+
+def metric_title(key: str, labels: LabelSet | str | None = None, *, flag: str | None = None) -> str:
+    """The title people read for a metric key under a label set (None: ham7); see `LabelSet.metric_title`.
+
+    `MEL_<m>` and `n_MEL` are about the flag class; `delta_<m>` (robustness: perturbed minus unperturbed) is
+    "change in <title of m>", where `delta_mel_<m>` is a flag metric too.
+
+    Args:
+        flag: the flag's title itself (`LabelSet.flag_title`, as a model card records it), instead of `labels`'.
+    """
+    flag = flag or get_label_set(labels).flag_title
+    k = str(key)
+    if k.startswith("delta_"):
+        rest = k[len("delta_"):]
+        if rest.lower().startswith(FLAG_PREFIX.lower()):
+            rest = FLAG_PREFIX + rest[len(FLAG_PREFIX):]
+        return f"change in {metric_title(rest, flag=flag)}"
+    if k == "n_MEL":
+        return f"{flag} images"
+    if k.startswith(FLAG_PREFIX):
+        rest = k[len(FLAG_PREFIX):]
+        return f"{flag} {METRIC_TITLES.get(rest, rest.replace('_', ' '))}"
+    return METRIC_TITLES.get(k, k.replace("_", " "))
 
 
 # ----------------------------------------------------------------------------- built-in label sets
@@ -218,6 +277,7 @@ def _binary_map() -> dict[str, dict[str, str | None]]:
 
 HAM7 = LabelSet(
     name="ham7", classes=CLASSES, display=DISPLAY_NAMES, malignant=MALIGNANT, flag="MEL", mapping=_HAM7_MAP,
+    flag_name="melanoma",
     caveats=(
         "ham10000: akiec holds actinic keratoses and Bowen's disease (squamous cell carcinoma in situ) in one class.",
         "isic2019: SCC (invasive squamous cell carcinoma) has no ham7 class and is left out; AK maps to AKIEC.",
@@ -232,7 +292,7 @@ ISIC2019 = LabelSet(
     name="isic2019", classes=("MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC"),
     display={**{k: v for k, v in DISPLAY_NAMES.items() if k != "AKIEC"}, "AK": "Actinic keratosis",
              "SCC": "Squamous cell carcinoma"},
-    malignant=frozenset({"MEL", "BCC", "AK", "SCC"}), flag="MEL", mapping=_ISIC2019_MAP,
+    malignant=frozenset({"MEL", "BCC", "AK", "SCC"}), flag="MEL", mapping=_ISIC2019_MAP, flag_name="melanoma",
     caveats=(
         "ham10000: akiec (actinic keratoses AND Bowen's disease, an SCC in situ) maps to AK, as ISIC 2019 "
         "relabelled the same images; its Bowen's disease cases are SCC in situ counted as AK.",
@@ -247,7 +307,7 @@ ISIC2019 = LabelSet(
 BINARY = LabelSet(
     name="binary", classes=("MALIGNANT", "BENIGN"),
     display={"MALIGNANT": "Malignant or pre-malignant", "BENIGN": "Benign"},
-    malignant=frozenset({"MALIGNANT"}), flag="MALIGNANT", mapping=_binary_map(),
+    malignant=frozenset({"MALIGNANT"}), flag="MALIGNANT", mapping=_binary_map(), flag_name="malignant",
     caveats=(
         "ham10000: akiec (actinic keratoses, pre-malignant, and Bowen's disease) counts as MALIGNANT, as do mel "
         "and bcc.",
@@ -270,6 +330,7 @@ def label_set_from_yaml(path: str | Path) -> LabelSet:
         display: {MEL: Melanoma, NEV: Nevus}
         malignant: [MEL]
         flag: MEL                 # must be the first class (default: the first class)
+        flag_name: melanoma       # in metric titles, "melanoma AUC" (default: the flag's display name)
         map:                      # source vocabulary -> code -> class (null: leave such rows out)
           ham10000: {mel: MEL, nv: NEV, bcc: null, akiec: null, bkl: null, df: null, vasc: null}
           ph2: {melanoma: MEL, common nevus: NEV, atypical nevus: NEV}

@@ -128,7 +128,7 @@ def test_study_fits_trust_on_validation_and_reports_it(tmp_path):
         assert 0 <= s["coverage"]["value"] <= 1 and "MEL" in s["per_class"] and len(m["conformal_variants"]) == 6
         assert (out / "eval" / stem / "reliability.png").exists()
     md = (out / "report.md").read_text()
-    assert "Trust: calibrated probabilities and prediction sets" in md and "ECE after" in md and "MEL coverage" in md
+    assert "Trust: calibrated probabilities and prediction sets" in md and "ECE after" in md and "melanoma coverage" in md  # flag metric named by the label set
     ood = json.loads((out / "ood" / "ood.json").read_text())  # the OOD step: scores in / out and their histogram
     assert 0 <= ood["test_refused"] <= 1 and (out / "ood" / "ood_scores.png").exists()
     assert "Refusal of unevaluable images" in md and "ood/ood_scores.png" in md

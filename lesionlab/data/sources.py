@@ -172,7 +172,10 @@ def read_derm7pt(path: Path, data_dir: Path | None) -> tuple[pd.DataFrame, list[
         if f.exists():
             idx = _read(f)
             if "indexes" in idx.columns:
-                split_of.update({int(i): tag for i in idx["indexes"] if str(i).strip().isdigit()})
+                for i in idx["indexes"]:
+                    if str(i).strip().isdigit():  # a case in two files keeps both names ("train+test"): a leak
+                        k = int(i)  # that lesionlab.data.split.published_split reports, not one a file order hides
+                        split_of[k] = f"{split_of[k]}+{tag}" if k in split_of and split_of[k] != tag else tag
     rows = []
     for i, r in enumerate(raw.to_dict("records")):
         for col, kind in (("derm", "dermoscopic"), ("clinic", "clinical")):
@@ -187,7 +190,11 @@ def read_derm7pt(path: Path, data_dir: Path | None) -> tuple[pd.DataFrame, list[
     df = pd.DataFrame(rows)
     notes = ["Derm7pt: the clinical and dermoscopic image of a case share its case number as lesion id"]
     if split_of:
-        notes.append("Derm7pt: its published train/valid/test indexes are kept in the `published_split` column")
+        n = {t: sum(v == t for v in split_of.values()) for t in ("train", "val", "test")}
+        missing = len(raw) - len(split_of)
+        notes.append(f"Derm7pt: the set has a published split (meta/*_indexes.csv: {n['train']} train, {n['val']} "
+                     f"valid, {n['test']} test cases{f', {missing} cases in none' if missing else ''}), kept in the "
+                     "`published_split` column; split.published: true makes a study use it instead of its own")
     return _group(df, [("case", "lesion")], [], "Derm7pt"), notes
 
 

@@ -206,6 +206,50 @@ def split_and_check(df: pd.DataFrame, *, fractions: tuple[float, float, float], 
     return sp
 
 
+# a published split's names for the three parts (Derm7pt's index files say train / valid / test)
+PUBLISHED_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+
+
+def published_split(df: pd.DataFrame, *, duplicates: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The split a dataset was published with (its `published_split` column, e.g. Derm7pt's meta/*_indexes.csv read by
+    lesionlab.data.sources), as a split table like `make_split`'s, after the same leakage check.
+
+    Raises:
+        UserError: (one line, naming the rows) the table has no published split, a row has none or an unknown one,
+            or a lesion (or known duplicate group) lies in two of its parts.
+    """
+    if not has_published_split(df):
+        raise UserError("split.published is true but the data has no published split (a `published_split` column, "
+                        "as Derm7pt's meta/train_indexes.csv, valid_indexes.csv and test_indexes.csv give); set "
+                        "split.published: false to make a lesion-grouped split")
+    given = df["published_split"].astype(str).str.strip().str.lower()
+    part = given.map(PUBLISHED_NAMES)
+    bad = part.isna().to_numpy()
+    if bad.any():
+        first = [f"{i} ({v or 'none'})" for i, v in zip(df.loc[bad, "image_id"].astype(str), given[bad], strict=True)]
+        raise UserError(f"split.published: {len(first)} images have no single published part (first: "
+                        f"{', '.join(first[:5])}); every row needs one of train, val, test (Derm7pt: each row number "
+                        "of meta.csv in exactly one of meta/*_indexes.csv), or set split.published: false")
+    out = df[["image_id", "lesion_id", "dx", "label"]].copy().reset_index(drop=True)
+    out["group_id"] = merge_duplicate_groups(out, duplicates).to_numpy()
+    out["split"] = part.to_numpy()
+    leaks = check_split(out[SPLIT_COLUMNS], duplicates)
+    if leaks:
+        spans = {**find_leaks(out, "group_id"), **find_leaks(out, "lesion_id")}
+        first = next(iter(spans), None)
+        rows = out.loc[(out["lesion_id"] == first) | (out["group_id"] == first), ["image_id", "split"]]
+        where = ", ".join(f"{i} in {p}" for i, p in zip(rows["image_id"], rows["split"], strict=True))
+        raise UserError(f"split.published: the published split has {len(leaks)} leak(s) across its parts (first: "
+                        f"{leaks[0]}{f': {where}' if where else ''}); fix its index files or set split.published: "
+                        "false")
+    return out[SPLIT_COLUMNS]
+
+
+def has_published_split(df: pd.DataFrame) -> bool:
+    """Whether a table carries a published split (a non-empty `published_split` column)."""
+    return "published_split" in df.columns and bool(df["published_split"].astype(str).str.strip().ne("").any())
+
+
 def summary_table(split: pd.DataFrame, classes: Sequence[str] = CLASSES) -> pd.DataFrame:
     """Images and lesions per class per split, with totals."""
     rows = []

@@ -23,15 +23,20 @@ from lesionlab.data.metadata import MISSING, clean_values
 from lesionlab.evaluation.bootstrap import bootstrap_ci
 from lesionlab.evaluation.metrics import rank_auc
 from lesionlab.exceptions import UserError
-from lesionlab.labels import CLASS_INDEX
+from lesionlab.labels import CLASS_INDEX, LabelSet, get_label_set, metric_title
 
 # The metrics reported per subgroup, in display order.
 METRICS: tuple[str, ...] = ("balanced_accuracy", "MEL_sensitivity", "MEL_specificity", "MEL_auc", "macro_auc", "accuracy")
-METRIC_TITLES = {
-    "balanced_accuracy": "balanced accuracy", "MEL_sensitivity": "melanoma sensitivity",
-    "MEL_specificity": "melanoma specificity", "MEL_auc": "melanoma AUC", "macro_auc": "macro AUC",
-    "accuracy": "accuracy",
-}
+
+
+def metric_titles(labels: LabelSet | str | None = None) -> dict[str, str]:
+    """Each of `METRICS` -> the title people read under a label set (`MEL_*` keys are about its flag class:
+    "melanoma AUC", "malignant AUC" under binary); the names come from `lesionlab.labels.metric_title`."""
+    return {m: metric_title(m, labels) for m in METRICS}
+
+
+# ham7's titles (kept for callers that predate label sets; a report should call metric_titles(its label set))
+METRIC_TITLES = metric_titles()
 
 # Age bands (lower bound inclusive); HAM10000 ages are multiples of 5 from 0 to 85.
 AGE_BANDS: tuple[tuple[float, str], ...] = ((0, "<30"), (30, "30-44"), (45, "45-59"), (60, "60-74"), (75, "75+"))
@@ -191,6 +196,7 @@ def subgroup_table(
     min_images: int = 30,
     min_melanomas: int = 5,
     mel_threshold: float | None = None,
+    labels: LabelSet | str | None = None,
 ) -> pd.DataFrame:
     """One row for the whole set (`column == subgroup == "all"`) and one per subgroup of each column.
 
@@ -200,6 +206,8 @@ def subgroup_table(
         min_images: subgroups with fewer images are marked `small`.
         min_melanomas: subgroups with melanomas, but fewer than this, are marked `small` too (their melanoma CIs
             rest on one or a few lesions).
+        labels: the label set whose flag class (column 0) the `MEL_*` metrics are about; names it in the notes
+            (None: ham7, "melanoma").
 
     Returns:
         Columns: column, subgroup, n_images, n_lesions, n_MEL, then per metric `<m>`, `<m>_lo`, `<m>_hi`,
@@ -222,6 +230,8 @@ def subgroup_table(
         for v in _order(values, col):
             idx = np.flatnonzero(values == v)
             rows.append(_row(y[idx], p[idx], g[idx], column=col, value=v, **kw))
+    lset = get_label_set(labels)
+    flag = lset.flag_title
     for r in rows:
         below = []
         for m in METRICS:
@@ -233,9 +243,9 @@ def subgroup_table(
         if r["n_images"] < min_images:
             notes.append(f"small: {r['n_images']} images (< {min_images})")
         if r["n_MEL"] == 0:
-            notes.append("no melanoma: melanoma sensitivity and AUC undefined")
+            notes.append(f"no {flag} image: {metric_title('MEL_sensitivity', lset)} and AUC undefined")
         elif r["n_MEL"] < min_melanomas:
-            notes.append(f"only {r['n_MEL']} melanoma(s): melanoma metrics unreliable")
+            notes.append(f"only {r['n_MEL']} {flag} image(s): {flag} metrics unreliable")
         r["small"] = bool(notes)
         r["flagged"] = ";".join(below)
         r["note"] = "; ".join(notes)

@@ -22,12 +22,33 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from lesionlab.io import atomic_write, atomic_write_csv, atomic_write_text  # noqa: E402
+from lesionlab.labels import BUILTIN, LabelSet, get_label_set  # noqa: E402
 
 METRICS = ("balanced_accuracy", "macro_auc", "MEL_auc", "ece", "coverage", "mean_set_size")
-TITLES = {"balanced_accuracy": "balanced accuracy", "macro_auc": "macro AUC", "MEL_auc": "melanoma AUC",
-          "ece": "ECE (calibrated)", "coverage": "conformal coverage", "mean_set_size": "mean set size"}
+# where the matrix's titles differ from lesionlab.labels.metric_title (which names the flag metric `MEL_auc`)
+TITLES = {"ece": "ECE (calibrated)", "coverage": "conformal coverage"}
 RULES = {"gate": "gate (quality + OOD)", "ood": "OOD score only", "confidence": "confidence only",
          "set_size": "set size only", "combined": "combined (OOD + confidence + set size)"}
+
+
+def result_label_set(result: dict[str, Any], labels: LabelSet | str | None = None) -> LabelSet:
+    """The label set whose flag class names `MEL_auc`: `labels` when given, else cross_site.json's `label_set` (a
+    recorded set, or a built-in's name); a YAML set known only by name keeps its name for the flag's ("<name>
+    flag AUC") rather than borrow melanoma's."""
+    if labels is not None:
+        return get_label_set(labels)
+    rec = result.get("label_set")
+    if isinstance(rec, dict):
+        return LabelSet.from_dict(rec)
+    if rec is None or rec in BUILTIN:
+        return get_label_set(rec)
+    return LabelSet(name=str(rec), classes=("FLAG", "OTHER"), display={}, malignant=frozenset(), flag="FLAG",
+                    flag_name=f"{rec} flag")
+
+
+def title(metric: str, lset: LabelSet) -> str:
+    """A matrix metric's title under the study's label set."""
+    return TITLES.get(metric) or lset.metric_title(metric)
 
 
 def _save(fig, path: Path) -> None:
@@ -69,8 +90,9 @@ def refusal_table(result: dict[str, Any]) -> pd.DataFrame:
 
 
 def plot_heatmap(matrix: pd.DataFrame, path: str | Path, *, metric: str = "balanced_accuracy",
-                 variant: str = "baseline") -> Path:
-    """Training sets x test sets of one metric (internal column first), the value and its CI in each cell."""
+                 variant: str = "baseline", labels: LabelSet | str | None = None) -> Path:
+    """Training sets x test sets of one metric (internal column first), the value and its CI in each cell; a flag
+    metric is titled after `labels`' flag class (None: ham7)."""
     m = matrix[matrix["variant"] == variant]
     trains = list(dict.fromkeys(m["train"]))
     tests = ["internal", *sorted(t for t in set(m["test"]) if t != "internal")]
@@ -101,7 +123,7 @@ def plot_heatmap(matrix: pd.DataFrame, path: str | Path, *, metric: str = "balan
                 dark = (v - lo) / (hi - lo + 1e-9) > 0.6 if cmap == "Blues" else (v - lo) / (hi - lo + 1e-9) < 0.4
                 ax.text(j, i, text[i][j], ha="center", va="center", fontsize=8, color="white" if dark else "black")
     fig.colorbar(im, ax=ax, fraction=0.04)
-    ax.set_title(f"{TITLES.get(metric, metric)} ({variant}; 95% lesion-bootstrap CI)", fontsize=10)
+    ax.set_title(f"{title(metric, get_label_set(labels))} ({variant}; 95% lesion-bootstrap CI)", fontsize=10)
     _save(fig, Path(path))
     return Path(path)
 
@@ -146,10 +168,12 @@ def _ci(row: pd.Series, k: str) -> str:
 
 
 def cross_site_markdown(result: dict[str, Any], matrix: pd.DataFrame, refusal: pd.DataFrame, *,
-                        figures: Sequence[str] = ()) -> str:
-    """The cross-site section: sources, the matrix with CIs and drops, variants, refusal rules per target site."""
+                        figures: Sequence[str] = (), labels: LabelSet | str | None = None) -> str:
+    """The cross-site section: sources, the matrix with CIs and drops, variants, refusal rules per target site; the
+    flag metric is titled after the label set (`result_label_set`)."""
+    lset = result_label_set(result, labels)
     lines = ["## Cross-site validation", ""]
-    lines.append(f"Sources (column `{result['source_column']}`), label set `{result['label_set']}`; models: "
+    lines.append(f"Sources (column `{result['source_column']}`), label set `{lset.name}`; models: "
                  f"{', '.join(result['archs'])}, {result['epochs']} epochs, {result['image_size']} px, pretrained "
                  f"{result['pretrained']}. Each cell uses the classes both sides share with at least "
                  f"{result['min_class_images']} images; temperature, conformal sets and refusal scores are fitted on "
@@ -162,8 +186,8 @@ def cross_site_markdown(result: dict[str, Any], matrix: pd.DataFrame, refusal: p
         lines += ["", "No cell had two shared classes."]
         return "\n".join(lines) + "\n"
     lines += ["", "### The matrix (95% lesion-bootstrap CIs)", "",
-              "| trained on | tested on | variant | images | classes | balanced accuracy | macro AUC | melanoma AUC "
-              "| ECE | coverage | set size | drop in bal. acc. | drop in macro AUC |",
+              f"| trained on | tested on | variant | images | classes | balanced accuracy | macro AUC | "
+              f"{lset.metric_title('MEL_auc')} | ECE | coverage | set size | drop in bal. acc. | drop in macro AUC |",
               "|---|---|---|---:|---|---|---|---|---|---|---:|---:|---:|"]
     for _, r in matrix.iterrows():
         lines.append(f"| {r['train']} | {r['test']} | {r['variant']} | {r['images']} | {r['classes']} | "
@@ -218,9 +242,15 @@ def which_signal(refusal: pd.DataFrame) -> str:
             f"images by likely error): {RULES.get(aurc.index[0], aurc.index[0])} ({aurc.iloc[0]:.3f}).")
 
 
-def write_cross_site_report(result: dict[str, Any], out: str | Path) -> dict[str, Path]:
-    """matrix.csv, refusal.csv, the heat maps, the risk-coverage figure and cross_site.md, into `out`."""
+def write_cross_site_report(result: dict[str, Any], out: str | Path, *,
+                            labels: LabelSet | str | None = None) -> dict[str, Path]:
+    """matrix.csv, refusal.csv, the heat maps, the risk-coverage figure and cross_site.md, into `out`.
+
+    Args:
+        labels: the study's label set (default: `result_label_set(result)`), which names the flag metric.
+    """
     out = Path(out)
+    lset = result_label_set(result, labels)
     matrix, refusal = matrix_table(result), refusal_table(result)
     atomic_write_csv(out / "matrix.csv", matrix)
     atomic_write_csv(out / "refusal.csv", refusal)
@@ -229,10 +259,12 @@ def write_cross_site_report(result: dict[str, Any], out: str | Path) -> dict[str
         for metric in ("balanced_accuracy", "macro_auc"):
             for variant in matrix["variant"].unique():
                 figs[f"heatmap_{metric}_{variant}"] = plot_heatmap(
-                    matrix, out / "figures" / f"heatmap_{metric}_{variant}.png", metric=metric, variant=variant)
+                    matrix, out / "figures" / f"heatmap_{metric}_{variant}.png", metric=metric, variant=variant,
+                    labels=lset)
         rc = plot_risk_coverage(result, out / "figures" / "risk_coverage.png")
         if rc is not None:
             figs["risk_coverage"] = rc
-    md = cross_site_markdown(result, matrix, refusal, figures=[str(p.relative_to(out)) for p in figs.values()])
+    md = cross_site_markdown(result, matrix, refusal, figures=[str(p.relative_to(out)) for p in figs.values()],
+                             labels=lset)
     atomic_write_text(out / "cross_site.md", md)
     return {"matrix": out / "matrix.csv", "refusal": out / "refusal.csv", "markdown": out / "cross_site.md", **figs}

@@ -13,6 +13,7 @@ import pandas as pd
 from lesionlab.evaluation.evaluate import per_class_table
 from lesionlab.evaluation.subgroups import subgroup_table
 from lesionlab.io import atomic_write_csv, atomic_write_json
+from lesionlab.labels import LabelSet
 from lesionlab.report.figures import plot_confusion, plot_reliability, plot_roc, plot_subgroup_forest
 
 
@@ -43,11 +44,13 @@ def write_subgroups(
     plot_metrics: Sequence[str] = ("balanced_accuracy", "MEL_sensitivity", "MEL_auc"),
     csv: bool = True,
     file_names: dict[str, str] | None = None,
+    labels: LabelSet | str | None = None,
 ) -> pd.DataFrame:
-    """`subgroup_table` for each model of `probs` ({name: (N, 7)}): `subgroups.csv` and `subgroups_<name>.png`.
+    """`subgroup_table` for each model of `probs` ({name: (N, K)}): `subgroups.csv` and `subgroups_<name>.png`.
 
     Args:
         file_names: name -> file-safe name for the plots (default: the name itself).
+        labels: the label set, whose flag class names the `MEL_*` panels of the plots (None: ham7).
     """
     from lesionlab.io import atomic_write_csv
 
@@ -55,11 +58,11 @@ def write_subgroups(
     frames = []
     for name, p in probs.items():
         t = subgroup_table(y_true, p, image_ids, meta, columns=columns, groups=groups, n_boot=n_boot, ci=ci,
-                           min_images=min_images, mel_threshold=mel_threshold)
+                           min_images=min_images, mel_threshold=mel_threshold, labels=labels)
         t.insert(0, "model", name)
         frames.append(t)
         stem = (file_names or {}).get(name, name)
-        plot_subgroup_forest(t, out / f"subgroups_{stem}.png", metrics=plot_metrics,
+        plot_subgroup_forest(t, out / f"subgroups_{stem}.png", metrics=plot_metrics, labels=labels,
                              title=f"{name}: subgroups ({int(ci * 100)}% lesion-bootstrap CIs)")
     table = pd.concat(frames, ignore_index=True)
     if csv:

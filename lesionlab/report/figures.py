@@ -15,6 +15,7 @@ import pandas as pd  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
 from lesionlab.io import atomic_write  # noqa: E402
+from lesionlab.labels import LabelSet, metric_title  # noqa: E402
 
 
 def _save(fig, path: Path) -> None:
@@ -86,15 +87,17 @@ def plot_model_comparison(table: pd.DataFrame, path: str | Path) -> None:
     _save(fig, Path(path))
 
 
-def plot_subgroup_forest(table: pd.DataFrame, path: str | Path, *, metrics: Sequence[str], title: str = "") -> None:
+def plot_subgroup_forest(table: pd.DataFrame, path: str | Path, *, metrics: Sequence[str], title: str = "",
+                         labels: LabelSet | str | None = None) -> None:
     """Forest plot of subgroup metrics (a `evaluation.subgroups.subgroup_table`): one panel per metric.
 
     Each row is a subgroup (point + CI); the dashed line and grey band are the overall value and its CI.
-    Red: CI wholly below the overall value (flagged). Hollow grey: small subgroup (too few images or no melanoma).
+    Red: CI wholly below the overall value (flagged). Hollow grey: small subgroup (too few images or no image of
+    the flag class). Panel titles name the flag metrics after `labels`' flag class (None: ham7, "melanoma").
     """
     overall = table[table["column"] == "all"].iloc[0]
     rows = table[table["column"] != "all"].reset_index(drop=True)
-    labels = [f"{c}: {s}  (n={n})" for c, s, n in zip(rows["column"], rows["subgroup"], rows["n_images"], strict=True)]
+    ticks = [f"{c}: {s}  (n={n})" for c, s, n in zip(rows["column"], rows["subgroup"], rows["n_images"], strict=True)]
     ypos = np.arange(len(rows))[::-1]
     fig, axes = plt.subplots(1, len(metrics), figsize=(2.6 * len(metrics) + 2.4, 0.24 * len(rows) + 1.2),
                              sharey=True, squeeze=False)
@@ -113,12 +116,12 @@ def plot_subgroup_forest(table: pd.DataFrame, path: str | Path, *, metrics: Sequ
                 ax.plot([r[f"{m}_lo"], r[f"{m}_hi"]], [y, y], c=color, lw=1.2, zorder=2)
             ax.plot(r[m], y, "o", ms=4, zorder=3, c=color, mfc="white" if r["small"] else color)
         ax.set_xlim(-0.02, 1.02)
-        ax.set_title(m.replace("_", " "), fontsize=9)
+        ax.set_title(metric_title(m, labels), fontsize=9)
         ax.tick_params(axis="x", labelsize=7)
         # a thin line between metadata columns
         for y in ypos[1:][rows["column"].to_numpy()[1:] != rows["column"].to_numpy()[:-1]]:
             ax.axhline(y + 0.5, c="0.8", lw=0.6)
-    axes[0][0].set_yticks(ypos, labels, fontsize=7)
+    axes[0][0].set_yticks(ypos, ticks, fontsize=7)
     axes[0][0].set_ylim(-0.7, len(rows) - 0.3)
     fig.suptitle(title or "subgroups", fontsize=10)
     fig.text(0.01, 0.005, "dashed/grey band: overall value and CI; red: CI wholly below overall; hollow: small subgroup",
@@ -152,8 +155,10 @@ def plot_reliability(curves: dict[str, dict], path: str | Path, *, title: str = 
     _save(fig, Path(path))
 
 
-def plot_robustness(table: pd.DataFrame, metric: str, path: str | Path, *, title: str = "") -> None:
-    """`metric` vs severity, one panel per perturbation, one line per model (ensemble in black).
+def plot_robustness(table: pd.DataFrame, metric: str, path: str | Path, *, title: str = "",
+                    labels: LabelSet | str | None = None) -> None:
+    """`metric` vs severity, one panel per perturbation, one line per model (ensemble in black); the default title
+    names a flag metric after `labels`' flag class (None: ham7).
 
     `table` is `evaluation.robustness.robustness_table` output; the clean value sits at the perturbation's
     identity level (`identity` column) when present.
@@ -183,7 +188,7 @@ def plot_robustness(table: pd.DataFrame, metric: str, path: str | Path, *, title
     for ax in list(axes.flat)[len(perts):]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=6)
-    fig.suptitle(title or metric.replace("_", " "), fontsize=10)
+    fig.suptitle(title or metric_title(metric, labels), fontsize=10)
     fig.tight_layout()
     _save(fig, Path(path))
 

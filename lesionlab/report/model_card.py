@@ -10,7 +10,8 @@ The JSON (`card_json`) is the `ModelCard` dataclass as a dict. Its fields (schem
 
     schema_version, title, created, lesionlab_version   strings
     model           name, kind, members [{name, arch, timm_id, pretrained, input_size, epochs_run}], label_set,
-                    classes, flag_class, bundle ({path, format_version, melanoma_threshold, inference} or null)
+                    classes, flag_class, flag_name (the flag in metric titles: "melanoma", "malignant"), bundle
+                    ({path, format_version, melanoma_threshold, inference} or null)
     intended_use    purpose, users, setting, output, not_for [str]
     data            status, synthetic, sources [licence entries of lesionlab.data.licences.dataset_licences, with
                     images], total_images, per_class [{class, train, val, test, all}], sites [{site, images}],
@@ -51,6 +52,7 @@ from typing import Any
 import pandas as pd
 
 from lesionlab.data.licences import licence_warning  # noqa: F401  (re-exported for the bundle builder)
+from lesionlab.labels import metric_title
 
 SCHEMA_VERSION = "1"
 REPORTED, NOT_RUN = "reported", "not run"
@@ -107,7 +109,7 @@ TRIPOD_AI: tuple[tuple[str, str, str], ...] = (
 # when its status is "reported"; a "not run" section has at least `status` and `reason`. tests/test_model_card.py
 # validates cards against this with pydantic.
 SECTION_FIELDS: dict[str, tuple[str, ...]] = {
-    "model": ("name", "kind", "members", "label_set", "classes", "flag_class", "bundle"),
+    "model": ("name", "kind", "members", "label_set", "classes", "flag_class", "flag_name", "bundle"),
     "intended_use": ("purpose", "users", "setting", "output", "not_for"),
     "data": ("status", "synthetic", "sources", "total_images", "per_class", "sites", "caveats", "leaky_columns",
              "skin_tone_column"),
@@ -133,6 +135,10 @@ SECTION_FIELDS: dict[str, tuple[str, ...]] = {
 LICENCE_FIELDS = ("name", "layout", "images", "key", "title", "licence", "url", "citation", "checked",
                   "commercial_use")
 CI_FIELDS = ("value", "lo", "hi")
+
+
+# metric columns of the subgroup and cross-site tables shown under their titles (with every `MEL_*` flag metric)
+TITLED = ("balanced_accuracy", "macro_auc", "balanced_accuracy_drop", "mean_set_size", "n_MEL", "accuracy")
 
 
 def not_run(reason: str, **extra: Any) -> dict[str, Any]:
@@ -258,9 +264,10 @@ class _Doc:
                 "</body></html>\n")
 
 
-def _compact(rows: list[dict[str, Any]]) -> pd.DataFrame:
+def _compact(rows: list[dict[str, Any]], flag: str = "") -> pd.DataFrame:
     """A table's rows for reading: each metric with `<m>_lo` / `<m>_hi` columns as one `value [lo, hi]` cell, drops
-    from internal (`<m>_drop`) kept only for balanced accuracy; numbers to three decimals."""
+    from internal (`<m>_drop`) kept only for balanced accuracy; numbers to three decimals. With `flag` (the model's
+    flag_name), metric columns get their titles (`MEL_auc` -> "melanoma AUC"; the JSON keeps the keys)."""
     if not rows:
         return pd.DataFrame()
     cols = list(rows[0])
@@ -275,7 +282,9 @@ def _compact(rows: list[dict[str, Any]]) -> pd.DataFrame:
             else:  # an empty text cell (no flag, no note) stays empty; a missing number reads n/a
                 row[k] = "" if r[k] is None and k in ("flagged", "note", "skipped") else _num(r[k])
         out.append(row)
-    return pd.DataFrame(out)
+    df = pd.DataFrame(out)
+    return df.rename(columns={k: metric_title(k, flag=flag) for k in df.columns if k in TITLED or "MEL" in k
+                              or k.startswith("delta_")}) if flag else df
 
 
 def _status(doc: _Doc, section: dict[str, Any]) -> bool:
@@ -303,8 +312,9 @@ def _render(card: ModelCard) -> _Doc:
 
     doc.heading("Model")
     m = c.model
+    flag = m.get("flag_name") or str(m["flag_class"])
     doc.facts([("model", m["name"]), ("kind", m["kind"]), ("label set", m["label_set"]),
-               ("classes", ", ".join(m["classes"])), ("flag class", m["flag_class"])])
+               ("classes", ", ".join(m["classes"])), ("flag class", f"{m['flag_class']} ({flag})")])
     if m["members"]:
         doc.table(pd.DataFrame(m["members"]).fillna("n/a"))
     if m.get("bundle"):
@@ -403,7 +413,7 @@ def _render(card: ModelCard) -> _Doc:
     st = sg.get("skin_tone", {})
     if _status(doc, sg):
         doc.para(f"Model {sg['model']}; columns: {', '.join(sg['columns'])}; CIs in brackets.")
-        doc.table(_compact(sg["rows"]))
+        doc.table(_compact(sg["rows"], flag))
     doc.para("Skin tone: " + (f"measured (column {st['column']}: "
                               + ", ".join(f"{k}: {v}" for k, v in st["groups"].items()) + ")"
                               if st.get("status") == REPORTED else f"not measured ({st.get('reason', 'no column')})"))
@@ -412,10 +422,10 @@ def _render(card: ModelCard) -> _Doc:
     cs = c.cross_site
     if _status(doc, cs):
         doc.para(f"From {cs['source']} (every column is in the JSON; CIs in brackets).")
-        doc.table(_compact(cs["rows"]))
+        doc.table(_compact(cs["rows"], flag))
         if cs.get("refusal_rows"):
             doc.para("Refusals per target site and rule:")
-            doc.table(_compact(cs["refusal_rows"]))
+            doc.table(_compact(cs["refusal_rows"], flag))
 
     doc.heading("External validation")
     ex = c.external

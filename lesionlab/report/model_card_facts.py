@@ -109,8 +109,10 @@ def _split(sf: StudyFolder, cfg, split: pd.DataFrame | None, multi: bool) -> dic
     cross = sf.root / "cross_source_summary.csv"
     return {
         "status": REPORTED,
-        "method": "lesion-grouped (images of one lesion, and known duplicates, in one split), stratified by class"
-                  + (" and source" if multi else "") + "; computed once and saved as splits.csv",
+        "method": ("the dataset's published split (split.published), checked for images without a part and lesions "
+                   "in two parts; saved as splits.csv" if getattr(cfg.split, "published", False) else
+                   "lesion-grouped (images of one lesion, and known duplicates, in one split), stratified by class"
+                   + (" and source" if multi else "") + "; computed once and saved as splits.csv"),
         "fractions": {"train": round(cfg.split.train, 4), "val": round(cfg.split.val, 4),
                       "test": round(cfg.split.test, 4)},
         "seed": cfg.split.seed,
@@ -418,7 +420,7 @@ def build_card(study_dir: str | Path, bundle_manifest: dict[str, Any] | None = N
         model={"name": model or (names[0] if n == 1 else ENSEMBLE),
                "kind": "single model" if n == 1 else f"ensemble: mean of {n} models' probabilities",
                "members": _members(sf, names), "label_set": lset.name, "classes": list(classes),
-               "flag_class": lset.flag, "bundle": bundle},
+               "flag_class": lset.flag, "flag_name": lset.flag_title, "bundle": bundle},
         data=data, licences=licences, split=split_s, training=training, performance=perf, calibration=cal,
         conformal=conf, refusal=refusal, subgroups=subgroups, cross_site=cross, external=external,
         limitations=_limitations(data, split_s, perf, cal, refusal, subgroups, cross, external, classes),

@@ -39,6 +39,7 @@ def trust_section(rep, out: Path, all_names: list[str], mets: dict[str, dict]) -
     have = [n for n in all_names if "calibration" in mets[n]]
     if not have:
         return
+    flag_coverage = sf.label_set().metric_title("MEL_coverage")
     rep.heading("Trust: calibrated probabilities and prediction sets")
     c0 = mets[have[0]]["conformal"]
     rep.para("Temperature scaling (Guo et al. 2017): each model's logits (for the ensemble, log of the mean "
@@ -67,7 +68,7 @@ def trust_section(rep, out: Path, all_names: list[str], mets: dict[str, dict]) -
     for n in have:
         s = mets[n]["conformal"]
         per = [v["coverage"]["value"] for v in s["per_class"].values() if v["coverage"]["value"] is not None]
-        rows.append({"model": n, "coverage": _ci_text(s["coverage"]), "MEL coverage": _ci_text(next(iter(s["per_class"].values()))["coverage"]),
+        rows.append({"model": n, "coverage": _ci_text(s["coverage"]), flag_coverage: _ci_text(next(iter(s["per_class"].values()))["coverage"]),
                      "lowest class coverage": fmt(min(per) if per else None),
                      "mean set size": _ci_text(s["mean_set_size"]), "single-class sets": fmt(s["singleton"]["value"]),
                      "empty sets": fmt(s["empty"]["value"])})
@@ -86,7 +87,7 @@ def trust_section(rep, out: Path, all_names: list[str], mets: dict[str, dict]) -
     if variants:
         rep.para(f"Every conformal method, marginal and per class ({main}; fitted on validation, measured on test):")
         rep.table(pd.DataFrame([{"method": v["method"], "per class": "yes" if v["mondrian"] else "no",
-                                 "coverage": fmt(v["coverage"]), "MEL coverage": fmt(v["MEL_coverage"]),
+                                 "coverage": fmt(v["coverage"]), flag_coverage: fmt(v["MEL_coverage"]),
                                  "lowest class coverage": fmt(v["min_class_coverage"]),
                                  "mean set size": fmt(v["mean_set_size"]), "empty sets": fmt(v["empty"])} for v in variants]))
     ext_rows = []
@@ -95,7 +96,7 @@ def trust_section(rep, out: Path, all_names: list[str], mets: dict[str, dict]) -
         for n, v in sm.get("trust", {}).items():
             ext_rows.append({"set": sfile.parent.name, "model": n, "ECE before": fmt(v["ece_before"]),
                              "ECE after": fmt(v["ece_after"]), "coverage": fmt(v["coverage"]),
-                             "MEL coverage": fmt(v["MEL_coverage"]), "mean set size": fmt(v["mean_set_size"])})
+                             flag_coverage: fmt(v["MEL_coverage"]), "mean set size": fmt(v["mean_set_size"])})
     if ext_rows:
         rep.para("External sets (temperatures and thresholds from the internal validation split, unchanged):")
         rep.table(pd.DataFrame(ext_rows))
@@ -124,9 +125,10 @@ def ood_part(rep, out: Path) -> None:
 def subgroups_section(rep, out: Path) -> None:
     """The report's "Subgroup performance" section (subgroups/, when the metadata had columns to split by)."""
     sf = StudyFolder(out)
-    from lesionlab.evaluation.subgroups import METRIC_TITLES
     from lesionlab.report.document import fmt as _fmt
 
+    lset = sf.label_set()
+    flag = lset.flag_title
     f = sf.folder("subgroups") / "subgroups.csv"
     if not f.exists():
         return
@@ -134,8 +136,8 @@ def subgroups_section(rep, out: Path) -> None:
     rep.heading("Subgroup performance")
     rep.para("Test-split metrics per subgroup of each metadata column (age in bands), with 95% CIs from a bootstrap "
              "over each subgroup's lesions. Flagged: the subgroup's whole CI lies below the overall value. Small: fewer "
-             "images than eval.subgroup_min_images or no melanoma (shown, not hidden; its CIs are wide or undefined). "
-             "Melanoma sensitivity and specificity at the argmax.")
+             f"images than eval.subgroup_min_images or no {flag} image (shown, not hidden; its CIs are wide or "
+             f"undefined). {_cap(lset.metric_title('MEL_sensitivity'))} and specificity at the argmax.")
     for model in dict.fromkeys(t["model"]):
         rows = t[t["model"] == model]
         rep.figure(sf.folder("subgroups") / f"subgroups_{file_stem(model)}.png", f"{model}: subgroups",
@@ -143,15 +145,16 @@ def subgroups_section(rep, out: Path) -> None:
         cells = []
         for _, r in rows.iterrows():
             cell = {"model": model, "column": r["column"], "subgroup": r["subgroup"], "images": int(r["n_images"]),
-                    "lesions": int(r["n_lesions"]), "melanomas": int(r["n_MEL"])}
+                    "lesions": int(r["n_lesions"]), lset.metric_title("n_MEL"): int(r["n_MEL"])}
             for m in ("balanced_accuracy", "MEL_sensitivity", "MEL_auc"):
                 vals = [None if pd.isna(r[k]) else r[k] for k in (m, f"{m}_lo", f"{m}_hi")]
-                cell[METRIC_TITLES[m]] = _fmt(*vals)
-            cell["flagged"] = str(r["flagged"] or "").replace(";", ", ")
-            cell["note"] = r["note"] or ""
+                cell[lset.metric_title(m)] = _fmt(*vals)
+            # an empty CSV cell reads as NaN, which is truthy: test for it, not `or ""`
+            cell["flagged"] = "" if pd.isna(r["flagged"]) else str(r["flagged"]).replace(";", ", ")
+            cell["note"] = "" if pd.isna(r["note"]) else str(r["note"])
             cells.append(cell)
         rep.table(pd.DataFrame(cells))
-    flagged = t[t["flagged"].fillna("") != ""]
+    flagged = t[t["flagged"].notna() & (t["flagged"].astype(str) != "")]  # all-empty reads as float NaN
     rep.para(f"{len(flagged)} subgroup row(s) flagged; every metric with its CI: subgroups/subgroups.csv.")
 
 
@@ -164,6 +167,7 @@ def robustness_section(rep, out: Path) -> None:
     def fmt(v, lo=None, hi=None):  # CSV cells: NaN means "not defined"
         return _fmt(*(None if pd.isna(x) else x for x in (v, lo, hi)))
 
+    lset = sf.label_set()
     rob, cons = sf.folder("robustness") / "robustness.json", sf.folder("consistency") / "lesion_consistency.csv"
     if not rob.exists() and not cons.exists():
         return
@@ -174,8 +178,8 @@ def robustness_section(rep, out: Path) -> None:
                  f"{', TTA' if info['tta'] else ''}) under {info['conditions']} controlled perturbations of the photograph "
                  f"({', '.join(info['perturbations'])}), each at graded severities, before each model's own preprocessing. "
                  "Flip rate: share of images whose predicted class differs from the unperturbed one. Deltas are "
-                 "perturbed minus unperturbed (balanced accuracy, melanoma sensitivity, macro AUC).")
-        rep.figures_row([(sf.folder("robustness") / f"robustness_{m}.png", m.replace("_", " "))
+                 f"perturbed minus unperturbed (balanced accuracy, {lset.metric_title('MEL_sensitivity')}, macro AUC).")
+        rep.figures_row([(sf.folder("robustness") / f"robustness_{m}.png", lset.metric_title(m))
                          for m in ("flip_rate", "delta_balanced_accuracy", "delta_mel_sensitivity", "delta_macro_auc")
                          if (sf.folder("robustness") / f"robustness_{m}.png").exists()])
         rep.md.append("Figures: `robustness/robustness_<metric>.png`; every condition: `robustness/robustness.csv`\n")
@@ -203,6 +207,11 @@ def robustness_section(rep, out: Path) -> None:
             rep.table(wide)
 
 
+def _cap(text: str) -> str:
+    """Upper-case the first letter only (str.capitalize would turn "AUC" into "auc")."""
+    return text[:1].upper() + text[1:]
+
+
 def _flag(m: dict) -> str:
     """The label set's flag class of a metrics.json (its first class: MEL, or MALIGNANT under binary); the report's
     "MEL" columns are about it (lesionlab.labels)."""
@@ -215,8 +224,11 @@ def report_study(out: Path, cfg: StudyConfig, names: list[str], all_names: list[
     from lesionlab.report.document import PAPER_RESNEXT, Report, fmt, metric_table
 
     sf = StudyFolder(out)
+    from lesionlab.labels import get_label_set
     from lesionlab.report.figures import plot_history
 
+    lset = get_label_set(cfg.data.labels)
+    flag_sens, flag_auc = lset.metric_title("MEL_sensitivity"), lset.metric_title("MEL_auc")
     rep = Report(f"LesionLab study: {cfg.name}")
     rep.raw_html('<p class="warn">Decision support, not a diagnosis: these numbers describe models on one dataset. '
                  "Every suspicious lesion still needs a clinician's examination and, where indicated, histopathology.</p>")
@@ -226,7 +238,9 @@ def report_study(out: Path, cfg: StudyConfig, names: list[str], all_names: list[
     rep.para(f"Source: {ds['source']} ({ds['layout']} layout, {ds['rows']} rows). Problems found: {ds['problems'] or 'none'}.")
     for n in ds.get("notes", []):
         rep.note(n)
-    rep.para("Lesion-grouped, diagnosis-stratified split (no lesion, and no known duplicate pair, in two splits):")
+    rep.para("The dataset's published split (split.published; checked: every image has a part, no lesion and no "
+             "known duplicate pair in two splits):" if cfg.split.published else
+             "Lesion-grouped, diagnosis-stratified split (no lesion, and no known duplicate pair, in two splits):")
     rep.table(pd.read_csv(sf.split_summary_file))
     ds = sf.dataset() if sf.dataset_file.exists() else {}
     if ds.get("label_set"):
@@ -266,11 +280,13 @@ def report_study(out: Path, cfg: StudyConfig, names: list[str], all_names: list[
         comp.append({"model": n, **{k: fmt(m["macro"][k]) for k in ("precision", "sensitivity", "specificity", "f1", "auc")},
                      "accuracy": fmt(m["accuracy"]), "balanced acc.": fmt(m["balanced_accuracy"],
                      m["ci"].get("balanced_accuracy", {}).get("lo"), m["ci"].get("balanced_accuracy", {}).get("hi")),
-                     "MEL sens.": fmt(m["per_class"][_flag(m)]["sensitivity"]),
-                     "MEL AUC": fmt(m["per_class"][_flag(m)]["auc"])})
-    comp.append({"model": "paper: ResNeXt-101 (HAM10000, 224px, ImageNet)", **{k: fmt(PAPER_RESNEXT["macro"][k]) for k in
-                 ("precision", "sensitivity", "specificity", "f1", "auc")}, "accuracy": "", "balanced acc.": "",
-                 "MEL sens.": fmt(PAPER_RESNEXT["MEL"]["sensitivity"]), "MEL AUC": fmt(PAPER_RESNEXT["MEL"]["auc"])})
+                     flag_sens: fmt(m["per_class"][_flag(m)]["sensitivity"]),
+                     flag_auc: fmt(m["per_class"][_flag(m)]["auc"])})
+    if lset.name == "ham7":  # the paper's numbers are HAM10000's seven classes: no comparison under another set
+        comp.append({"model": "paper: ResNeXt-101 (HAM10000, 224px, ImageNet)", **{k: fmt(PAPER_RESNEXT["macro"][k])
+                     for k in ("precision", "sensitivity", "specificity", "f1", "auc")}, "accuracy": "",
+                     "balanced acc.": "", flag_sens: fmt(PAPER_RESNEXT["MEL"]["sensitivity"]),
+                     flag_auc: fmt(PAPER_RESNEXT["MEL"]["auc"])})
     rep.para("Macro averages over the classes present in the test split:")
     rep.table(pd.DataFrame(comp))
     if ENSEMBLE not in mets:
@@ -280,7 +296,7 @@ def report_study(out: Path, cfg: StudyConfig, names: list[str], all_names: list[
         e, b = mets[ENSEMBLE], mets[best]
         rep.para(f"Ensemble vs best single model ({best}): balanced accuracy {fmt(e['balanced_accuracy'])} vs "
                  f"{fmt(b['balanced_accuracy'])}; macro AUC {fmt(e['macro']['auc'])} vs {fmt(b['macro']['auc'])}; "
-                 f"{_flag(e)} sensitivity {fmt(e['per_class'][_flag(e)]['sensitivity'])} vs "
+                 f"{flag_sens} {fmt(e['per_class'][_flag(e)]['sensitivity'])} vs "
                  f"{fmt(b['per_class'][_flag(b)]['sensitivity'])}.")
     for n in all_names:
         rep.heading(f"{n}: per-class metrics (test)", 3)
@@ -292,7 +308,7 @@ def report_study(out: Path, cfg: StudyConfig, names: list[str], all_names: list[
                          (d / "roc.png", "ROC one-vs-rest")])
         rep.md.append(f"Figures: `eval/{file_stem(n)}/confusion_counts.png`, `confusion_normalized.png`, `roc.png`\n")
 
-    rep.heading("Melanoma operating points (test)")
+    rep.heading(f"{_cap(lset.flag_title)} operating points (test)")
     ops_rows = []
     for n in all_names:
         ops = mets[n]["operating_points"].get(_flag(mets[n]), {})
@@ -306,7 +322,7 @@ def report_study(out: Path, cfg: StudyConfig, names: list[str], all_names: list[
             row["val-chosen threshold"] = fmt(at["threshold"])
             row["test sens / spec at it"] = f"{fmt(at['sensitivity'])} / {fmt(at['specificity'])}"
         ops_rows.append(row)
-    rep.para(f"The threshold is chosen on the validation split for melanoma sensitivity >= {cfg.eval.target_sensitivity:.2f} "
+    rep.para(f"The threshold is chosen on the validation split for {flag_sens} >= {cfg.eval.target_sensitivity:.2f} "
              "and applied unchanged to the test split; the fixed-specificity/sensitivity columns are read off the test ROC "
              "(optimistic, for comparison only).")
     rep.table(pd.DataFrame(ops_rows))
@@ -372,7 +388,8 @@ def report_study(out: Path, cfg: StudyConfig, names: list[str], all_names: list[
         rep.para("Trained on the sources named under train, tested on their own internal test split and on every "
                  "other source, on the classes both share (full tables with CIs, refusal per site and the commands: "
                  "cross_site/cross_site.md).")
-        rep.table(matrix[keep].round(3))
+        rep.table(matrix[keep].round(3).rename(columns={c: lset.metric_title(c) for c in keep
+                                                        if c not in ("variant", "train", "test", "images")}))
         for fig in sorted((sf.folder("cross_site") / "figures").glob("*.png")):
             rep.figure(fig, fig.stem.replace("_", " "), md_rel=f"cross_site/figures/{fig.name}")
     readers = sf.folder("reader_study") / "summary.json"

@@ -38,7 +38,14 @@ import numpy as np
 import pandas as pd
 
 from lesionlab.config import StudyConfig
-from lesionlab.data.split import read_duplicates, read_split, split_and_check, summary_table, write_split
+from lesionlab.data.split import (
+    published_split,
+    read_duplicates,
+    read_split,
+    split_and_check,
+    summary_table,
+    write_split,
+)
 from lesionlab.data.subsets import split_frames, subset_frame
 from lesionlab.data.tables import read_table
 from lesionlab.data.validation import drop_invalid, validate
@@ -287,13 +294,18 @@ def _run_study(cfg: StudyConfig, out: Path, archs: list[str], *, data: str | Pat
                 {"how": f"perceptual hash (pHash, <= {cfg.split.phash_distance} bits)", "images": len(found),
                  "kept": "in one split"}]))
             dups = pd.concat([d for d in (dups, found[["from_img", "to_img"]]) if d is not None], ignore_index=True)
-        sp = split_and_check(table.df, fractions=(cfg.split.train, cfg.split.val, cfg.split.test), seed=cfg.split.seed,
-                             duplicates=dups)
+        if cfg.split.published:  # the dataset's own split (Derm7pt's index files), checked, instead of ours
+            sp = published_split(table.df, duplicates=dups)
+        else:
+            sp = split_and_check(table.df, fractions=(cfg.split.train, cfg.split.val, cfg.split.test),
+                                 seed=cfg.split.seed, duplicates=dups)
         write_split(sp, split_path)
         atomic_write_csv(sf.split_summary_file, summary_table(sp, lset.classes))
 
     split_outputs = [out / "cross_source_duplicates.csv", out / "cross_source_summary.csv"] if multi else []
-    steps.run("split", do_split, config={"split": section(cfg.split, drop=() if multi else ("phash_distance",))}, inputs={"duplicates": duplicates} if duplicates else (),
+    # split.published enters the fingerprint only when on, so studies made before it existed keep their split step
+    split_drop = (*(() if multi else ("phash_distance",)), *(() if cfg.split.published else ("published",)))
+    steps.run("split", do_split, config={"split": section(cfg.split, drop=split_drop)}, inputs={"duplicates": duplicates} if duplicates else (),
               upstream=["validate"], outputs=[split_path, sf.split_summary_file, *split_outputs],
               code=STEP_CODE["split"])
     sp = read_split(split_path)
