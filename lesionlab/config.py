@@ -196,6 +196,10 @@ class CrossSiteConfig:
     compare: list[str] = field(default_factory=list)   # color, tta: extra columns
     refusal_rate: float = 0.1        # each refusal score refuses this share of internal validation
     min_class_images: int = 10       # a class counts as shared when both sides have this many images
+    # the models trained per training set; empty: the study's train.archs (one small model keeps the step cheap:
+    # it trains once per source, or per left-out source)
+    archs: list[str] = field(default_factory=list)
+    epochs: int = 0                  # 0: the study's train.epochs
 
 
 @dataclass
@@ -244,6 +248,9 @@ class StudyConfig:
     ood: OODConfig = field(default_factory=OODConfig)
     synth_images: int = 0  # > 0: the demo makes a synthetic dataset of this many images
     synth_size: list[int] = field(default_factory=lambda: [600, 450])
+    # > 1: the synthetic images come from this many clinics, each with its own colour cast (a `dataset` column, as
+    # HAM10000's), so the study's multi-source checks and cross_site matrix have sources (at most 3)
+    synth_sources: int = 1
     external: list[ExternalSet] = field(default_factory=list)
     reader_study: ReaderStudyConfig = field(default_factory=ReaderStudyConfig)
     cross_site: CrossSiteConfig = field(default_factory=CrossSiteConfig)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -11,8 +13,11 @@ import torch
 from helpers import make_tiny_checkpoint
 
 os.environ.setdefault("HF_HUB_OFFLINE", "0")
-# ONNX exports and `--engine auto` choices (inference/engines/) go to a per-session folder, not ~/.cache.
-os.environ.setdefault("LESIONLAB_CACHE", tempfile.mkdtemp(prefix="lesionlab-test-cache-"))
+# ONNX exports and `--engine auto` choices (inference/engines/) go to a per-session folder, not ~/.cache, removed
+# when the session ends (hundreds of MB each: left behind, they fill a CI machine's disk run after run).
+if "LESIONLAB_CACHE" not in os.environ:
+    os.environ["LESIONLAB_CACHE"] = tempfile.mkdtemp(prefix="lesionlab-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["LESIONLAB_CACHE"], ignore_errors=True)
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 REPO = Path(__file__).resolve().parents[1]

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from lesionlab.cli.main import main
+from lesionlab.data.synth import SYNTH_SOURCES, make_synthetic_sources
 from lesionlab.exceptions import UserError
 from lesionlab.workflows import cross_site as cs
 
@@ -49,13 +50,13 @@ def test_shared_classes_and_restrict():
 @pytest.fixture(scope="module")
 def clinics(tmp_path_factory):
     d = tmp_path_factory.mktemp("clinics")
-    meta = cs.make_synthetic_sources(d, n_images=100, seed=2, size=(80, 60), progress=False)
+    meta = make_synthetic_sources(d, n_images=100, seed=2, size=(80, 60), progress=False)
     return d, meta
 
 
 def test_synthetic_clinics_differ_by_colour(clinics):
     d, meta = clinics
-    assert set(meta["dataset"]) == set(cs.SYNTH_SOURCES)
+    assert set(meta["dataset"]) == set(SYNTH_SOURCES)
     # every clinic has every class, and lesions never span clinics
     assert (pd.crosstab(meta["dataset"], meta["dx"]) > 0).all().all()
     assert meta.groupby("lesion_id")["dataset"].nunique().max() == 1
@@ -155,7 +156,7 @@ def test_cross_site_is_a_study_step_and_a_report_section(clinics, tmp_path):
     out = tmp_path / "study"
     study.run_study(cfg, out, data=d, progress=False)
     m = pd.read_csv(out / "cross_site" / "matrix.csv")
-    assert set(m["train"]) == set(cs.SYNTH_SOURCES) and (m["test"] == "internal").any()
+    assert set(m["train"]) == set(SYNTH_SOURCES) and (m["test"] == "internal").any()
     md = (out / "report.md").read_text()
     assert "## Cross-site validation" in md and "cross_site/figures/" in md
     steps = json.loads((out / "steps.json").read_text())

@@ -40,7 +40,8 @@ def _cross_site(p: argparse.ArgumentParser):
 
     def run(a: argparse.Namespace) -> int:
         from lesionlab import config
-        from lesionlab.workflows.cross_site import make_synthetic_sources, run_cross_site
+        from lesionlab.data.synth import make_synthetic_sources
+        from lesionlab.workflows.cross_site import run_cross_site
 
         if len(a.train) != len(a.test):
             raise UserError(f"give --train and --test in pairs ({len(a.train)} --train, {len(a.test)} --test)")

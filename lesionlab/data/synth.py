@@ -17,6 +17,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from tqdm.auto import tqdm
 
 from lesionlab.data.tables import HAM_METADATA
+from lesionlab.exceptions import UserError
 from lesionlab.io import atomic_write_csv
 from lesionlab.labels import CLASS_TO_DX, CLASSES
 
@@ -225,3 +226,59 @@ def make_synthetic(
 def classes_present(meta: pd.DataFrame) -> list[str]:
     return [c for c in CLASSES if (meta["dx"] == CLASS_TO_DX[c]).any()]
 
+
+# ----------------------------------------------------------------------------- several synthetic clinics
+
+# The synthetic sources of the demo (`synth_sources`), `lesionlab cross-site --synthetic` and the tests: one colour
+# cast (R, G, B gains) per clinic, so a model trained at one clinic meets a shifted distribution at another.
+SYNTH_SOURCES: dict[str, tuple[float, float, float]] = {
+    "clinic_a": (1.0, 1.0, 1.0), "clinic_b": (1.2, 0.95, 0.75), "clinic_c": (0.8, 0.95, 1.25)}
+
+
+def sources_min_per_class(n_sources: int) -> int:
+    """Images per class at least, so that each of `n_sources` clinics gets every class (6 for one source)."""
+    return max(6, 3 * n_sources)
+
+
+def make_synthetic_sources(out_dir: str | Path, *, n_images: int = 300, seed: int = 0,
+                           size: tuple[int, int] = (600, 450), sources: dict[str, tuple[float, float, float]] | None = None,
+                           progress: bool = True) -> pd.DataFrame:
+    """A synthetic HAM10000-layout dataset whose lesions come from several clinics, each with its own colour cast.
+
+    Lesions of each class are dealt round-robin (seeded order) to the clinics, so every clinic has every class
+    with at least as many lesions as clinics; the `dataset` column names the clinic, as HAM10000's does. Images
+    are written by lesionlab.data.synth and then tinted by their clinic's (R, G, B) gains.
+    """
+    srcs = dict(sources or SYNTH_SOURCES)
+    out = Path(out_dir)
+    meta = make_synthetic(out, n_images=n_images, seed=seed, size=size, min_per_class=sources_min_per_class(len(srcs)),
+                          progress=progress)
+    rng = np.random.default_rng([seed, 7])
+    names = list(srcs)
+    site: dict[str, str] = {}
+    for _, g in meta.groupby("dx", sort=True):
+        lesions = list(dict.fromkeys(g["lesion_id"]))
+        for k, les in enumerate(rng.permutation(lesions)):
+            site[str(les)] = names[k % len(names)]
+    meta["dataset"] = meta["lesion_id"].map(site)
+    for iid, src in zip(meta["image_id"], meta["dataset"], strict=True):
+        gains = np.asarray(srcs[src], np.float32)
+        if np.allclose(gains, 1.0):
+            continue
+        f = out / "images" / f"{iid}.jpg"
+        im = np.asarray(Image.open(f).convert("RGB"), np.float32) * gains
+        Image.fromarray(np.uint8(np.clip(im, 0, 255))).save(f, quality=90)
+    atomic_write_csv(out / HAM_METADATA, meta)
+    return meta
+
+
+def synthesize(out_dir: str | Path, *, n_images: int, seed: int, size: tuple[int, int], sources: int = 1,
+               progress: bool = True) -> pd.DataFrame:
+    """The demo's synthetic dataset: one source (`make_synthetic`), or `sources` clinics (`make_synthetic_sources`)."""
+    if not 1 <= sources <= len(SYNTH_SOURCES):
+        raise UserError(f"synth_sources {sources} must be between 1 and {len(SYNTH_SOURCES)} (synthetic clinics: "
+                        f"{', '.join(SYNTH_SOURCES)})")
+    if sources == 1:
+        return make_synthetic(out_dir, n_images=n_images, seed=seed, size=size, progress=progress)
+    return make_synthetic_sources(out_dir, n_images=n_images, seed=seed, size=size, progress=progress,
+                                  sources=dict(list(SYNTH_SOURCES.items())[:sources]))

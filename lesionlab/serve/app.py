@@ -7,7 +7,6 @@ Endpoints: `POST /api/predict`, `GET /api/health`, `GET /livez`, `GET /readyz`, 
 from __future__ import annotations
 
 import io
-import json
 from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
@@ -30,7 +29,7 @@ from lesionlab.serve.audit import AuditLog
 from lesionlab.serve.docs import mount_offline_docs
 from lesionlab.serve.gate import Gate
 from lesionlab.serve.metrics import ServiceMetrics
-from lesionlab.serve.security import guard
+from lesionlab.serve.security import BodySizeLimit, guard
 from lesionlab.serve.tokens import TokenStore
 from lesionlab.serve.work import Busy, WorkLimiter
 
@@ -52,60 +51,6 @@ class ServiceSettings:
     tokens: Path | None = None   # token file: when set, every API call needs `Authorization: Bearer`
     allowed_hosts: tuple[str, ...] | None = None   # Host header values answered (None: any, for library use)
     allowed_origins: tuple[str, ...] = ()
-
-
-class _TooLarge(Exception):
-    pass
-
-
-class BodySizeLimit:
-    """ASGI middleware: answer 413 as soon as a request body exceeds `max_bytes` (declared or streamed)."""
-
-    def __init__(self, app, max_bytes: int):
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await self._reject(send)
-        seen = 0
-        started = False
-        replaced = False
-
-        async def counting_receive():
-            nonlocal seen
-            msg = await receive()
-            if msg["type"] == "http.request":
-                seen += len(msg.get("body", b""))
-                if seen > self.max_bytes:
-                    raise _TooLarge
-            return msg
-
-        async def tracking_send(msg):
-            # FastAPI turns an error raised while it reads the form into its own 400 ("error parsing the
-            # body"); a streamed upload over the limit is answered 413 whatever the framework made of it.
-            nonlocal started, replaced
-            if msg["type"] == "http.response.start" and seen > self.max_bytes:
-                replaced = True
-                return await self._reject(send)
-            if replaced:
-                return None
-            started = started or msg["type"] == "http.response.start"
-            await send(msg)
-
-        try:
-            await self.app(scope, counting_receive, tracking_send)
-        except _TooLarge:
-            if not started and not replaced:
-                await self._reject(send)
-
-    async def _reject(self, send):
-        body = json.dumps({"error": f"upload larger than the limit of {self.max_bytes / 2**20:.0f} MB"}).encode()
-        await send({"type": "http.response.start", "status": 413, "headers": [(b"content-type", b"application/json")]})
-        await send({"type": "http.response.body", "body": body})
 
 
 def create_app(

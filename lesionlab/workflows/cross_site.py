@@ -53,16 +53,13 @@ from lesionlab.evaluation.selective import (
 )
 from lesionlab.evaluation.trust import evaluate_trust, fit_trust, model_trust
 from lesionlab.exceptions import UserError
-from lesionlab.io import atomic_write_csv, atomic_write_json, sha256_file
+from lesionlab.io import atomic_write_json, sha256_file
 from lesionlab.labels import get_label_set
 
 log = logging.getLogger(__name__)
 
 SCHEMES = ("pairs", "leave-one-out")
 COMPARE = ("color", "tta")
-# the synthetic sources of the demo and the tests: one colour cast (R, G, B gains) per clinic
-SYNTH_SOURCES: dict[str, tuple[float, float, float]] = {
-    "clinic_a": (1.0, 1.0, 1.0), "clinic_b": (1.2, 0.95, 0.75), "clinic_c": (0.8, 0.95, 1.25)}
 
 
 # ----------------------------------------------------------------------------- which cells
@@ -126,46 +123,6 @@ def restrict(y_names: Sequence[str], probs: np.ndarray, classes: Sequence[str], 
     p = p / np.maximum(p.sum(1, keepdims=True), np.finfo(float).tiny)
     y = np.array([list(keep).index(c) for c in y_names[rows]], int)
     return rows, y, p
-
-
-# ----------------------------------------------------------------------------- synthetic sources
-
-
-def make_synthetic_sources(out_dir: str | Path, *, n_images: int = 300, seed: int = 0,
-                           size: tuple[int, int] = (600, 450), sources: dict[str, tuple[float, float, float]] | None = None,
-                           progress: bool = True) -> pd.DataFrame:
-    """A synthetic HAM10000-layout dataset whose lesions come from several clinics, each with its own colour cast.
-
-    Lesions of each class are dealt round-robin (seeded order) to the clinics, so every clinic has every class
-    with at least as many lesions as clinics; the `dataset` column names the clinic, as HAM10000's does. Images
-    are written by lesionlab.data.synth and then tinted by their clinic's (R, G, B) gains.
-    """
-    from PIL import Image
-
-    from lesionlab.data.synth import make_synthetic
-    from lesionlab.data.tables import HAM_METADATA
-
-    srcs = dict(sources or SYNTH_SOURCES)
-    out = Path(out_dir)
-    meta = make_synthetic(out, n_images=n_images, seed=seed, size=size, min_per_class=3 * len(srcs),
-                          progress=progress)
-    rng = np.random.default_rng([seed, 7])
-    names = list(srcs)
-    site: dict[str, str] = {}
-    for _, g in meta.groupby("dx", sort=True):
-        lesions = list(dict.fromkeys(g["lesion_id"]))
-        for k, les in enumerate(rng.permutation(lesions)):
-            site[str(les)] = names[k % len(names)]
-    meta["dataset"] = meta["lesion_id"].map(site)
-    for iid, src in zip(meta["image_id"], meta["dataset"], strict=True):
-        gains = np.asarray(srcs[src], np.float32)
-        if np.allclose(gains, 1.0):
-            continue
-        f = out / "images" / f"{iid}.jpg"
-        im = np.asarray(Image.open(f).convert("RGB"), np.float32) * gains
-        Image.fromarray(np.uint8(np.clip(im, 0, 255))).save(f, quality=90)
-    atomic_write_csv(out / HAM_METADATA, meta)
-    return meta
 
 
 # ----------------------------------------------------------------------------- screening
@@ -276,6 +233,16 @@ def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.+-]+", "_", name)
 
 
+def cross_site_models(cfg: StudyConfig) -> StudyConfig:
+    """`cfg` with the models the matrix trains: `cross_site.archs` / `cross_site.epochs` where set, else the study's."""
+    c = config_from_dict(cfg.to_dict())
+    if cfg.cross_site.archs:
+        c.train.archs = list(cfg.cross_site.archs)
+    if cfg.cross_site.epochs > 0:
+        c.train.epochs = cfg.cross_site.epochs
+    return c
+
+
 def _variant_cfg(cfg: StudyConfig, variant: str) -> StudyConfig:
     c = config_from_dict(cfg.to_dict())
     if variant == "color":
@@ -331,6 +298,7 @@ def run_cross_site(cfg: StudyConfig, out_dir: str | Path, *, data: str | Path | 
         raise UserError(f"--compare {bad[0]!r} is not a variant; valid: {', '.join(COMPARE)}")
     if not 0 <= refusal_rate < 1:
         raise UserError(f"--refusal-rate {refusal_rate} must be in [0, 1)")
+    cfg = cross_site_models(cfg)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     lset = get_label_set(cfg.data.labels)

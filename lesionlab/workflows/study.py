@@ -231,12 +231,13 @@ def _run_study(cfg: StudyConfig, out: Path, archs: list[str], *, data: str | Pat
     if data is None:
         if cfg.synth_images <= 0:
             raise UserError("give --data DIR (or use a config with synth_images > 0, such as demo)")
-        from lesionlab.data.synth import make_synthetic
+        from lesionlab.data.synth import synthesize
 
         data = out / "data"
-        steps.run("synth", lambda: make_synthetic(data, n_images=cfg.synth_images, seed=cfg.split.seed,
-                                                  size=tuple(cfg.synth_size), progress=progress),
-                  config={"synth_images": cfg.synth_images, "synth_size": cfg.synth_size, "split.seed": cfg.split.seed},
+        steps.run("synth", lambda: synthesize(data, n_images=cfg.synth_images, seed=cfg.split.seed,
+                                              size=tuple(cfg.synth_size), sources=cfg.synth_sources, progress=progress),
+                  config={"synth_images": cfg.synth_images, "synth_size": cfg.synth_size, "split.seed": cfg.split.seed,
+                          "synth_sources": cfg.synth_sources},
                   outputs=[Path(data)], code=STEP_CODE["synth"])
     lset = get_label_set(cfg.data.labels)
     source_items = [{"data": s.data, "metadata": s.metadata, "name": s.name} for s in cfg.sources]
