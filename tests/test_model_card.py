@@ -247,7 +247,7 @@ def test_card_three_formats_from_a_study(full_study):
     md, page = files["model_card.md"].decode(), files["model_card.html"].decode()
     for h in ("Intended use and users", "Data sources and licences", "Split and leakage checks", "Training",
               "Performance on the test split", "Calibration", "Conformal differential",
-              "Refusals (quality and out-of-distribution)", "Subgroups", "Cross-site validation",
+              "Refusals: the gate (quality, out-of-distribution, likely wrong)", "Subgroups", "Cross-site validation",
               "Known limitations", "How to reproduce", "TRIPOD+AI items answered"):
         assert f"\n## {h}\n" in md and f"<h2>{h}</h2>" in page
     for text in ("CC BY-NC 4.0", "not a diagnosis", "vidir_modern"):

@@ -29,7 +29,14 @@ The JSON (`card_json`) is the `ModelCard` dataclass as a dict. Its fields (schem
     conformal       status, reason, method, mondrian, target_coverage, coverage, mean_set_size (CI dicts),
                     per_class_coverage {class: value}
     refusal         status, reason, threshold, test_images, test_refused, test_refused_by_quality,
-                    test_refused_by_ood, validation_refused, sets [{set, images, refused, auroc}]
+                    test_refused_by_ood, test_refused_by_error, validation_refused, sets [{set, images, refused,
+                    refused_by_error, auroc}], gate [{stage, name, codes, on, rule, fitted_on, threshold}: quality
+                    checks, OOD score, error-targeting refusal, in the order the pipeline applies them],
+                    error_refusal {status, reason, code ("likely_wrong"), configured_rate
+                    (trust.error_refusal_rate), rule, signals, threshold, fitted_on, validation and test (each
+                    null or {n, n_refused, refusal_rate, accuracy_all, accuracy_accepted, accuracy_refused}; test
+                    {refusal_rate, images, accuracy, note}), note}, sites [the gate's refusal rows per external
+                    site of the cross-site matrix]; gate, error_refusal and sites are there when "not run" too
     subgroups       status, reason, model, columns, rows [{column, subgroup, n_images, balanced_accuracy, ..., note}],
                     skin_tone {status, column, groups {value: images}}
     cross_site      status, reason, source, rows [matrix.csv rows as `lesionlab cross-site` writes them],
@@ -126,7 +133,8 @@ SECTION_FIELDS: dict[str, tuple[str, ...]] = {
     "conformal": ("status", "reason", "method", "mondrian", "target_coverage", "coverage", "mean_set_size",
                   "per_class_coverage"),
     "refusal": ("status", "reason", "threshold", "test_images", "test_refused", "test_refused_by_quality",
-                "test_refused_by_ood", "validation_refused", "sets"),
+                "test_refused_by_ood", "test_refused_by_error", "validation_refused", "sets", "gate", "error_refusal",
+                "sites"),
     "subgroups": ("status", "reason", "model", "columns", "rows", "skin_tone"),
     "cross_site": ("status", "reason", "source", "rows", "refusal_rows"),
     "external": ("status", "reason", "sets"),
@@ -295,6 +303,42 @@ def _status(doc: _Doc, section: dict[str, Any]) -> bool:
     return True
 
 
+def _gate_text(doc: _Doc, r: dict[str, Any]) -> None:
+    """The gate's stages, in the order the screening pipeline applies them (the first that refuses names why)."""
+    if not r.get("gate"):
+        return
+    doc.para("Every image passes the gate before any answer; the first stage that refuses names the reason, and a "
+             "refused image gets no diagnosis:")
+    doc.table(pd.DataFrame([{"stage": g["stage"], "check": g["name"], "refusal code": ", ".join(g["codes"]),
+                             "on": "yes" if g["on"] else "no", "rule": g["rule"], "fitted on": g["fitted_on"] or "",
+                             "threshold": _num(g["threshold"])} for g in r["gate"]]))
+
+
+def _error_text(doc: _Doc, e: dict[str, Any] | None) -> None:
+    """The error-targeting (likely_wrong) refusal: its rate, and the accuracy of accepted vs refused images."""
+    if not e:
+        return
+    if e["status"] != REPORTED:
+        doc.para(f"Error-targeting refusal ({e['code']}): off. {e['reason']}.")
+        return
+    v, t = e.get("validation") or {}, e.get("test") or {}
+    acc = (t.get("accuracy") or {})
+    doc.para(f"Error-targeting refusal ({e['code']}, trust.error_refusal_rate {e['configured_rate']:g}): "
+             f"{e['rule']}." + (f" Signals: {', '.join(e['signals'])}." if e["signals"] else ""))
+    doc.facts([("refusal code", e["code"]), ("configured refusal rate", e["configured_rate"]),
+               ("threshold (estimated chance of a wrong answer)", e["threshold"]), ("fitted on", e["fitted_on"]),
+               ("validation: refused", _pct(v.get("refusal_rate"))),
+               ("validation: accuracy all / accepted / refused",
+                " / ".join(_num(v.get(k)) for k in ("accuracy_all", "accuracy_accepted", "accuracy_refused"))
+                if v else "not recorded"),
+               ("test: refused as likely wrong", _pct(t.get("refusal_rate")) if t else "not measured"),
+               ("test: accuracy all / accepted / refused",
+                " / ".join(_num(acc.get(k)) for k in ("accuracy_all", "accuracy_accepted", "accuracy_refused"))
+                if acc else (t.get("note") or "not measured"))])
+    if e.get("note"):
+        doc.para(f"Note: {e['note']}.")
+
+
 def _render(card: ModelCard) -> _Doc:
     c = card
     doc = _Doc(c.title)
@@ -396,17 +440,25 @@ def _render(card: ModelCard) -> _Doc:
         if cf["per_class_coverage"]:
             doc.table(pd.DataFrame([{"class": k, "coverage": _num(v)} for k, v in cf["per_class_coverage"].items()]))
 
-    doc.heading("Refusals (quality and out-of-distribution)")
+    doc.heading("Refusals: the gate (quality, out-of-distribution, likely wrong)")
     r = c.refusal
+    _gate_text(doc, r)
     if _status(doc, r):
         doc.facts([("test images", r["test_images"]), ("refused", _pct(r["test_refused"])),
                    ("by quality checks", _pct(r["test_refused_by_quality"])),
                    ("as out-of-distribution", _pct(r["test_refused_by_ood"])),
+                   ("as likely wrong", _pct(r.get("test_refused_by_error"))),
                    ("validation refused (threshold fit)", _pct(r["validation_refused"])),
                    ("OOD threshold", r["threshold"])])
         if r["sets"]:
             doc.table(pd.DataFrame([{"set": x["set"], "images": x["images"], "refused": _pct(x["refused"]),
+                                     "as likely wrong": _pct(x.get("refused_by_error")),
                                      "AUROC vs test": _num(x.get("auroc"))} for x in r["sets"]]))
+    _error_text(doc, r.get("error_refusal"))
+    if r.get("sites"):
+        doc.para("The gate on each external site of the cross-site matrix (accuracy of all, accepted and refused "
+                 "images):")
+        doc.table(_compact(r["sites"]))
 
     doc.heading("Subgroups")
     sg = c.subgroups

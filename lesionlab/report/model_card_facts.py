@@ -20,7 +20,7 @@ from lesionlab.data.licences import dataset_licences, licence_warning
 from lesionlab.evaluation.ensemble import ENSEMBLE
 from lesionlab.exceptions import UserError
 from lesionlab.models import file_stem
-from lesionlab.report.model_card import REPORTED, ModelCard, not_run
+from lesionlab.report.model_card import NOT_RUN, REPORTED, ModelCard, not_run
 from lesionlab.study_folder import StudyFolder
 
 # Files `lesionlab cross-site` may leave as its matrix, first found wins; else the folder's first CSV (by name).
@@ -246,18 +246,106 @@ def _conformal(sf: StudyFolder, model: str | None) -> dict[str, Any]:
                                    for c, v in (s.get("per_class") or {}).items()}}
 
 
-def _refusal(sf: StudyFolder, cfg) -> dict[str, Any]:
+# The refusal codes of the screening pipeline (lesionlab.clinic.screening.OOD_CODE / ERROR_CODE; the report layer sits
+# below clinic, so they are repeated here and tests/test_model_card_gate.py checks they are the same strings).
+OOD_CODE, ERROR_CODE = "out_of_distribution", "likely_wrong"
+ERROR_SIGNALS = {"ood": "the OOD score", "confidence": "the calibrated confidence (1 - top probability)",
+                 "set_size": "the conformal set size"}
+
+
+def _selective(d: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A selective summary (lesionlab.evaluation.selective.selective_summary) for the card, or None."""
+    if not d:
+        return None
+    return {k: _clean(d.get(k)) for k in ("n", "n_refused", "refusal_rate", "accuracy_all", "accuracy_accepted",
+                                          "accuracy_refused")}
+
+
+def _error_refusal(cfg, o: dict[str, Any] | None, manifest: dict[str, Any] | None) -> dict[str, Any]:
+    """The `likely_wrong` stage: its setting (trust.error_refusal_rate), what it was fitted on, and its refusals with
+    the accuracy of accepted vs refused images where they were measured: on validation by the fit (the bundle's
+    manifest, or ood.json's `error_refusal` where the study records it), on test by the study's ood step."""
+    rate = float(cfg.trust.error_refusal_rate)
+    fitted = (manifest or {}).get("error_refusal") or (o or {}).get("error_refusal")
+    base = {"code": ERROR_CODE, "configured_rate": rate,
+            "rule": "a logistic regression on the OOD score, the calibrated confidence and the conformal set size, "
+                    "fitted on the validation split to predict a wrong top-1 answer; an image whose estimated chance "
+                    "of a wrong answer is above the threshold that refuses trust.error_refusal_rate of the "
+                    "validation images is refused as likely_wrong (lesionlab.clinic.trust, evaluation.selective)"}
+    if rate == 0 or (manifest is not None and not fitted):
+        why = ("trust.error_refusal_rate is 0: the likely_wrong refusal is off" if rate == 0 else
+               "the bundle has no error score (no validation predictions to fit it on)")
+        return {"status": NOT_RUN, "reason": why, **base, "signals": [], "threshold": None, "fitted_on": "",
+                "validation": None, "test": None, "note": ""}
+    info = (fitted or {}).get("info") or {}
+    test = None
+    if o is not None and "test_refused_by_error" in o:
+        measured = _selective(o.get("test_accuracy"))  # where the study's ood step measured accuracy with the gate
+        test = {"refusal_rate": _clean(o.get("test_refused_by_error")), "images": int(o.get("test_images", 0)),
+                "accuracy": measured,
+                "note": "" if measured else "accuracy of accepted vs refused test images not recorded by the study's "
+                                            "ood step (ood/ood.json)"}
+    return {"status": REPORTED, "reason": "", **base,
+            "signals": [ERROR_SIGNALS.get(x, x) for x in (fitted or {}).get("signals", [])],
+            "threshold": _clean((fitted or {}).get("threshold")),
+            "fitted_on": str(info.get("source") or "the study's validation split"),
+            "validation": _selective(info.get("validation")),
+            "test": test,
+            "note": str(info.get("note") or ("" if fitted else "the fitted score (signals, threshold, validation "
+                                                               "refusals) is recorded in bundles made from this "
+                                                               "study; this card has no bundle"))}
+
+
+def _gate(cfg, o: dict[str, Any] | None, manifest: dict[str, Any] | None, error: dict[str, Any]) -> list[dict[str, Any]]:
+    """The refusal gate, in the order the screening pipeline applies it: the first stage that refuses names the
+    reason (lesionlab.clinic.screening.refusal)."""
+    from lesionlab.data.quality import ADVICE
+
+    q = cfg.quality
+    ood_on = cfg.ood.method != "none" and (manifest is None or bool(manifest.get("ood")))
+    ood_thr = (o or {}).get("threshold") if o else ((manifest or {}).get("ood") or {}).get("threshold")
+    return [
+        {"stage": 1, "name": "quality checks", "codes": [c for c in ADVICE if c != OOD_CODE], "on": True,
+         "rule": f"fixed limits: shorter side >= {q.min_side} px, aspect <= {q.max_aspect:g}, sharpness >= "
+                 f"{q.min_sharpness:g}, not under- or over-exposed, not uniform (config quality)",
+         "fitted_on": "not fitted (limits set on real HAM10000 images)", "threshold": None},
+        {"stage": 2, "name": "out-of-distribution score", "codes": [OOD_CODE], "on": ood_on,
+         "rule": f"{cfg.ood.method} distance of the models' penultimate features to the training classes; refused "
+                 f"above the threshold that {cfg.ood.target_tpr:.0%} of the validation images pass (config ood)"
+                 if ood_on else "off (ood.method none, or a bundle made without it)",
+         "fitted_on": "training split (class means, covariance), validation split (threshold)" if ood_on else "",
+         "threshold": _clean(ood_thr) if ood_on else None},
+        {"stage": 3, "name": "error-targeting refusal", "codes": [ERROR_CODE], "on": error["status"] == REPORTED,
+         "rule": error["rule"] if error["status"] == REPORTED else error["reason"],
+         "fitted_on": error["fitted_on"], "threshold": error["threshold"]},
+    ]
+
+
+def _site_gate(cross: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per external target site of the cross-site matrix: the gate's refusal rate and accuracy accepted vs refused."""
+    keep = ("train", "test", "variant", "rule", "refusal_rate", "accuracy_all", "accuracy_accepted", "accuracy_refused")
+    return [{k: r.get(k) for k in keep} for r in cross.get("refusal_rows") or []
+            if r.get("rule") == "gate" and r.get("test") != "internal"]
+
+
+def _refusal(sf: StudyFolder, cfg, manifest: dict[str, Any] | None = None,
+             cross: dict[str, Any] | None = None) -> dict[str, Any]:
     o = sf.ood_summary()
+    error = _error_refusal(cfg, o, manifest)
+    gate = {"gate": _gate(cfg, o, manifest, error), "error_refusal": error, "sites": _site_gate(cross or {})}
     if o is None:
         return not_run("ood.method is none: no out-of-distribution model was fitted" if cfg.ood.method == "none"
-                       else "the study's ood step has not run (no ood/ood.json)")
+                       else "the study's ood step has not run (no ood/ood.json)", **gate)
     return {"status": REPORTED, "reason": "", "threshold": _clean(o.get("threshold")),
             "test_images": int(o.get("test_images", 0)), "test_refused": _clean(o.get("test_refused")),
             "test_refused_by_quality": _clean(o.get("test_refused_by_quality")),
             "test_refused_by_ood": _clean(o.get("test_refused_by_ood")),
+            "test_refused_by_error": _clean(o.get("test_refused_by_error")),
             "validation_refused": _clean(o.get("validation_refused")),
             "sets": [{"set": s.get("set"), "images": int(s.get("images", 0)), "refused": _clean(s.get("refused")),
-                      "auroc": _clean(s.get("auroc"))} for s in o.get("sets", [])]}
+                      "refused_by_error": _clean(s.get("refused_by_error")), "auroc": _clean(s.get("auroc"))}
+                     for s in o.get("sets", [])],
+            **gate}
 
 
 def _subgroups(sf: StudyFolder, model: str | None, tone_column: str) -> dict[str, Any]:
@@ -341,6 +429,10 @@ def _limitations(data, split, perf, cal, refusal, subgroups, cross, external, cl
         out.append("Calibration not measured: the probabilities may be over- or under-confident.")
     if refusal["status"] != REPORTED:
         out.append("Refusal of unevaluable images not measured.")
+    if refusal.get("error_refusal", {}).get("status") != REPORTED:
+        out.append("No error-targeting (likely_wrong) refusal: the gate refuses strangers and poor images, not likely "
+                   "errors; on another clinic's dermoscopy the images it accepts may be less accurate than those it "
+                   "refuses.")
     if split.get("lesions_across_splits"):
         out.append(f"{split['lesions_across_splits']} leakage findings across splits: test numbers may be optimistic.")
     return out
@@ -403,9 +495,9 @@ def build_card(study_dir: str | Path, bundle_manifest: dict[str, Any] | None = N
     training = _training(sf, cfg, names)
     perf = _performance(sf, model, why, names, classes, lset.flag)
     cal, conf = _calibration(sf, model, cfg), _conformal(sf, model)
-    refusal = _refusal(sf, cfg)
     subgroups = _subgroups(sf, model, data.get("skin_tone_column", ""))
     cross = _cross_site(sf, cross_site_dir)
+    refusal = _refusal(sf, cfg, bundle_manifest, cross)
     external = _external(sf)
     bundle = None
     if bundle_manifest is not None:
