@@ -303,7 +303,8 @@ def _gate(cfg, o: dict[str, Any] | None, manifest: dict[str, Any] | None, error:
 
     q = cfg.quality
     ood_on = cfg.ood.method != "none" and (manifest is None or bool(manifest.get("ood")))
-    ood_thr = (o or {}).get("threshold") if o else ((manifest or {}).get("ood") or {}).get("threshold")
+    # a bundle fits its own OOD model (clinic.trust.fit_bundle_ood): its threshold is the one predict applies
+    ood_thr = ((manifest or {}).get("ood") or {}).get("threshold") if manifest else (o or {}).get("threshold")
     return [
         {"stage": 1, "name": "quality checks", "codes": [c for c in ADVICE if c != OOD_CODE], "on": True,
          "rule": f"fixed limits: shorter side >= {q.min_side} px, aspect <= {q.max_aspect:g}, sharpness >= "
