@@ -63,6 +63,15 @@ def test_subgroup_titles_and_notes_follow_the_label_set():
     assert "malignant" in notes and "melanoma" not in notes
 
 
+def test_model_card_tables_title_flag_metrics_and_flagged_lists():
+    from lesionlab.report.model_card import _compact
+
+    row = {"column": "sex", "MEL_auc": 0.5, "MEL_auc_lo": 0.1, "MEL_auc_hi": 0.9, "flagged": "MEL_auc;accuracy",
+           "note": None}
+    assert _compact([row], "malignant").to_dict("records") == [
+        {"column": "sex", "malignant AUC": "0.500 [0.10, 0.90]", "flagged": "malignant AUC, accuracy", "note": ""}]
+
+
 def test_cross_site_markdown_names_the_flag_metric():
     result = {"source_column": "source", "label_set": "binary", "archs": ["a"], "epochs": 1, "image_size": 32,
               "pretrained": "none", "min_class_images": 1,

@@ -287,6 +287,8 @@ def _compact(rows: list[dict[str, Any]], flag: str = "") -> pd.DataFrame:
                 continue
             if f"{k}_lo" in r:
                 row[k] = _ci({"value": r[k], "lo": r.get(f"{k}_lo"), "hi": r.get(f"{k}_hi")})
+            elif k == "flagged" and flag and r[k]:  # metric keys joined by ";" -> their titles
+                row[k] = ", ".join(metric_title(m, flag=flag) for m in str(r[k]).split(";") if m)
             else:  # an empty text cell (no flag, no note) stays empty; a missing number reads n/a
                 row[k] = "" if r[k] is None and k in ("flagged", "note", "skipped") else _num(r[k])
         out.append(row)

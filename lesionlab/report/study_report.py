@@ -150,7 +150,8 @@ def subgroups_section(rep, out: Path) -> None:
                 vals = [None if pd.isna(r[k]) else r[k] for k in (m, f"{m}_lo", f"{m}_hi")]
                 cell[lset.metric_title(m)] = _fmt(*vals)
             # an empty CSV cell reads as NaN, which is truthy: test for it, not `or ""`
-            cell["flagged"] = "" if pd.isna(r["flagged"]) else str(r["flagged"]).replace(";", ", ")
+            cell["flagged"] = "" if pd.isna(r["flagged"]) else ", ".join(
+                lset.metric_title(k) for k in str(r["flagged"]).split(";") if k)
             cell["note"] = "" if pd.isna(r["note"]) else str(r["note"])
             cells.append(cell)
         rep.table(pd.DataFrame(cells))
