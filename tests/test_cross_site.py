@@ -15,7 +15,7 @@ from lesionlab.data.synth import SYNTH_SOURCES, make_synthetic_sources
 from lesionlab.exceptions import UserError
 from lesionlab.workflows import cross_site as cs
 
-FAST = ["--config", "demo", "--set", "train.archs=[timm:resnet10t]", "--set", "data.image_size=32",
+FAST = ["--config", "demo", "--set", "train.archs=[timm:resnet10t]", "--set", "cross_site.archs=[timm:resnet10t]", "--set", "data.image_size=32",
         "--set", "train.epochs=2", "--set", "eval.bootstrap=20", "--set", "data.batch_size=32", "--set", "train.precision=fp32",
         "--set", "quality.min_side=40", "--set", "ood.fit_per_class=10", "--set", "split.train=0.6",
         "--set", "split.val=0.2", "--set", "split.test=0.2", "--no-progress"]

@@ -17,7 +17,7 @@ from lesionlab.report.cross_site import cross_site_markdown, result_label_set
 from lesionlab.workflows import study
 
 # the smallest study with every report section the names appear in (no robustness, OOD or gallery: their own tests)
-TINY = ["synth_images=56", "synth_size=[96,72]", "data.image_size=32", "train.epochs=1", "train.max_steps_per_epoch=2",
+TINY = ["synth_images=56", "synth_sources=1", "synth_size=[96,72]", "data.image_size=32", "train.epochs=1", "train.max_steps_per_epoch=2",
         "eval.bootstrap=10", "train.precision=fp32", "data.batch_size=16", "data.num_workers=0",
         "train.archs=[timm:resnet10t]", "explain.gallery=false", "robustness.enabled=false", "ood.method=none",
         "reader_study.simulate=false", "cross_site.enabled=false"]

@@ -12,7 +12,7 @@ from lesionlab.config import load_config
 from lesionlab.exceptions import UserError
 from lesionlab.workflows import study
 
-TINY = ["synth_images=56", "synth_size=[160,120]", "data.image_size=32", "train.epochs=1",
+TINY = ["synth_images=56", "synth_sources=1", "synth_size=[160,120]", "data.image_size=32", "train.epochs=1",
         "train.max_steps_per_epoch=2", "eval.bootstrap=10", "train.precision=fp32", "data.batch_size=16",
         "data.num_workers=0", "train.archs=[timm:resnet10t,timm:resnet14t]", "explain.gallery=false",
         "robustness.perturbations=[brightness]", "robustness.max_levels=1", "robustness.max_images=8",

@@ -19,7 +19,7 @@ from lesionlab.cli.main import main
 from lesionlab.labels import BINARY, CLASSES
 
 # a binary study at its smallest: one tiny architecture, 32 px, one epoch of two steps, no robustness / OOD / gallery
-STUDY_SETS = ["synth_images=56", "synth_size=[160,120]", "data.image_size=32", "train.epochs=1",
+STUDY_SETS = ["synth_images=56", "synth_sources=1", "synth_size=[160,120]", "data.image_size=32", "train.epochs=1",
               "train.max_steps_per_epoch=2", "eval.bootstrap=10", "train.precision=fp32", "data.batch_size=16",
               "data.num_workers=0", "train.archs=[timm:resnet10t]", "explain.gallery=false",
               "robustness.enabled=false", "ood.method=none", "reader_study.simulate=false", "data.labels=binary"]

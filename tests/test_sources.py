@@ -143,7 +143,7 @@ def test_two_source_study_reports_the_duplicates(tmp_path):
     cfg = load_config("demo", ["data.image_size=32", "train.epochs=1", "train.max_steps_per_epoch=1",
                                "eval.bootstrap=5", "train.precision=fp32", "data.num_workers=0",
                                "train.archs=[timm:resnet10t]", "explain.gallery=false", "robustness.enabled=false",
-                               "ood.method=none", "data.labels=binary",
+                               "ood.method=none", "data.labels=binary", "cross_site.enabled=false",
                                f"sources=[{{name: A, data: {a}}}, {{name: B, data: {b}}}]"])
     study.run_study(cfg, out, progress=False)
     pairs = pd.read_csv(out / "cross_source_duplicates.csv", dtype=str)

@@ -17,7 +17,7 @@ from lesionlab.workflows import study
 @pytest.fixture(scope="module")
 def small_study(tmp_path_factory):
     out = tmp_path_factory.mktemp("study")
-    cfg = load_config("demo", ["synth_images=90", "synth_size=[80,60]", "data.image_size=32", "train.epochs=1",
+    cfg = load_config("demo", ["synth_images=90", "synth_sources=1", "synth_size=[80,60]", "data.image_size=32", "train.epochs=1",
                                "eval.bootstrap=20", "train.precision=fp32", "data.batch_size=16",
                                # the robustness step's own tests cover every perturbation; here two keep it cheap
                                "robustness.perturbations=[brightness,rotation]", "robustness.max_levels=1"])
@@ -301,7 +301,7 @@ def test_steps_prune_removes_steps_no_longer_in_the_study(tmp_path):
 # ----------------------------------------------------------------------------- fingerprinted steps, end to end
 
 
-TINY = ["synth_images=56", "synth_size=[48,36]", "data.image_size=32", "train.epochs=1", "train.max_steps_per_epoch=2",
+TINY = ["synth_images=56", "synth_sources=1", "synth_size=[48,36]", "data.image_size=32", "train.epochs=1", "train.max_steps_per_epoch=2",
         "eval.bootstrap=10", "train.precision=fp32", "data.batch_size=16", "data.num_workers=0"]
 TWO = ["train.archs=[timm:resnet10t,timm:resnet14t]", "explain.gallery=false"]
 

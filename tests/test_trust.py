@@ -104,7 +104,7 @@ def test_trust_acceptance_on_the_real_study():
     assert acc["mel_coverage"] >= 0.87
 
 
-TINY_STUDY = ["synth_images=56", "synth_size=[48,36]", "data.image_size=32", "train.epochs=1",
+TINY_STUDY = ["synth_images=56", "synth_sources=1", "synth_size=[48,36]", "data.image_size=32", "train.epochs=1",
               "train.max_steps_per_epoch=2", "eval.bootstrap=10", "train.precision=fp32", "data.batch_size=16",
               "data.num_workers=0", "train.archs=[timm:resnet10t,timm:resnet14t]", "explain.gallery=false"]
 

@@ -315,8 +315,11 @@ def _subgroups(p: argparse.ArgumentParser):
                                       n_boot=a.bootstrap, min_images=a.min_images, mel_threshold=a.threshold)
         for n in notes:
             print(f"note: {n}")
-        shown = table[["model", "column", "subgroup", "n_images", "n_MEL", "balanced_accuracy", "MEL_sensitivity",
-                       "MEL_auc", "flagged", "note"]]
+        from lesionlab.labels import metric_title
+
+        keys = ["n_MEL", "balanced_accuracy", "MEL_sensitivity", "MEL_auc"]
+        shown = table[["model", "column", "subgroup", "n_images", *keys, "flagged", "note"]].rename(
+            columns={k: metric_title(k) for k in keys})  # `subgroups` reads ham7 prediction files
         print(shown.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
         flagged = table[table["flagged"] != ""]
         print(f"{len(flagged)} subgroup(s) with a CI wholly below the overall value; wrote {a.out}/subgroups.csv")
@@ -521,7 +524,7 @@ def _explain(p: argparse.ArgumentParser):
 # ----------------------------------------------------------------------------- clinic-facing inference
 
 
-@command("bundle", "pack trained models, the melanoma threshold and a hashed manifest for deployment")
+@command("bundle", "pack trained models, the flag-class (melanoma) threshold and a hashed manifest for deployment")
 def _bundle(p: argparse.ArgumentParser):
     p.add_argument("--runs", type=Path, nargs="+", required=True, help="run/model folders (e.g. STUDY/runs)")
     p.add_argument("--out", type=Path, required=True)
@@ -549,8 +552,11 @@ def _bundle(p: argparse.ArgumentParser):
         m = make_bundle(a.runs, a.out, threshold=a.threshold, target_sensitivity=a.target_sensitivity, study=a.study,
                         tta=a.tta, precision=a.precision, data=a.data, ood=a.ood, onnx=a.onnx,
                         int8=a.int8)
+        from lesionlab.labels import LabelSet
+
         t, inf = m["melanoma_threshold"], m["inference"]
-        print(f"wrote {a.out}: {len(m['members'])} members, melanoma threshold {t['value']:.4f} ({t['source']}); "
+        flag = LabelSet.from_dict(m["label_set"]).flag_title if m.get("label_set") else "melanoma"
+        print(f"wrote {a.out}: {len(m['members'])} members, {flag} threshold {t['value']:.4f} ({t['source']}); "
               f"predict and serve will run with TTA {'on' if inf['tta'] else 'off'} at {inf['precision'] or 'auto'} "
               f"precision ({inf['source']})")
         trust, ood = m["trust"], m["ood"]

@@ -180,6 +180,20 @@ def make_synthetic(
     """
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
+    meta, jobs = _plan(n_images, seed, min_per_class, metadata_signal)
+
+    def one(job) -> None:
+        iid, cls, params, variant = job
+        render_lesion(cls, params, size, variant).save(out / "images" / f"{iid}.jpg", quality=90)
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # numpy and PIL release the GIL
+        list(tqdm(pool.map(one, jobs), total=len(jobs), desc="synthesising images", disable=not progress))
+    atomic_write_csv(out / HAM_METADATA, meta)
+    return meta
+
+
+def _plan(n_images: int, seed: int, min_per_class: int, metadata_signal: float) -> tuple[pd.DataFrame, list]:
+    """The metadata of a synthetic dataset and the render job of each image (image id, class, lesion, variant)."""
     rng = np.random.default_rng(seed)
     site_rng = np.random.default_rng([seed, 1])  # its own stream: datasets without the signal stay as they were
     rows = []
@@ -212,15 +226,7 @@ def make_synthetic(
                 variant = dict(k=v, angle=float(rng.uniform(-180, 180)), zoom=float(rng.uniform(0.85, 1.15)), light=float(rng.uniform(0.85, 1.1)))
                 jobs.append((iid, cls, params, variant))
                 rows.append(dict(lesion_id=f"HAM_{lesion_no:07d}", image_id=iid, dx=CLASS_TO_DX[cls], dx_type=dx_type, age=age, sex=sex, localization=loc))
-    def one(job) -> None:
-        iid, cls, params, variant = job
-        render_lesion(cls, params, size, variant).save(out / "images" / f"{iid}.jpg", quality=90)
-
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # numpy and PIL release the GIL
-        list(tqdm(pool.map(one, jobs), total=len(jobs), desc="synthesising images", disable=not progress))
-    meta = pd.DataFrame(rows)
-    atomic_write_csv(out / HAM_METADATA, meta)
-    return meta
+    return pd.DataFrame(rows), jobs
 
 
 def classes_present(meta: pd.DataFrame) -> list[str]:
@@ -253,14 +259,7 @@ def make_synthetic_sources(out_dir: str | Path, *, n_images: int = 300, seed: in
     out = Path(out_dir)
     meta = make_synthetic(out, n_images=n_images, seed=seed, size=size, min_per_class=sources_min_per_class(len(srcs)),
                           progress=progress)
-    rng = np.random.default_rng([seed, 7])
-    names = list(srcs)
-    site: dict[str, str] = {}
-    for _, g in meta.groupby("dx", sort=True):
-        lesions = list(dict.fromkeys(g["lesion_id"]))
-        for k, les in enumerate(rng.permutation(lesions)):
-            site[str(les)] = names[k % len(names)]
-    meta["dataset"] = meta["lesion_id"].map(site)
+    meta["dataset"] = _clinics(meta, list(srcs), seed)
     for iid, src in zip(meta["image_id"], meta["dataset"], strict=True):
         gains = np.asarray(srcs[src], np.float32)
         if np.allclose(gains, 1.0):
@@ -269,6 +268,26 @@ def make_synthetic_sources(out_dir: str | Path, *, n_images: int = 300, seed: in
         im = np.asarray(Image.open(f).convert("RGB"), np.float32) * gains
         Image.fromarray(np.uint8(np.clip(im, 0, 255))).save(f, quality=90)
     atomic_write_csv(out / HAM_METADATA, meta)
+    return meta
+
+
+def _clinics(meta: pd.DataFrame, names: list[str], seed: int) -> pd.Series:
+    """Each image's clinic: the lesions of each class dealt round-robin (seeded order) to the clinics."""
+    rng = np.random.default_rng([seed, 7])
+    site: dict[str, str] = {}
+    for _, g in meta.groupby("dx", sort=True):
+        lesions = list(dict.fromkeys(g["lesion_id"]))
+        for k, les in enumerate(rng.permutation(lesions)):
+            site[str(les)] = names[k % len(names)]
+    return meta["lesion_id"].map(site)
+
+
+def synthetic_metadata(n_images: int, seed: int, sources: int = 1) -> pd.DataFrame:
+    """The metadata `synthesize` writes for these settings, without making any image (for planning a demo's work)."""
+    if sources == 1:
+        return _plan(n_images, seed, 6, 0.0)[0]
+    meta = _plan(n_images, seed, sources_min_per_class(sources), 0.0)[0]
+    meta["dataset"] = _clinics(meta, list(SYNTH_SOURCES)[:sources], seed)
     return meta
 
 

@@ -71,6 +71,8 @@ class Report:
         self.md.append(f"> {text}\n")
 
     def table(self, df: pd.DataFrame) -> None:
+        """A table in both documents; a missing value (not measured, or not defined for that row) reads "n/a"."""
+        df = df.astype(object).where(df.notna(), "n/a")
         self.html.append(df.to_html(index=False, escape=True, border=0, classes="t"))
         self.md.append(df.to_markdown(index=False) + "\n")
 

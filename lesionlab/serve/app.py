@@ -29,6 +29,7 @@ from lesionlab.serve.audit import AuditLog
 from lesionlab.serve.docs import mount_offline_docs
 from lesionlab.serve.gate import Gate
 from lesionlab.serve.metrics import ServiceMetrics
+from lesionlab.serve.probes import add_probes
 from lesionlab.serve.security import BodySizeLimit, guard
 from lesionlab.serve.tokens import TokenStore
 from lesionlab.serve.work import Busy, WorkLimiter
@@ -125,14 +126,7 @@ def create_app(
         return Response(resources.files("lesionlab.serve").joinpath(f"static/{name}").read_text(),
                         media_type=SHARED_STATIC[name])
 
-    @app.get("/livez", include_in_schema=False)
-    def livez() -> dict[str, str]:
-        return {"status": "alive"}
-
-    @app.get("/readyz", include_in_schema=False)
-    def readyz() -> JSONResponse:
-        ready = bool(app.state.ready)
-        return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
+    add_probes(app)
 
     @app.get("/metrics", include_in_schema=False)
     def prometheus() -> Response:

@@ -31,6 +31,7 @@ from lesionlab.exceptions import UserError
 from lesionlab.serve.audit import AuditLog
 from lesionlab.serve.gate import OUTCOMES, Gate
 from lesionlab.serve.metrics import ReaderMetrics
+from lesionlab.serve.probes import add_probes
 from lesionlab.serve.security import BodySizeLimit, guard
 from lesionlab.workflows.reader_study import reading
 from lesionlab.workflows.reader_study.db import Reader, ReaderDB, Study, open_db
@@ -187,21 +188,15 @@ def create_reader_app(db: str | Path | ReaderDB, settings: ReaderServiceSettings
             return JSONResponse({"error": f"no static file {name!r}"}, status_code=404)
         return Response(_static(name), media_type=STATIC[name])
 
-    @app.get("/livez", include_in_schema=False)
-    def livez() -> dict[str, str]:
-        return {"status": "alive"}
+    def database_answers() -> bool:
+        try:
+            with rdb.read() as session:
+                session.execute(sa.text("SELECT 1"))
+        except sa.exc.SQLAlchemyError:
+            return False
+        return True
 
-    @app.get("/readyz", include_in_schema=False)
-    def readyz() -> JSONResponse:
-        """Ready while not shutting down (see `runner`) and while the database answers."""
-        ready = bool(app.state.ready)
-        if ready:
-            try:
-                with rdb.read() as session:
-                    session.execute(sa.text("SELECT 1"))
-            except sa.exc.SQLAlchemyError:
-                ready = False
-        return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
+    add_probes(app, database_answers)  # ready while not shutting down and while the database answers
 
     @app.get("/metrics", include_in_schema=False)
     def prometheus(request: Request, authorization: str | None = Header(None)) -> Response:

@@ -342,6 +342,13 @@ def run_cross_site(cfg: StudyConfig, out_dir: str | Path, *, data: str | Path | 
         split_hash = sha256_file(folder / "splits.csv")
         df_g["split"] = sp["split"].to_numpy()  # make_split keeps the input order
         parts = {s: df_g[df_g["split"] == s].reset_index(drop=True) for s in ("train", "val", "test")}
+        empty = [s for s, f in parts.items() if f.empty]
+        if empty:  # too few lesions at this source to train, validate and test on: its row stays empty
+            why = f"{name} has too few lesions for a {'/'.join(empty)} part ({len(df_g)} images)"
+            log.warning("cross-site: %s; skipped", why)
+            result["cells"].extend({"train": name, "test": t, "variant": v, "skipped": why}
+                                   for v in variants for t in tests)
+            continue
         for variant in variants:
             vcfg = _variant_cfg(cfg, variant)
             log.info("cross-site: %s, %s: training %s on %d images (%d validation)", name, variant,
@@ -385,7 +392,7 @@ def run_cross_site(cfg: StudyConfig, out_dir: str | Path, *, data: str | Path | 
                              vname, _fmt(cell, "internal"), _fmt(cell, t))
             atomic_write_json(out / "cross_site.json", result)  # progress survives an interrupted run
     atomic_write_json(out / "cross_site.json", result)
-    write_cross_site_report(result, out)
+    write_cross_site_report(result, out, labels=lset)
     return result
 
 

@@ -17,6 +17,7 @@ from lesionlab.clinic.screening import Screener, screen_table
 from lesionlab.data.images import load_image
 from lesionlab.data.ood_images import degraded_lesions, synthetic_ood_images
 from lesionlab.evaluation.ood import ood_metrics
+from lesionlab.evaluation.selective import selective_summary
 from lesionlab.io import atomic_write_json
 from lesionlab.report.figures import plot_ood_scores
 
@@ -46,8 +47,15 @@ def refusal_summary(test: pd.DataFrame, sets: dict[str, pd.DataFrame], threshold
 
 
 def refusal_report(screener: Screener, test_df: pd.DataFrame, out_dir: Path, *, n_degraded: int = 100, seed: int = 0,
-                   batch_size: int = 64, progress: bool = True) -> dict[str, Any]:
-    """Refusals on the test split and on synthetic / degraded images; `ood.json` and `ood_scores.png` in out_dir."""
+                   batch_size: int = 64, progress: bool = True, correct: np.ndarray | None = None,
+                   error_refusal: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Refusals on the test split and on synthetic / degraded images; `ood.json` and `ood_scores.png` in out_dir.
+
+    Args:
+        correct: per test row, whether the model's answer was right: adds `test_accuracy` (all, accepted and
+            refused images; evaluation.selective.selective_summary).
+        error_refusal: the fitted likely_wrong score's record (clinic.trust.fit_error_refusal), kept as is.
+    """
     if screener.ood is None:
         raise ValueError("refusal_report needs a screener with an OOD model")  # the study calls it only with one
     out_dir = Path(out_dir)
@@ -58,6 +66,10 @@ def refusal_report(screener: Screener, test_df: pd.DataFrame, out_dir: Path, *, 
               **degraded_lesions([load_image(test_df["path"].iloc[i]) for i in pick])}
     sets = {g: screen_table(screener, ims, batch_size=batch_size, progress=False) for g, ims in groups.items()}
     summary = refusal_summary(test, sets, screener.ood.threshold, screener.ood.info.get("validation_refused"))
+    if correct is not None:
+        summary["test_accuracy"] = selective_summary(correct, test["refused"].to_numpy())
+    if error_refusal:
+        summary["error_refusal"] = error_refusal
     plot_ood_scores({"test split": test["ood_score"].to_numpy(), **{g: s["ood_score"].to_numpy() for g, s in sets.items()}},
                     screener.ood.threshold, out_dir / "ood_scores.png", first="test split")
     atomic_write_json(out_dir / "ood.json", summary)

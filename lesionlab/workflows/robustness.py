@@ -22,7 +22,7 @@ from lesionlab.evaluation.consistency import consistency_table, image_vs_lesion
 from lesionlab.evaluation.ensemble import ENSEMBLE
 from lesionlab.exceptions import UserError
 from lesionlab.io import atomic_write_csv, atomic_write_json
-from lesionlab.labels import CLASS_INDEX
+from lesionlab.labels import CLASS_INDEX, metric_title
 
 PLOTTED = ("flip_rate", "delta_balanced_accuracy", "delta_mel_sensitivity", "delta_macro_auc")
 
@@ -124,8 +124,8 @@ def run_robustness(
     atomic_write_csv(out / "robustness_summary.csv", summarize_robustness(table))
     for metric in plots:
         if table[metric].notna().any():
-            plot_robustness(table, metric, out / f"robustness_{metric}.png",
-                            title=f"{metric.replace('_', ' ')} vs severity ({len(sample)} images{', TTA' if rc.tta else ''})")
+            plot_robustness(table, metric, out / f"robustness_{metric}.png", labels=cfg.data.labels,
+                            title=f"{metric_title(metric, cfg.data.labels)} vs severity ({len(sample)} images{', TTA' if rc.tta else ''})")
     cons = pd.DataFrame()
     if consistency:
         lids = np.asarray(lesion_ids if lesion_ids is not None else df.get("lesion_id", df.index.astype(str)))

@@ -423,7 +423,7 @@ def _run_study(cfg: StudyConfig, out: Path, archs: list[str], *, data: str | Pat
         steps.run("subgroups", lambda: write_subgroups(
             sf.folder("subgroups"), yt, {n: pt[n] for n in sub_names}, test_ids, table.df, groups=groups,
             columns=sub_cols, n_boot=cfg.eval.bootstrap, ci=cfg.eval.ci, min_images=cfg.eval.subgroup_min_images,
-            file_names={n: file_stem(n) for n in sub_names}),
+            file_names={n: file_stem(n) for n in sub_names}, labels=lset),
             config={"eval": section(cfg.eval, keep=("bootstrap", "ci", "subgroup_columns", "subgroup_min_images")),
                     "subgroups.columns": sub_cols},  # the columns found in the table, not only those named
             inputs={"metadata": Path(table.source)}, upstream=["split", *prob_steps, "metrics"],
@@ -476,15 +476,21 @@ def _run_study(cfg: StudyConfig, out: Path, archs: list[str], *, data: str | Pat
             trust = sf.trust()
             err = fit_error_refusal(sf, [file_stem(a) for a in archs], trust,
                                     validation_ood_scores(ood, val_out, va), cfg.trust)
+            # the accuracy of accepted vs refused test images, from the study's ensemble (else best) predictions
+            pos = {i: k for k, i in enumerate(test_ids)}
+            rows = [pos[i] for i in te["image_id"]]
+            probs = pt[ENSEMBLE if ENSEMBLE in pt else best]
             refusal_report(Screener(preds, cfg.quality, ood, trust=trust, tta=cfg.eval.tta,
                                     error=RefusalScore.from_dict(err) if err else None),
                            te, sf.folder("ood"), n_degraded=min(100, len(te)), batch_size=cfg.data.batch_size,
-                           progress=progress)
+                           progress=progress, correct=np.asarray(probs)[rows].argmax(1) == np.asarray(yt)[rows],
+                           error_refusal=err)
 
         steps.run("ood", do_ood, config={"ood": cfg.ood, "quality": cfg.quality, "trust": cfg.trust,
                                          "eval.tta": cfg.eval.tta, "train.device": cfg.train.device,
                                          "train.precision": cfg.train.precision},
-                  upstream=["split", "trust", *train_steps], outputs=[sf.folder("ood")], code=STEP_CODE["ood"])
+                  upstream=["split", "trust", *train_steps, *prob_steps], outputs=[sf.folder("ood")],
+                  code=STEP_CODE["ood"])
     if cfg.cross_site.enabled and not multi:
         log.info("cross_site.enabled: skipped, the data has one source (a `dataset` column or several --data needed)")
     elif cfg.cross_site.enabled:  # train on each source, test on the others (lesionlab.workflows.cross_site)
