@@ -17,9 +17,11 @@ the device). Both go through the same dataset, uint8 image cache, sampler and lo
 from __future__ import annotations
 
 import argparse
+import atexit
 import itertools
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -86,6 +88,7 @@ def main() -> None:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     work = Path(tempfile.mkdtemp(prefix="lesionlab-bench-aug-"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)  # scratch: results go elsewhere
     data = a.data
     if not data:
         from lesionlab.data.synth import make_synthetic

@@ -16,10 +16,12 @@ section fit in the session (`session_plan`; tests/test_gpu_check_dryrun.py check
 from __future__ import annotations
 
 import argparse
+import atexit
 import datetime as dt
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -250,6 +252,7 @@ def main() -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="lesionlab-gpu-check-"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)  # scratch: results go elsewhere
     only = [s.strip() for s in a.only.split(",") if s.strip()]
     bad = sorted(set(only) - set(SECTIONS))
     if bad:

@@ -93,6 +93,26 @@ def test_binary_study_bundle_predict(binary_study, tmp_path):
     with pytest.raises(UserError, match="class columns"):
         ens.check_truth_columns(["image", *labels.CLASSES], "truth.csv")
 
+    # ... and through the service: health names the set, the answer (JSON and FHIR) is in its classes
+    import io
+
+    from fastapi.testclient import TestClient
+
+    from lesionlab.serve.app import create_app
+
+    c = TestClient(create_app(ens, audit_log=None))
+    h = c.get("/api/health").json()
+    assert h["label_set"] == "binary" and h["flag_class"] == "MALIGNANT"
+    assert [k["code"] for k in h["classes"]] == ["MALIGNANT", "BENIGN"]
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    a = c.post("/api/predict?research=true", files={"image": ("x.png", buf.getvalue(), "image/png")})
+    assert a.status_code == 200, a.text
+    body = a.json().get("research", a.json())
+    assert set(body["probabilities"]) == {"MALIGNANT", "BENIGN"} and body["label_set"] == "binary"
+    fhir = c.post("/api/predict?format=fhir", files={"image": ("x.png", buf.getvalue(), "image/png")})
+    assert fhir.status_code == 200 and fhir.json()["resourceType"] == "Bundle"
+
 
 def test_isic2019_study_classes(tmp_path):
     out = tmp_path / "study"
