@@ -159,6 +159,7 @@ def test_cross_site_is_a_study_step_and_a_report_section(clinics, tmp_path):
     assert set(m["train"]) == set(SYNTH_SOURCES) and (m["test"] == "internal").any()
     md = (out / "report.md").read_text()
     assert "## Cross-site validation" in md and "cross_site/figures/" in md
+    assert "Refusal per target site" in md and "accuracy (accepted)" in md  # the gate per site, in the report
     steps = json.loads((out / "steps.json").read_text())
     assert steps["cross-site"]["status"] == "ran"
     study.run_study(cfg, out, data=d, progress=False)

@@ -391,6 +391,19 @@ def report_study(out: Path, cfg: StudyConfig, names: list[str], all_names: list[
                  "cross_site/cross_site.md).")
         rep.table(matrix[keep].round(3).rename(columns={c: lset.metric_title(c) for c in keep
                                                         if c not in ("variant", "train", "test", "images")}))
+        refusal_csv = sf.folder("cross_site") / "refusal.csv"
+        ref = pd.read_csv(refusal_csv) if refusal_csv.exists() else pd.DataFrame()
+        if len(ref):  # per target site: the quality + OOD gate, and the score fitted to refuse likely errors
+            ref = ref[(ref["test"] != "internal") & ref["rule"].isin(["gate", "combined"])]
+            rep.para("Refusal per target site: `gate` is the quality and out-of-distribution gate alone; `combined` "
+                     "refuses the images whose score of a wrong answer (OOD score, calibrated confidence and conformal "
+                     "set size, fitted on the internal validation) is highest. Accepted images should be at least as "
+                     "accurate as all images.")
+            rep.table(ref[["variant", "train", "test", "rule", "n", "refusal_rate", "accuracy_all", "accuracy_accepted",
+                           "accuracy_refused", "accepted_at_least_all"]].round(3).rename(columns={
+                               "n": "images", "refusal_rate": "refused", "accuracy_all": "accuracy (all)",
+                               "accuracy_accepted": "accuracy (accepted)", "accuracy_refused": "accuracy (refused)",
+                               "accepted_at_least_all": "accepted >= all"}))
         for fig in sorted((sf.folder("cross_site") / "figures").glob("*.png")):
             rep.figure(fig, fig.stem.replace("_", " "), md_rel=f"cross_site/figures/{fig.name}")
     readers = sf.folder("reader_study") / "summary.json"
