@@ -66,7 +66,8 @@ def test_fhir_bundle_round_trips_every_field():
         assert o.device.reference == device_url and o.subject.reference == "Patient/42"
     mel = obs["probability-MEL"].component[0].valueCodeableConcept
     assert any(c.system == SNOMED and c.code == "372244006" for c in mel.coding) and _local(mel, "MEL")
-    assert _local(obs["top-diagnosis"].valueCodeableConcept, "NV")
+    top = obs["top-diagnosis"].valueCodeableConcept
+    assert _local(top, "NV") and any(c.system == SNOMED and c.code == "400096001" for c in top.coding)
     diff = obs["differential"]
     members = [comp.valueCodeableConcept for comp in diff.component if comp.valueCodeableConcept is not None]
     assert [next(c.code for c in m.coding if c.system == LOCAL_SYSTEM) for m in members] == ["NV", "MEL"]
@@ -127,7 +128,8 @@ def test_dicom_sr_round_trips_through_highdicom(tmp_path):
     assert {c: values[f"probability-{c}"] for c in CLASSES} == pytest.approx(PROBS)
     assert values["melanoma-threshold"] == pytest.approx(0.15) and values["ood-score"] == pytest.approx(1.25)
     evals = [(q.name.value, q.value.value) for q in group.get_qualitative_evaluations()]
-    assert evals == [("top-diagnosis", "NV"), ("differential-member", "NV"), ("differential-member", "372244006"),
+    assert evals == [("top-diagnosis", "400096001"), ("differential-member", "400096001"),
+                     ("differential-member", "372244006"),
                      ("melanoma-flag", "373066001")]
     # a refused image: its reasons, no diagnosis
     (group,) = hd.sr.srread(write_structured_report(REFUSED, d.dicom.header, tmp_path / "r.dcm")

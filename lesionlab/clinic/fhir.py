@@ -28,7 +28,8 @@ the local code system `LOCAL_SYSTEM` (a receiving system maps it, or uses the di
     MEL    372244006 Malignant melanoma (disorder)           MEL
     BCC    254701007 Basal cell carcinoma of skin (disorder) BCC
     AKIEC  201101007 Actinic keratosis (disorder)            AKIEC  (the class also holds Bowen's disease)
-    NV     -  (local only: no single concept checked here)   NV
+    NV     400096001 Melanocytic naevus (disorder)           NV
+    AK     201101007 Actinic keratosis (disorder)            AK     (isic2019: actinic keratosis, SCC apart)
     BKL    -  (groups seborrhoeic keratosis, solar lentigo,  BKL
               lichen-planus-like keratosis)
     DF     -                                                 DF
@@ -62,6 +63,8 @@ SNOMED_DIAGNOSES: dict[str, tuple[str, str]] = {
     "MEL": ("372244006", "Malignant melanoma"),
     "BCC": ("254701007", "Basal cell carcinoma of skin"),
     "AKIEC": ("201101007", "Actinic keratosis"),
+    "AK": ("201101007", "Actinic keratosis"),
+    "NV": ("400096001", "Melanocytic naevus"),
 }
 
 
