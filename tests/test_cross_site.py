@@ -164,3 +164,26 @@ def test_cross_site_is_a_study_step_and_a_report_section(clinics, tmp_path):
     assert steps["cross-site"]["status"] == "ran"
     study.run_study(cfg, out, data=d, progress=False)
     assert json.loads((out / "steps.json").read_text())["cross-site"]["status"] == "reused"
+
+
+def test_a_study_whose_clinics_are_too_small_still_reaches_its_report(tmp_path, capsys):
+    """Sources too small to split (or sharing too few classes) are named in the report, not a crash; a bad
+    cross-site setting is refused in one line before the first step."""
+    from lesionlab.config import load_config
+    from lesionlab.workflows import study
+
+    cheap = ["synth_images=60", "synth_size=[64,48]", "data.image_size=32", "train.epochs=1",
+             "train.max_steps_per_epoch=1", "train.archs=[timm:resnet10t]", "cross_site.archs=[timm:resnet10t]",
+             "eval.bootstrap=5", "robustness.enabled=false", "ood.method=none", "explain.gallery=false",
+             "reader_study.simulate=false", "train.precision=fp32"]
+    out = tmp_path / "s"
+    study.run_study(load_config("demo", cheap), out, progress=False)
+    md = (out / "report.md").read_text()
+    assert "## Cross-site validation" in md and "Not evaluated (" in md and "too few lesions" in md
+    bad = tmp_path / "bad"
+    assert main(["demo", "--out", str(bad), *(x for o in [*cheap, "cross_site.epochs=-1"] for x in ("--set", o))]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("cross_site.epochs is -1; give 0 (the study's train.epochs) or more") and len(err.splitlines()) == 1
+    assert not (bad / "steps.json").exists()
+    assert main(["demo", "--out", str(bad), *(x for o in [*cheap, "cross_site.archs=[nope]"] for x in ("--set", o))]) == 2
+    assert "unknown architecture 'nope'" in capsys.readouterr().err

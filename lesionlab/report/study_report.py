@@ -219,6 +219,14 @@ def _flag(m: dict) -> str:
     return m["classes"][0]
 
 
+def _csv_or_empty(path: Path) -> pd.DataFrame:
+    """A CSV table, or an empty frame where the file is missing or has no rows (e.g. every cell was skipped)."""
+    try:
+        return pd.read_csv(path)
+    except (FileNotFoundError, pd.errors.EmptyDataError):
+        return pd.DataFrame()
+
+
 def report_study(out: Path, cfg: StudyConfig, names: list[str], all_names: list[str], best: str,
                  mets: dict[str, dict]) -> Path:
     """Write report.html (self-contained) and report.md from the study folder's files."""
@@ -383,16 +391,20 @@ def report_study(out: Path, cfg: StudyConfig, names: list[str], all_names: list[
     xs_md = sf.folder("cross_site") / "cross_site.md"
     if xs_md.exists():  # `cross_site.enabled` on several sources: the matrix, its heat maps, refusal per site
         rep.heading("Cross-site validation")
-        matrix = pd.read_csv(sf.folder("cross_site") / "matrix.csv")
+        matrix = _csv_or_empty(sf.folder("cross_site") / "matrix.csv")
         keep = [c for c in ("variant", "train", "test", "images", "balanced_accuracy", "balanced_accuracy_drop",
                             "macro_auc", "MEL_auc", "ece", "coverage") if c in matrix.columns]
         rep.para("Trained on the sources named under train, tested on their own internal test split and on every "
                  "other source, on the classes both share (full tables with CIs, refusal per site and the commands: "
                  "cross_site/cross_site.md).")
-        rep.table(matrix[keep].round(3).rename(columns={c: lset.metric_title(c) for c in keep
-                                                        if c not in ("variant", "train", "test", "images")}))
-        refusal_csv = sf.folder("cross_site") / "refusal.csv"
-        ref = pd.read_csv(refusal_csv) if refusal_csv.exists() else pd.DataFrame()
+        cells = json.loads((sf.folder("cross_site") / "cross_site.json").read_text()).get("cells", [])
+        skipped = sorted({f"{c['train']} -> {c['test']}: {c['skipped']}" for c in cells if "skipped" in c})
+        if skipped:
+            rep.para(f"Not evaluated ({len(skipped)}): " + "; ".join(skipped) + ".")
+        if len(matrix):
+            rep.table(matrix[keep].round(3).rename(columns={c: lset.metric_title(c) for c in keep
+                                                            if c not in ("variant", "train", "test", "images")}))
+        ref = _csv_or_empty(sf.folder("cross_site") / "refusal.csv")
         if len(ref):  # per target site: the quality + OOD gate, and the score fitted to refuse likely errors
             ref = ref[(ref["test"] != "internal") & ref["rule"].isin(["gate", "combined"])]
             rep.para("Refusal per target site: `gate` is the quality and out-of-distribution gate alone; `combined` "

@@ -234,7 +234,17 @@ def _slug(name: str) -> str:
 
 
 def cross_site_models(cfg: StudyConfig) -> StudyConfig:
-    """`cfg` with the models the matrix trains: `cross_site.archs` / `cross_site.epochs` where set, else the study's."""
+    """`cfg` with the models the matrix trains: `cross_site.archs` / `cross_site.epochs` where set, else the study's.
+
+    Raises a one-line UserError for an unknown architecture or a negative epoch count (a study checks this before
+    its first step, not when it reaches the matrix).
+    """
+    from lesionlab import models
+
+    if cfg.cross_site.epochs < 0:
+        raise UserError(f"cross_site.epochs is {cfg.cross_site.epochs}; give 0 (the study's train.epochs) or more")
+    for arch in models.expand_archs(cfg.cross_site.archs):
+        models.resolve(arch)  # names the valid architectures
     c = config_from_dict(cfg.to_dict())
     if cfg.cross_site.archs:
         c.train.archs = list(cfg.cross_site.archs)

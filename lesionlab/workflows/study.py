@@ -205,6 +205,10 @@ def run_study(
     if not archs:
         raise UserError("train.archs is empty; give at least one architecture")
     _check_archs(archs)
+    if cfg.cross_site.enabled:
+        from lesionlab.workflows.cross_site import cross_site_models
+
+        cross_site_models(cfg)  # its architectures and epochs, checked before the first step
     out.mkdir(parents=True, exist_ok=True)
     with folder_lock(out):
         if fresh:
