@@ -20,19 +20,22 @@ def _cross_site(p: argparse.ArgumentParser):
     p.add_argument("--source-column", default="dataset",
                    help="the column naming each image's source (HAM10000: dataset; default: %(default)s)")
     p.add_argument("--sources", default="", help="only these sources, comma-separated (default: all)")
-    p.add_argument("--scheme", choices=["pairs", "leave-one-out"], default="pairs",
+    p.add_argument("--scheme", choices=["pairs", "leave-one-out"], default=None,
                    help="pairs: train on each source, test on every other; leave-one-out: train on all but one, "
-                        "test on it (ignored with --train/--test)")
+                        "test on it (ignored with --train/--test; default: the config's cross_site.scheme)")
     p.add_argument("--train", action="append", default=[], metavar="A+B",
                    help="train on these sources together (repeatable; pairs with the --test given in the same order)")
     p.add_argument("--test", action="append", default=[], metavar="C[,D]",
                    help="test the matching --train on each of these sources")
-    p.add_argument("--compare", default="", help="extra variants, comma-separated: color (Shades of Gray colour "
-                                                 "constancy, retrained), tta (test-time augmentation)")
-    p.add_argument("--refusal-rate", type=float, default=0.1,
-                   help="share of internal validation images each refusal score refuses (default: %(default)s)")
-    p.add_argument("--min-class-images", type=int, default=10,
-                   help="a class counts as shared when both sides have this many images of it (default: %(default)s)")
+    p.add_argument("--compare", default=None, help="extra variants, comma-separated: color (Shades of Gray colour "
+                                                   "constancy, retrained), tta (test-time augmentation; default: "
+                                                   "the config's cross_site.compare)")
+    p.add_argument("--refusal-rate", type=float, default=None,
+                   help="share of internal validation images each refusal score refuses (default: the config's "
+                        "cross_site.refusal_rate, 0.1)")
+    p.add_argument("--min-class-images", type=int, default=None,
+                   help="a class counts as shared when both sides have this many images of it (default: the "
+                        "config's cross_site.min_class_images, 10)")
     p.add_argument("--skip-invalid", action="store_true", help="leave out invalid rows/images instead of stopping")
     p.add_argument("--out", type=Path, required=True, help="folder for the matrix, figures, runs and splits")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -48,6 +51,7 @@ def _cross_site(p: argparse.ArgumentParser):
         if (a.data is None) == (a.synthetic <= 0) and a.metadata is None:
             raise UserError("give --data DIR (or --metadata CSV), or --synthetic N for a demo on synthetic clinics")
         cfg = config.load_config(a.config, a.overrides)
+        xs = cfg.cross_site  # what the options do not say
         data = a.data
         if a.synthetic > 0:
             data = a.out / "data"
@@ -55,10 +59,12 @@ def _cross_site(p: argparse.ArgumentParser):
                                    progress=not a.no_progress)
         result = run_cross_site(
             cfg, a.out, data=data, metadata=a.metadata, source_column=a.source_column,
-            scheme=a.scheme, pairs=list(zip(a.train, a.test, strict=True)),
+            scheme=a.scheme or xs.scheme, pairs=list(zip(a.train, a.test, strict=True)),
             sources=[s.strip() for s in a.sources.split(",") if s.strip()],
-            compare=[c.strip() for c in a.compare.split(",") if c.strip()], refusal_rate=a.refusal_rate,
-            min_class_images=a.min_class_images, skip_invalid=a.skip_invalid, progress=not a.no_progress)
+            compare=xs.compare if a.compare is None else [c.strip() for c in a.compare.split(",") if c.strip()],
+            refusal_rate=xs.refusal_rate if a.refusal_rate is None else a.refusal_rate,
+            min_class_images=xs.min_class_images if a.min_class_images is None else a.min_class_images,
+            skip_invalid=a.skip_invalid, progress=not a.no_progress)
         done = [c for c in result["cells"] if "skipped" not in c]
         print(f"wrote {a.out / 'cross_site.md'}, matrix.csv and refusal.csv ({len(done)} cells, "
               f"{len(result['cells']) - len(done)} skipped)")
