@@ -375,6 +375,16 @@ def label_set_of(record: Mapping[str, Any] | None) -> LabelSet:
     return HAM7
 
 
+def label_set_for_classes(classes: Sequence[str]) -> LabelSet:
+    """The built-in label set with exactly these class columns (an ISIC-format file of predictions or truth), else
+    one whose flag is the first column (as every set's is), named `custom`, its codes as display names."""
+    cls = tuple(str(c) for c in classes)
+    for s in BUILTIN.values():
+        if s.classes == cls:
+            return s
+    return LabelSet(name="custom", classes=cls, display={c: c for c in cls}, malignant=frozenset(), flag=cls[0])
+
+
 def check_same_label_set(trained: LabelSet, given: LabelSet, what: str) -> None:
     """Raise a one-line UserError when `given` (of data, metadata or a truth file) is not the set a model was
     trained for: same name and same class order are required."""

@@ -180,6 +180,12 @@ def test_a_study_whose_clinics_are_too_small_still_reaches_its_report(tmp_path, 
     study.run_study(load_config("demo", cheap), out, progress=False)
     md = (out / "report.md").read_text()
     assert "## Cross-site validation" in md and "Not evaluated (" in md and "too few lesions" in md
+    assert "No cell was evaluated:" in (out / "cross_site" / "cross_site.md").read_text()
+    assert list(pd.read_csv(out / "cross_site" / "matrix.csv").columns)[:3] == ["train", "test", "variant"]
+    from lesionlab.report.model_card import model_card_files
+
+    files = model_card_files(out, None)  # the card (also in every bundle) says why, rather than failing
+    assert "no cross-site cell was evaluated: " in files["model_card.json"].decode()
     bad = tmp_path / "bad"
     assert main(["demo", "--out", str(bad), *(x for o in [*cheap, "cross_site.epochs=-1"] for x in ("--set", o))]) == 2
     err = capsys.readouterr().err.strip()

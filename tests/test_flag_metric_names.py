@@ -118,3 +118,22 @@ def test_study_report_and_model_card_name_the_flag(binary_and_ham7, tmp_path):
     assert any("MEL_auc" in r for r in data["subgroups"]["rows"])  # JSON keeps the keys
     ham_md = write_model_card(h, tmp_path / "ham_card")["model_card.md"].read_text()
     assert "melanoma AUC" in ham_md and "malignant AUC" not in ham_md
+
+
+def test_subgroups_command_names_the_flag_class_of_its_files(tmp_path, capsys):
+    """`lesionlab subgroups` on binary prediction files says "malignant", from the files' class columns."""
+    from lesionlab.cli.main import main
+
+    rng = np.random.default_rng(0)
+    ids = [f"I{i:03d}" for i in range(40)]
+    y = rng.integers(0, 2, 40)
+    pd.DataFrame({"image": ids, "MALIGNANT": (y == 0).astype(float), "BENIGN": (y == 1).astype(float)}).to_csv(
+        tmp_path / "truth.csv", index=False)
+    p = np.clip(np.where(y == 0, 0.7, 0.3) + rng.normal(0, 0.2, 40), 0.01, 0.99)
+    pd.DataFrame({"image": ids, "MALIGNANT": p, "BENIGN": 1 - p}).to_csv(tmp_path / "pred.csv", index=False)
+    pd.DataFrame({"image_id": ids, "sex": ["male", "female"] * 20}).to_csv(tmp_path / "meta.csv", index=False)
+    assert main(["subgroups", "--truth", str(tmp_path / "truth.csv"), "--pred", str(tmp_path / "pred.csv"),
+                 "--metadata", str(tmp_path / "meta.csv"), "--out", str(tmp_path / "out"), "--bootstrap", "20",
+                 "--min-images", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "malignant AUC" in out and "malignant images" in out and "melanoma" not in out

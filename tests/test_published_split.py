@@ -73,6 +73,8 @@ def test_published_split_checks_every_row_and_every_lesion():
         published_split(ok.drop(columns="published_split"))
     with pytest.raises(UserError, match="has no published split"):
         published_split(ok.assign(published_split=""))
+    with pytest.raises(UserError, match=r"has no val images; a study needs all three parts"):
+        published_split(ok.assign(published_split=["train", "train", "test", "test"]))
 
 
 def test_derm7pt_index_files_become_the_published_split_and_validate_says_so(tmp_path):

@@ -315,11 +315,13 @@ def _subgroups(p: argparse.ArgumentParser):
                                       n_boot=a.bootstrap, min_images=a.min_images, mel_threshold=a.threshold)
         for n in notes:
             print(f"note: {n}")
-        from lesionlab.labels import metric_title
+        from lesionlab.data.isic_csv import read_isic_csv
+        from lesionlab.labels import label_set_for_classes
 
+        lset = label_set_for_classes([c for c in read_isic_csv(a.truth, kind="truth").columns if c != "image"])
         keys = ["n_MEL", "balanced_accuracy", "MEL_sensitivity", "MEL_auc"]
         shown = table[["model", "column", "subgroup", "n_images", *keys, "flagged", "note"]].rename(
-            columns={k: metric_title(k) for k in keys})  # `subgroups` reads ham7 prediction files
+            columns={k: lset.metric_title(k) for k in keys})
         print(shown.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
         flagged = table[table["flagged"] != ""]
         print(f"{len(flagged)} subgroup(s) with a CI wholly below the overall value; wrote {a.out}/subgroups.csv")

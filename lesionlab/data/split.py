@@ -230,6 +230,11 @@ def published_split(df: pd.DataFrame, *, duplicates: pd.DataFrame | None = None)
         raise UserError(f"split.published: {len(first)} images have no single published part (first: "
                         f"{', '.join(first[:5])}); every row needs one of train, val, test (Derm7pt: each row number "
                         "of meta.csv in exactly one of meta/*_indexes.csv), or set split.published: false")
+    empty = [p for p in ("train", "val", "test") if not (part == p).any()]
+    if empty:
+        raise UserError(f"split.published: the published split has no {' and no '.join(empty)} images; a study "
+                        "needs all three parts (Derm7pt: meta/train_indexes.csv, valid_indexes.csv and "
+                        "test_indexes.csv), or set split.published: false")
     out = df[["image_id", "lesion_id", "dx", "label"]].copy().reset_index(drop=True)
     out["group_id"] = merge_duplicate_groups(out, duplicates).to_numpy()
     out["split"] = part.to_numpy()

@@ -25,6 +25,9 @@ from lesionlab.io import atomic_write, atomic_write_csv, atomic_write_text  # no
 from lesionlab.labels import BUILTIN, LabelSet, get_label_set  # noqa: E402
 
 METRICS = ("balanced_accuracy", "macro_auc", "MEL_auc", "ece", "coverage", "mean_set_size")
+# a refusal rule's row (evaluation.selective.compare_refusals: the rule, selective_summary, AURC, the check)
+REFUSAL_COLUMNS = ("rule", "n", "n_refused", "refusal_rate", "accuracy_all", "accuracy_accepted", "accuracy_refused",
+                   "aurc", "accepted_at_least_all")
 # where the matrix's titles differ from lesionlab.labels.metric_title (which names the flag metric `MEL_auc`)
 TITLES = {"ece": "ECE (calibrated)", "coverage": "conformal coverage"}
 RULES = {"gate": "gate (quality + OOD)", "ood": "OOD score only", "confidence": "confidence only",
@@ -79,14 +82,18 @@ def matrix_table(result: dict[str, Any]) -> pd.DataFrame:
                     a, b = internal.get(k, {}).get("value"), m[k]["value"]
                     row[f"{k}_drop"] = None if a is None or b is None else a - b
             rows.append(row)
-    return pd.DataFrame(rows)
+    base = ["train", "test", "variant", "classes", "images", "lesions"]
+    cols = base + [c for k in METRICS for c in (k, f"{k}_lo", f"{k}_hi", f"{k}_drop")]
+    # the header even without rows (every cell skipped), so every reader of matrix.csv gets the columns
+    return pd.DataFrame(rows, columns=list(dict.fromkeys([*cols, *(k for r in rows for k in r)])))
 
 
 def refusal_table(result: dict[str, Any]) -> pd.DataFrame:
     """refusal.csv: one row per cell x set x refusal rule."""
-    return pd.DataFrame([{"train": c["train"], "test": tag, "variant": c["variant"], **r}
-                         for c in result["cells"] if "skipped" not in c
-                         for tag, s in c["sets"].items() for r in s["refusal"]])
+    rows = [{"train": c["train"], "test": tag, "variant": c["variant"], **r}
+            for c in result["cells"] if "skipped" not in c for tag, s in c["sets"].items() for r in s["refusal"]]
+    head = ["train", "test", "variant", *REFUSAL_COLUMNS]
+    return pd.DataFrame(rows, columns=list(dict.fromkeys([*head, *(k for r in rows for k in r)])))
 
 
 def plot_heatmap(matrix: pd.DataFrame, path: str | Path, *, metric: str = "balanced_accuracy",
@@ -183,7 +190,9 @@ def cross_site_markdown(result: dict[str, Any], matrix: pd.DataFrame, refusal: p
     for s, r in result["sources"].items():
         lines.append(f"| {s} | {r['images']} | {r['lesions']} | " + " | ".join(str(v) for v in r["classes"].values()) + " |")
     if matrix.empty:
-        lines += ["", "No cell had two shared classes."]
+        lines += ["", "No cell was evaluated:", ""]
+        lines += [f"- {c['train']} -> {c['test']} ({c['variant']}): {c['skipped']}" for c in result["cells"]
+                  if "skipped" in c]
         return "\n".join(lines) + "\n"
     lines += ["", "### The matrix (95% lesion-bootstrap CIs)", "",
               f"| trained on | tested on | variant | images | classes | balanced accuracy | macro AUC | "

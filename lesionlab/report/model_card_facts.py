@@ -8,6 +8,7 @@ sections with status "not run" and the reason; only a folder that is not a study
 from __future__ import annotations
 
 import datetime as dt
+import json
 import math
 import re
 from pathlib import Path
@@ -384,8 +385,13 @@ def _cross_site(sf: StudyFolder, folder: str | Path | None) -> dict[str, Any]:
                                                                                          None)
     if table is None:
         return not_run(f"{d} holds no CSV table of the cross-site matrix")
+    rows = pd.read_csv(table)
+    if rows.empty:  # every cell skipped (sources too small, too few shared classes): say why
+        cells = json.loads((d / "cross_site.json").read_text()).get("cells", []) if (d / "cross_site.json").is_file() else []
+        why = sorted({c["skipped"] for c in cells if "skipped" in c})
+        return not_run("no cross-site cell was evaluated" + (": " + "; ".join(why) if why else ""))
     refusal = d / "refusal.csv"  # per target site and refusal rule: refused share, accuracy accepted vs refused
-    return {"status": REPORTED, "reason": "", "source": str(table), "rows": _records(pd.read_csv(table)),
+    return {"status": REPORTED, "reason": "", "source": str(table), "rows": _records(rows),
             "refusal_rows": _records(pd.read_csv(refusal)) if refusal.is_file() else []}
 
 

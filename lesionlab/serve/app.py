@@ -94,12 +94,13 @@ def create_app(
     app = FastAPI(title="LesionLab", version=__version__, docs_url=None, redoc_url=None,
                   description="Dermoscopy lesion classification for clinicians. " + DISCLAIMER)
     mount_offline_docs(app)
-    # Outermost first: Host check, then Origin check, then the gate (id, auth, admission, metrics, audit),
-    # then the body limit right around the routes.
+    # Outermost first: the gate (id, auth, admission, metrics, audit), so that what the Host and Origin checks
+    # refuse is counted and logged like every other answer (as in the reader study's service); then Host, Origin,
+    # and the body limit right around the routes.
     app.add_middleware(BodySizeLimit, max_bytes=max_bytes + 64 * 1024)  # multipart framing overhead
+    guard(app, allowed_hosts=s.allowed_hosts, allowed_origins=s.allowed_origins)
     app.add_middleware(Gate, limiter=limiter, metrics=metrics, audit=audit, tokens=tokens,
                        identity=lambda: identity)
-    guard(app, allowed_hosts=s.allowed_hosts, allowed_origins=s.allowed_origins)
     app.state.ensemble, app.state.settings, app.state.limiter, app.state.ready = ens, s, limiter, True
 
     @app.exception_handler(HTTPException)

@@ -15,6 +15,7 @@ from lesionlab.data.metadata import MISSING, read_metadata
 from lesionlab.evaluation.evaluate import evaluate_arrays
 from lesionlab.exceptions import UserError
 from lesionlab.io import atomic_write_csv
+from lesionlab.labels import label_set_for_classes
 from lesionlab.report.evaluation_files import write_evaluation, write_subgroups
 
 
@@ -91,6 +92,7 @@ def subgroup_files(
     if len(names) != len(preds):
         raise UserError(f"{len(names)} names for {len(preds)} prediction files")
     truth_df = read_isic_csv(truth, kind="truth")
+    lset = label_set_for_classes([c for c in truth_df.columns if c != "image"])  # names the flag class
     frames, notes = [], []
     for name, f in zip(names, preds, strict=True):
         y, p, ids = align(truth_df, read_isic_csv(f, kind="prediction"), truth_name=str(truth), pred_name=str(f))
@@ -103,7 +105,7 @@ def subgroup_files(
             groups = np.array([lookup.get(i) or i for i in ids], dtype=object)
         frames.append(write_subgroups(out, y, {name: p}, ids, meta, groups=groups, columns=columns, n_boot=n_boot,
                                       ci=ci, min_images=min_images, mel_threshold=mel_threshold,
-                                      plot_metrics=plot_metrics, csv=False))
+                                      plot_metrics=plot_metrics, csv=False, labels=lset))
         if unknown:
             notes.append(f"{name}: {len(unknown)} of {len(ids)} images have no row in {metadata} "
                          f"(first: {unknown[0]}); they count as '{MISSING}' in every column")

@@ -498,15 +498,18 @@ def _run_study(cfg: StudyConfig, out: Path, archs: list[str], *, data: str | Pat
     if cfg.cross_site.enabled and not multi:
         log.info("cross_site.enabled: skipped, the data has one source (a `dataset` column or several --data needed)")
     elif cfg.cross_site.enabled:  # train on each source, test on the others (lesionlab.workflows.cross_site)
-        from lesionlab.workflows.cross_site import run_cross_site
+        from lesionlab.workflows.cross_site import cross_site_models, run_cross_site
 
         xs = cfg.cross_site
+        xs_train = cross_site_models(cfg).train  # what the matrix trains: a change to the study's own models alone
+        # (train.archs, train.epochs under cross_site.archs/epochs) leaves it as it is
         steps.run("cross-site", lambda: run_cross_site(
             cfg, sf.folder("cross_site"), data=None, table=table, source_column="source", scheme=xs.scheme,
             compare=xs.compare, refusal_rate=xs.refusal_rate, min_class_images=xs.min_class_images,
             progress=progress),
             config={"cross_site": xs, "data": section(cfg.data, drop=("num_workers", "cache_dir")),
-                    "split": cfg.split, "train": cfg.train, "trust": cfg.trust, "ood": cfg.ood,
+                    "split": section(cfg.split, keep=("train", "val", "test", "seed")), "train": xs_train,
+                    "trust": cfg.trust, "ood": cfg.ood,
                     "quality": cfg.quality, "eval": section(cfg.eval, keep=("bootstrap", "ci"))},
             inputs={"metadata": table.source, "images": image_files}, upstream=["validate"],
             outputs=[sf.folder("cross_site")], code=STEP_CODE["cross-site"])
