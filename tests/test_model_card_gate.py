@@ -106,3 +106,19 @@ def test_error_refusal_off_is_said_and_named_a_limitation(gated_study, tmp_path)
     assert not card.refusal["gate"][2]["on"]
     assert any("No error-targeting (likely_wrong) refusal" in x for x in card.limitations)
     assert "Error-targeting refusal (likely_wrong): off." in mc.card_markdown(card)
+
+
+def test_a_study_that_fitted_no_error_score_is_not_said_to_refuse_likely_wrong_images():
+    """ood.json from this LesionLab records the fitted score beside test accuracy; with the accuracy and no score
+    the card says the stage did not run, not "on"; an older ood.json (no test accuracy) keeps the stage reported."""
+    from lesionlab.config import load_config
+    from lesionlab.report.model_card import NOT_RUN, REPORTED
+    from lesionlab.report.model_card_facts import _error_refusal
+
+    cfg = load_config("demo")
+    assert cfg.trust.error_refusal_rate > 0
+    new = {"test_refused_by_error": 0.0, "test_images": 10, "test_accuracy": {"n": 10, "n_refused": 0}}
+    e = _error_refusal(cfg, new, None)
+    assert e["status"] == NOT_RUN and "fitted no error score" in e["reason"]
+    old = {"test_refused_by_error": 0.0, "test_images": 10}
+    assert _error_refusal(cfg, old, None)["status"] == REPORTED

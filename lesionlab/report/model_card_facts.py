@@ -273,9 +273,13 @@ def _error_refusal(cfg, o: dict[str, Any] | None, manifest: dict[str, Any] | Non
                     "fitted on the validation split to predict a wrong top-1 answer; an image whose estimated chance "
                     "of a wrong answer is above the threshold that refuses trust.error_refusal_rate of the "
                     "validation images is refused as likely_wrong (lesionlab.clinic.trust, evaluation.selective)"}
-    if rate == 0 or (manifest is not None and not fitted):
+    # a study's ood.json records the fitted score since it records test accuracy (`test_accuracy`): with that
+    # record and no score, the study fitted none; an older ood.json cannot tell (the note below says so)
+    unfitted_study = manifest is None and not fitted and o is not None and "test_accuracy" in o
+    if rate == 0 or (manifest is not None and not fitted) or unfitted_study:
         why = ("trust.error_refusal_rate is 0: the likely_wrong refusal is off" if rate == 0 else
-               "the bundle has no error score (no validation predictions to fit it on)")
+               "the study fitted no error score (no validation predictions or trust record to fit it on)"
+               if unfitted_study else "the bundle has no error score (no validation predictions to fit it on)")
         return {"status": NOT_RUN, "reason": why, **base, "signals": [], "threshold": None, "fitted_on": "",
                 "validation": None, "test": None, "note": ""}
     info = (fitted or {}).get("info") or {}
