@@ -192,8 +192,10 @@ def read_derm7pt(path: Path, data_dir: Path | None) -> tuple[pd.DataFrame, list[
     if split_of:
         n = {t: sum(v == t for v in split_of.values()) for t in ("train", "val", "test")}
         missing = len(raw) - len(split_of)
+        both = sum("+" in v for v in split_of.values())  # listed in two index files (kept as e.g. "train+test")
+        extra = "".join([f", {both} cases in two parts" if both else "", f", {missing} cases in none" if missing else ""])
         notes.append(f"Derm7pt: the set has a published split (meta/*_indexes.csv: {n['train']} train, {n['val']} "
-                     f"valid, {n['test']} test cases{f', {missing} cases in none' if missing else ''}), kept in the "
+                     f"valid, {n['test']} test cases{extra}), kept in the "
                      "`published_split` column; split.published: true makes a study use it instead of its own")
     return _group(df, [("case", "lesion")], [], "Derm7pt"), notes
 

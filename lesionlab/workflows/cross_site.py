@@ -296,6 +296,7 @@ def run_cross_site(cfg: StudyConfig, out_dir: str | Path, *, data: str | Path | 
         refusal_rate: the share of internal validation images each refusal score refuses.
         min_class_images: a class is shared when both sides have at least this many images of it.
     """
+    from lesionlab import models
     from lesionlab.clinic.ood_model import fit_ood
     from lesionlab.clinic.screening import Screener
     from lesionlab.data.split import split_and_check, write_split
@@ -338,7 +339,7 @@ def run_cross_site(cfg: StudyConfig, out_dir: str | Path, *, data: str | Path | 
         "sources": {s: {"images": int(len(g)), "lesions": int(g["lesion_id"].nunique()),
                         "classes": {c: int((g["label"] == c).sum()) for c in lset.classes}}
                     for s, g in by_source.items()},
-        "archs": list(cfg.train.archs), "epochs": cfg.train.epochs, "image_size": cfg.data.image_size,
+        "archs": models.expand_archs(cfg.train.archs), "epochs": cfg.train.epochs, "image_size": cfg.data.image_size,
         "pretrained": cfg.train.pretrained, "cells": []}
     for k, (train, tests) in enumerate(plan, 1):
         name = "+".join(train)
@@ -357,7 +358,7 @@ def run_cross_site(cfg: StudyConfig, out_dir: str | Path, *, data: str | Path | 
             why = f"{name} has too few lesions for a {'/'.join(empty)} part ({len(df_g)} images)"
             log.warning("cross-site: %s; skipped", why)
             result["cells"].extend({"train": name, "test": t, "variant": v, "skipped": why}
-                                   for v in variants for t in tests)
+                                   for v in [*variants, *(["tta"] if use_tta else [])] for t in tests)
             continue
         for variant in variants:
             vcfg = _variant_cfg(cfg, variant)
