@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import datetime as dt
 import os
 import platform
 import re
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -13,6 +16,14 @@ import torch
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 SHARED_HAM = Path(__file__).resolve().parents[2] / "shared" / "data" / "ham10000-200x150"
+
+
+def scratch(prefix: str = "lesionlab-bench-") -> Path:
+    """A temporary folder removed when the benchmark exits (bundles, corpora and caches run to hundreds of MB; left
+    behind, they fill the disk CI shares)."""
+    d = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, d, ignore_errors=True)
+    return d
 
 
 def machine() -> str:

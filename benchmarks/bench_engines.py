@@ -22,12 +22,11 @@ import platform
 import shlex
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 import timm
 import torch
-from _common import untrained_checkpoints, write_section
+from _common import scratch, untrained_checkpoints, write_section
 
 from lesionlab import cpu, models
 from lesionlab.inference import engines
@@ -97,7 +96,7 @@ def _what(col: str, info: dict) -> str:
 
 
 def bench(arch: str, size: int, rounds: int, batch_rounds: int, budget_s: float, int8: bool) -> str:
-    tmp = Path(tempfile.mkdtemp(prefix="bench-engines-"))
+    tmp = scratch("bench-engines-")
     [ck] = untrained_checkpoints(tmp, size, (arch,))
     if int8 and engines.available(engines.INT8):
         print("int8: quantising", flush=True)
@@ -157,7 +156,7 @@ def main() -> None:
                                       f"{cpu.FLAGS_ENV})")
     a = ap.parse_args()
     if not a.cache:  # auto chooses in this run, not from an earlier one
-        os.environ["LESIONLAB_CACHE"] = tempfile.mkdtemp(prefix="bench-engines-cache-")
+        os.environ["LESIONLAB_CACHE"] = str(scratch("bench-engines-cache-"))
     section = a.section or ("engines-emulated" if cpu.flags_override() is not None else "engines")
     table = bench(a.arch, a.size, a.rounds, a.batch_rounds, a.budget, not a.no_int8)
     print(table) if a.print_only else write_section(section, table)

@@ -6,11 +6,9 @@
 from __future__ import annotations
 
 import argparse
-import tempfile
-from pathlib import Path
 
 import numpy as np
-from _common import machine, timed, untrained_checkpoints, write_section
+from _common import machine, scratch, timed, untrained_checkpoints, write_section
 from PIL import Image
 
 from lesionlab.explain.gradcam import explain_image
@@ -22,7 +20,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--repeat", type=int, default=3)
     a = ap.parse_args()
-    preds = load_predictors(untrained_checkpoints(Path(tempfile.mkdtemp()), a.size), device="cpu", precision="auto")
+    preds = load_predictors(untrained_checkpoints(scratch(), a.size), device="cpu", precision="auto")
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (450, 600, 3), dtype=np.uint8))
     rows = []
     for method in ("gradcam", "guided-gradcam"):

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import timm
 import torch
-from _common import machine, timed, untrained_checkpoints, write_section
+from _common import machine, scratch, timed, untrained_checkpoints, write_section
 
 from lesionlab import models
 
@@ -24,12 +24,11 @@ def speed(batches: list[int], repeat: int, warmup: int, size: int) -> list[str]:
     """Every engine side by side (plain timm fp32 eager as the anchor): each member timed on its own; the
     ensemble's time is the sum of its members' (EnsemblePredictor runs them one after another)."""
     import gc
-    import tempfile
 
     from lesionlab.inference import engines
     from lesionlab.inference.predictor import Predictor
 
-    cks = dict(zip(models.PAPER_ARCHS, untrained_checkpoints(Path(tempfile.mkdtemp()), size), strict=True))
+    cks = dict(zip(models.PAPER_ARCHS, untrained_checkpoints(scratch(), size), strict=True))
     inputs = {b: torch.randn(b, 3, size, size) for b in batches}
     if engines.available(engines.INT8):
         # For speed only: int8 bodies of the random-weight members, calibrated on image-like inputs and marked

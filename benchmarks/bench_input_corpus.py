@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,7 +24,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 
 def main() -> None:
-    from _common import machine, untrained_checkpoints, write_section
+    from _common import machine, scratch, untrained_checkpoints, write_section
     from bench_service import Server, make_token, peak_rss_mb
     from corpus import full_corpus
 
@@ -34,7 +33,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--write", action="store_true", help="write the result into docs/benchmarks.md")
     a = ap.parse_args()
-    tmp = Path(tempfile.mkdtemp())
+    tmp = scratch()
     make_bundle(untrained_checkpoints(tmp / "runs", 64, archs=("timm:resnet18",)), tmp / "bundle", threshold=0.3)
     items = full_corpus()
     files = tmp / "corpus"

@@ -7,12 +7,10 @@ Uses the real HAM10000 copy in ../shared when present (200x150 JPEGs), else a sy
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
-from pathlib import Path
 
 import torch
-from _common import SHARED_HAM, machine, write_section
+from _common import SHARED_HAM, machine, scratch, write_section
 
 from lesionlab.data.dataset import make_dataset
 from lesionlab.data.synth import make_synthetic
@@ -32,7 +30,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=1200)
     ap.add_argument("--size", type=int, default=224)
     a = ap.parse_args()
-    tmp = Path(tempfile.mkdtemp())
+    tmp = scratch()
     rows = []
     sources = []
     if SHARED_HAM.exists():

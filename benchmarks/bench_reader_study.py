@@ -16,7 +16,6 @@ import concurrent.futures as cf
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pandas as pd
-from _common import machine, write_section
+from _common import machine, scratch, write_section
 from PIL import Image
 
 from lesionlab.workflows.reader_study.create import create_study
@@ -119,7 +118,7 @@ def main() -> None:
     ap.add_argument("--no-ai", action="store_true", help="an unaided-only study (no bundle)")
     ap.add_argument("--no-write", action="store_true", help="print, do not update docs/benchmarks.md")
     args = ap.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="bench-reader-"))
+    tmp = scratch("bench-reader-")
     db = args.db or str(tmp / "bench.sqlite")
     t0 = time.perf_counter()
     rdb, made = make_study(tmp, db, args.cases, args.readers, ai=not args.no_ai)

@@ -154,7 +154,7 @@ def make_token(file: Path) -> str:
 
 
 def main() -> None:
-    from _common import machine, untrained_checkpoints, write_section
+    from _common import machine, scratch, untrained_checkpoints, write_section
 
     from lesionlab import models
     from lesionlab.clinic.bundle import make_bundle
@@ -169,7 +169,7 @@ def main() -> None:
     ap.add_argument("--big-share", type=float, default=0.2, help="share of 48-MP uploads")
     ap.add_argument("--write", action="store_true", help="write the result into docs/benchmarks.md")
     a = ap.parse_args()
-    tmp = Path(tempfile.mkdtemp())
+    tmp = scratch()
     bundle = a.bundle
     if bundle is None:
         make_bundle(untrained_checkpoints(tmp / "runs", a.size), tmp / "bundle", threshold=0.3)
