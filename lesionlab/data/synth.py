@@ -282,22 +282,27 @@ def _clinics(meta: pd.DataFrame, names: list[str], seed: int) -> pd.Series:
     return meta["lesion_id"].map(site)
 
 
+def _clinic_casts(sources: int) -> dict[str, tuple[float, float, float]]:
+    """The first `sources` synthetic clinics and their colour casts (`synth_sources`, checked here)."""
+    if not 1 <= sources <= len(SYNTH_SOURCES):
+        raise UserError(f"synth_sources {sources} must be between 1 and {len(SYNTH_SOURCES)} (synthetic clinics: "
+                        f"{', '.join(SYNTH_SOURCES)})")
+    return dict(list(SYNTH_SOURCES.items())[:sources])
+
+
 def synthetic_metadata(n_images: int, seed: int, sources: int = 1) -> pd.DataFrame:
     """The metadata `synthesize` writes for these settings, without making any image (for planning a demo's work)."""
-    if sources == 1:
-        return _plan(n_images, seed, 6, 0.0)[0]
+    casts = _clinic_casts(sources)
     meta = _plan(n_images, seed, sources_min_per_class(sources), 0.0)[0]
-    meta["dataset"] = _clinics(meta, list(SYNTH_SOURCES)[:sources], seed)
+    if sources > 1:
+        meta["dataset"] = _clinics(meta, list(casts), seed)
     return meta
 
 
 def synthesize(out_dir: str | Path, *, n_images: int, seed: int, size: tuple[int, int], sources: int = 1,
                progress: bool = True) -> pd.DataFrame:
     """The demo's synthetic dataset: one source (`make_synthetic`), or `sources` clinics (`make_synthetic_sources`)."""
-    if not 1 <= sources <= len(SYNTH_SOURCES):
-        raise UserError(f"synth_sources {sources} must be between 1 and {len(SYNTH_SOURCES)} (synthetic clinics: "
-                        f"{', '.join(SYNTH_SOURCES)})")
+    casts = _clinic_casts(sources)
     if sources == 1:
         return make_synthetic(out_dir, n_images=n_images, seed=seed, size=size, progress=progress)
-    return make_synthetic_sources(out_dir, n_images=n_images, seed=seed, size=size, progress=progress,
-                                  sources=dict(list(SYNTH_SOURCES.items())[:sources]))
+    return make_synthetic_sources(out_dir, n_images=n_images, seed=seed, size=size, progress=progress, sources=casts)
